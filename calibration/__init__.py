@@ -1,0 +1,1 @@
+"""deltadiff.calibration"""

@@ -1,0 +1,47 @@
+"""The only place optional heavy modules are imported by name."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from types import ModuleType
+
+from deltadiff.errors import MissingDependencyError
+
+log = logging.getLogger(__name__)
+
+_EXTRA_HINT = {
+    "torch": "export",
+    "onnx": "export",
+    "onnxslim": "export",
+    "onnxconverter_common": "export",
+    "onnxruntime": "ort",
+    "tensorrt": "trt",
+    "tensorrt_rtx": "trt",
+    "cuda": "trt",
+    "matplotlib": "bench",
+    "yaml": "export",
+    "safetensors": "export",
+}
+
+
+def require(module: str, extra: str | None = None) -> ModuleType:
+    """Import ``module`` or raise MissingDependencyError naming the extra that provides it."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        top = module.split(".")[0]
+        hint = extra or _EXTRA_HINT.get(top, "all")
+        raise MissingDependencyError(
+            f"{module} is not installed ({exc}); install it with: pip install 'deltadiff-trt[{hint}]'"
+        ) from None
+    return mod
+
+
+def available(module: str) -> bool:
+    """True if ``module`` can be imported (imports it)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
