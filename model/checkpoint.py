@@ -56,11 +56,12 @@ def read_weights(path: str | Path) -> Any:
                 "or safetensors"
             ) from None
         raise CheckpointError(f"checkpoint {path} is not a readable PyTorch file ({first})") from None
-    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # torch raises RuntimeError, EOFError, IndexError, ... on bad files
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if not zipfile.is_zipfile(path) and "invalid load key" in msg:
+        if not zipfile.is_zipfile(path) and not head.startswith(b"\x80") and not head.startswith(b"PK"):
             raise CheckpointError(
-                f"{path} is not a PyTorch checkpoint or safetensors file; pass a .pth/.safetensors weight file"
+                f"{path} is not a PyTorch checkpoint or safetensors file; pass a .pth/.safetensors "
+                "weight file"
             ) from None
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({msg}); the file may be truncated or corrupt, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -105,25 +106,26 @@ def relative_position_index(window: int) -> torch.Tensor:
 
 
 @lru_cache(maxsize=64)
-def _upstream_shift_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
+def _upstream_shift_mask(h: int, w: int, window: int, shift: int) -> np.ndarray:
     """The mask upstream actually adds in shifted blocks (MODEL.md §2.5 closed form).
 
     Only the last row of windows is masked: token pairs get -100 when exactly one of them has an
     in-window column >= window - shift. Shape (nW, N, N), nW row-major over the window grid.
+    Built in numpy so that tracing records a constant, not the construction.
     """
     n_h, n_w = h // window, w // window
     n = window * window
-    col = torch.arange(n) % window
-    side = col >= (window - shift)
-    pair = (side[:, None] ^ side[None, :]).float() * -100.0  # (N, N)
-    mask = torch.zeros(n_h, n_w, n, n)
+    side = (np.arange(n) % window) >= (window - shift)
+    pair = (side[:, None] ^ side[None, :]).astype(np.float32) * np.float32(-100.0)  # (N, N)
+    mask = np.zeros((n_h, n_w, n, n), dtype=np.float32)
     mask[n_h - 1] = pair
+    mask.setflags(write=False)
     return mask.reshape(n_h * n_w, n, n)
 
 
 def shift_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
     """Upstream shifted-window mask for an (h, w) feature map; a constant per shape."""
-    return _upstream_shift_mask(h, w, window, shift).clone()
+    return torch.from_numpy(_upstream_shift_mask(h, w, window, shift).copy())
 
 
 class WindowAttention(nn.Module):

@@ -30,3 +30,71 @@ def reflect_pad(x: np.ndarray, ph: int, pw: int) -> np.ndarray:
         return x
     h, w = x.shape[-2:]
     return x[..., reflect_index(h, h + ph)[:, None], reflect_index(w, w + pw)[None, :]]
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of size ``tile`` covering ``length`` with at least ``overlap``.
+
+    The last tile is clamped to end at ``length`` (as upstream's ImageSpliterTh does), so real
+    overlaps can exceed the nominal one. ``length <= tile``: one tile (the caller pads).
+    """
+    if length <= tile:
+        return [0]
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap {overlap} must be in [0, tile {tile})")
+    stride = tile - overlap
+    starts = list(range(0, length - tile, stride)) + [length - tile]
+    return sorted(set(starts))
+
+
+def _ramp(n: int) -> np.ndarray:
+    """Raised-cosine ramp rising over n samples; ramp + reversed ramp == 1 exactly (symmetric)."""
+    i = np.arange(n, dtype=np.float64)
+    return 0.5 - 0.5 * np.cos(np.pi * (i + 0.5) / n)
+
+
+def axis_weights(starts: list[int], tile: int, scale: int, blend: str) -> list[np.ndarray]:
+    """Per-tile 1-D blend weights (length tile*scale) along one axis, in output pixels.
+
+    ``cosine``: complementary raised-cosine ramps across each overlap with a neighbour;
+    ``crop``:   hard cut at the middle of each overlap (naive cropping, for comparison).
+    """
+    n = tile * scale
+    out = []
+    for k, s in enumerate(starts):
+        w = np.ones(n, dtype=np.float64)
+        if k > 0:  # overlap with the previous tile: [s, prev_end)
+            ov = (starts[k - 1] + tile - s) * scale
+            if ov > 0:
+                if blend == "cosine":
+                    w[:ov] *= _ramp(ov)
+                else:
+                    w[: ov // 2] = 0.0
+        if k + 1 < len(starts):  # overlap with the next tile: [next_start, end)
+            ov = (s + tile - starts[k + 1]) * scale
+            if ov > 0:
+                if blend == "cosine":
+                    w[n - ov :] *= _ramp(ov)[::-1]
+                else:
+                    w[n - (ov - ov // 2) :] = 0.0
+        out.append(w)
+    return out
+
+
+class Blender:
+    """Accumulates weighted tiles into an output canvas and normalises at the end."""
+
+    def __init__(self, channels: int, height: int, width: int) -> None:
+        self.acc = np.zeros((channels, height, width), dtype=np.float64)
+        self.wsum = np.zeros((height, width), dtype=np.float64)
+
+    def add(self, tile: np.ndarray, y: int, x: int, wy: np.ndarray, wx: np.ndarray) -> None:
+        th, tw = tile.shape[-2:]
+        w = wy[:, None] * wx[None, :]
+        self.acc[:, y : y + th, x : x + tw] += tile * w
+        self.wsum[y : y + th, x : x + tw] += w
+
+    def result(self) -> np.ndarray:
+        if (self.wsum <= 0).any():
+            raise RuntimeError("tiling left output pixels uncovered")  # internal invariant
+        return (self.acc / self.wsum).astype(np.float32)

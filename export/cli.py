@@ -1,0 +1,216 @@
+"""``dd-export``: checkpoints -> ONNX graphs (-> engines), verification, training, conformance.
+
+Thin typer commands over library functions; ``DeltaDiffError`` -> ``error: ...``, exit 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from deltadiff.errors import DeltaDiffError
+
+app = typer.Typer(
+    name="dd-export",
+    help="Export DeltaDiff / ResShift checkpoints to ONNX and TensorRT, verify them, train the demo model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch.export", "torch._export", "onnxslim")
+
+
+def setup_logging(verbose: bool) -> None:
+    from deltadiff.runtime.cli import setup_logging as base
+
+    base(verbose)
+    if not verbose:
+        logging.getLogger("deltadiff").setLevel(logging.INFO)
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def fail(exc: BaseException) -> None:
+    from deltadiff.runtime.cli import fail as base
+
+    base(exc)
+
+
+def _pairs(text: str, what: str) -> tuple[int, int]:
+    try:
+        parts = [int(p) for p in text.lower().replace("x", ",").split(",") if p.strip()]
+    except ValueError:
+        raise DeltaDiffError(f"--{what} {text!r}: give N or H,W (integers)") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise DeltaDiffError(f"--{what} {text!r}: give N or H,W (positive integers)")
+    return parts[0], parts[1]
+
+
+def build_reference(
+    preset: str | None,
+    config: Path | None,
+    unet_weights: Path | None,
+    vq_weights: Path | None,
+    family: str | None,
+    schedule: str | None,
+    step_rule: str | None,
+    seed: int,
+    ema: bool,
+) -> tuple[Any, dict[str, Any]]:
+    """The reference pipeline + the manifest ``source`` record that lets verify rebuild it."""
+    from deltadiff.model import config as mc
+    from deltadiff.model.pipeline import Pipeline
+    from deltadiff.runtime.manifest import sha256_file
+
+    if (preset is None) == (config is None):
+        raise DeltaDiffError("pass exactly one of --preset NAME or --config UPSTREAM.yaml")
+    if config is not None:
+        cfg = mc.from_upstream_yaml(config, family=family)
+        paths = mc.checkpoint_paths_from_yaml(config)
+        unet_weights = unet_weights or paths.get("unet")
+        vq_weights = vq_weights or (paths.get("vq") if cfg.latent else None)
+        if unet_weights is None:
+            raise DeltaDiffError(f"{config}: pass --unet-weights (the YAML has no model.ckpt_path)")
+        if cfg.latent and vq_weights is None:
+            raise DeltaDiffError(f"{config}: pass --vq-weights (autoencoder_vq_f4.pth)")
+    else:
+        cfg = mc.preset(preset)
+        if family is not None and family != cfg.family:
+            raise DeltaDiffError(f"--family {family} contradicts preset {preset} ({cfg.family})")
+    if schedule is not None:
+        lo, hi = (float(v) for v in schedule.split(","))
+        cfg = cfg.replace(schedule=dataclasses.replace(cfg.schedule, min_noise_level=lo, etas_end=hi))
+    if step_rule is not None:
+        cfg = cfg.replace(step_rule=step_rule)
+    pipe = Pipeline.build(cfg, unet_weights, vq_weights, seed=seed, ema=ema)
+
+    def rec(p: Path | None) -> dict[str, str] | None:
+        return None if p is None else {"path": str(Path(p).resolve()), "sha256": sha256_file(p)}
+
+    source = {
+        "kind": "yaml" if config else "preset",
+        "preset": preset,
+        "config": str(Path(config).resolve()) if config else None,
+        "unet_weights": rec(unet_weights),
+        "vq_weights": rec(vq_weights),
+        "seed": seed if unet_weights is None else None,
+        "ema": ema,
+    }
+    return pipe, source
+
+
+@app.command()
+def onnx(
+    out: Annotated[Path, typer.Option("-o", "--out", help="Model directory to write.")],
+    preset: Annotated[str | None, typer.Option(help="Preset name (random weights unless given).")] = None,
+    config: Annotated[Path | None, typer.Option(help="Upstream ResShift/DeltaDiff YAML.")] = None,
+    unet_weights: Annotated[Path | None, typer.Option(help="UNet checkpoint (.pth / .safetensors).")] = None,
+    vq_weights: Annotated[Path | None, typer.Option(help="VQ-f4 checkpoint (latent families).")] = None,
+    family: Annotated[str | None, typer.Option(help="deltadiff-latent | deltadiff-pixel | resshift-v3")] = None,
+    schedule: Annotated[str | None, typer.Option(help="min_noise_level,etas_end override, e.g. 0.5,0.999")] = None,
+    step_rule: Annotated[str | None, typer.Option(help="posterior | x0 | posterior-noise | pixel-renoise")] = None,
+    tile: Annotated[str, typer.Option(help="LR tile N or H,W (static shape).")] = "64",
+    max_batch: Annotated[int, typer.Option(help="Largest batch the graphs are declared for.")] = 8,
+    opset: Annotated[int, typer.Option(help="21: dynamo exporter; <=20: TorchScript exporter.")] = 21,
+    seed: Annotated[int, typer.Option(help="Seed of random weights (presets without weights).")] = 0,
+    ema: Annotated[bool, typer.Option(help="Prefer EMA weights inside trainer checkpoints.")] = False,
+    verify: Annotated[bool, typer.Option(help="Verify with onnxruntime against the reference.")] = True,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Export encoder / step / decoder / unrolled ONNX graphs and manifest.json."""
+    setup_logging(verbose)
+    try:
+        from deltadiff.export.graphs import TileShape
+        from deltadiff.export.onnx_export import ExportOptions, export_onnx
+
+        if opset > 21 or opset < 17:
+            raise DeltaDiffError(f"--opset {opset}: use 17..21 (TensorRT parses up to 21)")
+        pipe, source = build_reference(preset, config, unet_weights, vq_weights, family, schedule, step_rule, seed, ema)
+        h, w = _pairs(tile, "tile")
+        m = export_onnx(pipe, out, ExportOptions(TileShape(h, w), opset=opset, max_batch=max_batch), source=source)
+        for k, g in m.graphs.items():
+            typer.echo(f"{k:<10} {out / g.file}  {g.bytes / 1e6:.1f} MB")
+        if verify:
+            _verify_and_print(out, "onnxruntime", "fp32", None, 0, 1, None, 0)
+    except DeltaDiffError as exc:
+        fail(exc)
+
+
+def _verify_and_print(model: Path, backend: str, precision: str, images: list[Path] | None, seed: int,
+                      batch: int, min_psnr: float | None, threads: int, **kw: Any) -> bool:
+    from deltadiff.export.verify import verify as run_verify
+
+    rep = run_verify(model, backend=backend, precision=precision, images=images, seed=seed, batch=batch,
+                     min_psnr=min_psnr, threads=threads, **kw)
+    typer.echo(f"verify {backend}/{precision} vs PyTorch reference ({rep.inputs}):")
+    for r in rep.stages + rep.end_to_end:
+        typer.echo("  " + r.line())
+    typer.echo(("PASS" if rep.passed else "FAIL") + f": end-to-end PSNR {rep.psnr:.1f} dB (min {rep.min_psnr:.0f} dB)")
+    return rep.passed
+
+
+@app.command()
+def verify(
+    model: Annotated[Path, typer.Option(help="Model directory.")],
+    backend: Annotated[str, typer.Option(help="onnxruntime | tensorrt")] = "onnxruntime",
+    precision: Annotated[str, typer.Option(help="fp32 | fp16")] = "fp32",
+    images: Annotated[list[Path] | None, typer.Option(help="Image files to take tiles from (repeatable).")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    batch: Annotated[int, typer.Option(help="Random tiles per run when no images are given.")] = 1,
+    min_psnr: Annotated[float | None, typer.Option(help="End-to-end PSNR threshold (default 60 fp32 / 40 fp16).")] = None,
+    threads: Annotated[int, typer.Option()] = 0,
+    unet_weights: Annotated[Path | None, typer.Option(help="Override the reference UNet weights.")] = None,
+    vq_weights: Annotated[Path | None, typer.Option(help="Override the reference VQ weights.")] = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Run a backend against the PyTorch reference; exit 1 below the PSNR threshold."""
+    setup_logging(verbose)
+    try:
+        ok = _verify_and_print(model, backend, precision, images, seed, batch, min_psnr, threads,
+                               unet_weights=unet_weights, vq_weights=vq_weights)
+    except DeltaDiffError as exc:
+        fail(exc)
+    if not ok:
+        raise typer.Exit(1)
+
+
+@app.command("build-engine")
+def build_engine() -> None:
+    """Build TensorRT engines from a model directory (not built yet)."""
+    fail(DeltaDiffError("dd-export build-engine is not built yet"))
+
+
+@app.command()
+def calibrate() -> None:
+    """INT8 calibration (not built yet)."""
+    fail(DeltaDiffError("dd-export calibrate is not built yet (INT8 Q/DQ calibration is planned)"))
+
+
+@app.command()
+def golden(
+    folder: Annotated[Path, typer.Argument(help="Folder laid out like shared/golden.")],
+) -> None:
+    """Check the reference against a golden folder (same as python -m deltadiff.model.golden)."""
+    from deltadiff.model.golden import main as golden_main
+
+    raise typer.Exit(golden_main([str(folder)]))
+
+
+def main() -> None:
+    try:
+        app()
+    except DeltaDiffError as exc:  # pragma: no cover
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""``dd-export verify``: a backend against the PyTorch reference, per stage and end to end.
+
+Per stage, the backend's graph gets the reference's own inputs (so each number isolates one
+graph): encoder outputs, each of the four step rows, the decoder. End to end, the backend runs
+the whole chain (staged and unrolled) from the same LR tile(s) and noise. Images are compared in
+[0, 1] (PSNR with a data range of 1); intermediate states by max-abs and PSNR over their range.
+The record is written into the manifest.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deltadiff.errors import DeltaDiffError, VerificationError
+from deltadiff.model.config import ModelConfig
+from deltadiff.model.pipeline import Pipeline
+from deltadiff.runtime.backends import open_backend
+from deltadiff.runtime.compare import CompareResult, compare
+from deltadiff.runtime.executor import Executor
+from deltadiff.runtime.manifest import Manifest, load_manifest, save_manifest, sha256_file
+from deltadiff.runtime.noise import noise_field
+
+log = logging.getLogger(__name__)
+
+MIN_PSNR = {"fp32": 60.0, "fp16": 40.0, "int8": 30.0}
+
+
+@dataclass
+class VerifyReport:
+    backend: str
+    precision: str
+    stages: list[CompareResult] = field(default_factory=list)
+    end_to_end: list[CompareResult] = field(default_factory=list)
+    min_psnr: float = 60.0
+    inputs: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.end_to_end) and all(r.finite for r in self.stages)
+
+    @property
+    def psnr(self) -> float:
+        return min(r.psnr for r in self.end_to_end) if self.end_to_end else float("nan")
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "precision": self.precision,
+            "passed": self.passed,
+            "psnr_db": None if not np.isfinite(self.psnr) else round(self.psnr, 2),
+            "min_psnr_db": self.min_psnr,
+            "inputs": self.inputs,
+            "stages": [r.to_dict() for r in self.stages],
+            "end_to_end": [r.to_dict() for r in self.end_to_end],
+            "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        }
+
+
+def reference_pipeline(
+    m: Manifest,
+    *,
+    unet_weights: str | Path | None = None,
+    vq_weights: str | Path | None = None,
+    model_dir: Path | None = None,
+) -> Pipeline:
+    """Rebuild the exact reference a model directory was exported from (manifest ``source``)."""
+    cfg = ModelConfig.from_dict(m.model_config)
+    src = m.source
+    paths = {}
+    for key, override in (("unet_weights", unet_weights), ("vq_weights", vq_weights)):
+        rec = src.get(key)
+        if override is not None:
+            paths[key] = Path(override)
+        elif rec:
+            p = Path(rec["path"])
+            if not p.is_absolute() and model_dir is not None:
+                p = (model_dir / p).resolve()
+            if not p.exists():
+                raise DeltaDiffError(
+                    f"the reference weights {p} recorded in the manifest are missing; pass "
+                    f"--{key.replace('_', '-')} FILE"
+                )
+            if rec.get("sha256") and sha256_file(p) != rec["sha256"]:
+                raise DeltaDiffError(
+                    f"{p} changed since export (sha256 differs from the manifest); re-export or pass "
+                    f"--{key.replace('_', '-')} with the original file"
+                )
+            paths[key] = p
+        else:
+            paths[key] = None
+    return Pipeline.build(
+        cfg, paths["unet_weights"], paths["vq_weights"], seed=int(src.get("seed", 0)), ema=bool(src.get("ema", False))
+    )
+
+
+def image_tiles(m: Manifest, images: list[Path]) -> np.ndarray:
+    """Centre crops (reflect-padded if small) of the tile size from image files, (N,3,h,w)."""
+    from deltadiff.runtime.imageio import read_image
+    from deltadiff.runtime.tiling import reflect_pad
+
+    th, tw = m.tile
+    out = []
+    for p in images:
+        a = read_image(p).rgb.transpose(2, 0, 1)
+        a = reflect_pad(a, max(0, th - a.shape[1]), max(0, tw - a.shape[2]))
+        y0, x0 = (a.shape[1] - th) // 2, (a.shape[2] - tw) // 2
+        out.append(a[:, y0 : y0 + th, x0 : x0 + tw])
+    return np.ascontiguousarray(np.stack(out), dtype=np.float32)
+
+
+def verify(
+    model_dir: str | Path,
+    *,
+    backend: str = "onnxruntime",
+    precision: str = "fp32",
+    images: list[Path] | None = None,
+    seed: int = 0,
+    batch: int = 1,
+    min_psnr: float | None = None,
+    threads: int = 0,
+    unet_weights: str | Path | None = None,
+    vq_weights: str | Path | None = None,
+    record: bool = True,
+    modes: tuple[str, ...] = ("staged", "unrolled"),
+) -> VerifyReport:
+    model_dir = Path(model_dir)
+    m = load_manifest(model_dir)
+    pipe = reference_pipeline(m, unet_weights=unet_weights, vq_weights=vq_weights, model_dir=model_dir)
+    if images:
+        lr = image_tiles(m, images)
+        what = f"{len(images)} image tile(s)"
+    else:
+        rng = np.random.default_rng(seed)
+        lr = rng.random((batch, 3, *m.tile), dtype=np.float32)
+        what = f"{batch} random LR tile(s), seed {seed}"
+    B = lr.shape[0]
+    sh, sw = m.state_hw()
+    noise = noise_field(m.noise_names, (B, 3, sh, sw), seed + 1)
+    report = VerifyReport(backend, precision, min_psnr=min_psnr or MIN_PSNR.get(precision, 40.0), inputs=what)
+
+    # reference, stage by stage
+    tn = {k: torch.from_numpy(v) for k, v in noise.items()}
+    ref: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        y, cond = pipe.encode(torch.from_numpy(lr))
+        x = pipe.prior(y, tn)
+        ref.update(x=x.numpy(), y=y.numpy(), cond=cond.numpy())
+        xs = []
+        for r in pipe.table.rows:
+            n = tn.get(f"n_{r.t}") if r.s != 0.0 else None
+            t = torch.full((B,), r.t, dtype=torch.int64)
+            xs.append((r, x.numpy()))
+            x = pipe.step(x, y, cond, t, r.in_scale, r.a, r.b, r.c, r.s, n)
+            ref[f"x_{r.t - 1}"] = x.numpy()
+        image = pipe.decode(x).numpy()
+
+    with open_backend(backend, model_dir, m, precision=precision, threads=threads) as be:
+        ex = Executor(m, be)
+        graphs = {k.split(".")[0] for k, g in m.graphs.items() if g.precision == precision}
+        if "encoder" in graphs:
+            enc = be.run("encoder", {"lr": lr, **noise})
+            for k in ("x", "y", "cond"):
+                report.stages.append(compare(ref[k], enc[k], name=f"encoder.{k}"))
+        if "step" in graphs:
+            for r, x_in in xs:
+                feeds = {"x": x_in, "y": ref["y"], "cond": ref["cond"], "t": np.array([r.t], np.int64),
+                         "coef": np.array([r.in_scale, r.a, r.b, r.c, r.s], np.float32)}
+                if "noise" in be.input_names("step"):
+                    feeds["noise"] = noise.get(f"n_{r.t}", np.zeros_like(x_in))
+                out = be.run("step", feeds)["x_next"]
+                report.stages.append(compare(ref[f"x_{r.t - 1}"], out, name=f"step t={r.t}"))
+        if "decoder" in graphs:
+            out = be.run("decoder", {"x": ref["x_-1"]})["image"]
+            report.stages.append(compare(image, out, name="decoder.image", data_range=1.0))
+        for mode in modes:
+            if mode == "unrolled" and "unrolled" not in graphs:
+                continue
+            if mode == "staged" and not {"encoder", "step", "decoder"} <= graphs:
+                continue
+            ex = Executor(m, be, mode=mode)
+            out = ex.run(lr, noise)
+            report.end_to_end.append(
+                compare(image, out, name=f"end-to-end {mode}", data_range=1.0, min_psnr=report.min_psnr)
+            )
+    if not report.end_to_end:
+        raise VerificationError(f"no {precision} graphs to verify in {model_dir}")
+    if record:
+        rec = report.to_record()
+        verifs = dict(m.verification.get("by_backend", {})) if m.verification else {}
+        verifs[f"{backend}/{precision}"] = rec
+        m2 = replace(m, verification={**rec, "by_backend": verifs})
+        save_manifest(model_dir, m2)
+    return report

@@ -1,0 +1,270 @@
+"""A small, reproducible trainer for ``deltadiff-pixel`` models (the DeltaDiff code's recipe, MODEL.md §6.2).
+
+Recipe: random HR crops with 8-way flips/rotations; LR = MATLAB bicubic x1/4 (antialiased),
+optionally rounded to 8 bits as real LR files are; lq_up = MATLAB bicubic x4 of the LR;
+t ~ Uniform{0..3}; x_t = (1 - eta_t) gt + eta_t lq_up (no noise); the network sees
+in_scale_t * x_t with cond = lq_up and predicts x0; loss = MSE(x0_hat, gt) in [-1, 1]. AdamW,
+linear warm-up then cosine decay, EMA of the weights, fixed seed, resumable.
+
+Outputs in OUT:
+  ckpts/model_{iter}.pth        upstream trainer layout ({'state_dict': '_orig_mod.' keys, ...})
+  ema_ckpts/ema_model_{iter}.pth raw EMA state dict (upstream layout)
+  train_state.pth                optimizer + EMA + RNG state for --resume (weights_only readable)
+  config.yaml                    upstream-schema YAML (loads like an official config)
+  log.jsonl                      loss / lr / validation PSNR per log interval
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deltadiff.errors import ConfigError
+from deltadiff.model.checkpoint import canonicalize, read_weights, save_trainer_checkpoint
+from deltadiff.model.config import ModelConfig, preset, to_upstream_yaml_dict
+from deltadiff.model.pipeline import Pipeline, randomize_
+from deltadiff.model.resize import BicubicUp4
+from deltadiff.model.swin_unet import SwinUNet
+from deltadiff.runtime.resize import imresize_matlab
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    data: Path
+    out: Path
+    preset: str = "demo-pixel"
+    iters: int = 6000
+    batch: int = 8
+    crop: int = 128  # HR crop side (multiple of 16)
+    lr: float = 2e-4
+    lr_min: float = 2e-5
+    warmup: int = 200
+    weight_decay: float = 0.0
+    ema_rate: float = 0.999
+    seed: int = 123456
+    quantize_lr: bool = True  # round the LR to 8 bits, as LR files are
+    save_every: int = 500
+    log_every: int = 50
+    val: Path | None = None  # folder with gt/ and lq/ (only logged, never trained on)
+    threads: int = 0  # 0: torch default
+
+
+def load_hr_images(folder: Path, min_side: int) -> list[np.ndarray]:
+    """All RGB images of a folder as uint8 HWC arrays (images smaller than a crop are skipped)."""
+    from PIL import Image
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    imgs = []
+    for p in files:
+        with Image.open(p) as im:
+            a = np.asarray(im.convert("RGB"))
+        if min(a.shape[:2]) >= min_side:
+            imgs.append(a)
+    if not imgs:
+        raise ConfigError(f"no training images of at least {min_side}px in {folder}")
+    return imgs
+
+
+class CropSampler:
+    """Random crops + dihedral augmentation -> (gt, lq) float32 batches, numpy, seeded."""
+
+    def __init__(self, images: list[np.ndarray], crop: int, quantize_lr: bool, rng: np.random.Generator) -> None:
+        self.images = images
+        self.crop = crop
+        self.quantize_lr = quantize_lr
+        self.rng = rng
+
+    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        c = self.crop
+        gts, lqs = [], []
+        for _ in range(n):
+            img = self.images[self.rng.integers(len(self.images))]
+            y = self.rng.integers(img.shape[0] - c + 1)
+            x = self.rng.integers(img.shape[1] - c + 1)
+            patch = img[y : y + c, x : x + c].astype(np.float32) / 255.0
+            k = int(self.rng.integers(8))
+            patch = np.rot90(patch, k % 4)
+            if k >= 4:
+                patch = patch[:, ::-1]
+            patch = np.ascontiguousarray(patch)
+            lq = imresize_matlab(patch, 0.25)
+            if self.quantize_lr:
+                lq = np.clip(np.round(lq * 255.0), 0, 255) / 255.0
+            gts.append(patch.transpose(2, 0, 1))
+            lqs.append(lq.transpose(2, 0, 1).astype(np.float32))
+        return np.stack(gts), np.stack(lqs)
+
+
+def lr_at(it: int, o: TrainOptions) -> float:
+    if it < o.warmup:
+        return o.lr * (it + 1) / o.warmup
+    p = (it - o.warmup) / max(1, o.iters - o.warmup)
+    return o.lr_min + 0.5 * (o.lr - o.lr_min) * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+def load_pairs(folder: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(gt, lq) uint8 pairs from a folder with gt/ and lq/ subfolders matched by file name."""
+    from PIL import Image
+
+    pairs = []
+    for g in sorted((folder / "gt").iterdir()):
+        lq = folder / "lq" / g.name
+        if lq.exists():
+            with Image.open(g) as a, Image.open(lq) as b:
+                pairs.append((np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB"))))
+    return pairs
+
+
+def psnr_y(a: np.ndarray, b: np.ndarray, border: int = 4) -> float:
+    """PSNR on the Y channel (BT.601, 16-235), border crop; inputs uint8 HWC RGB."""
+
+    def y(im: np.ndarray) -> np.ndarray:
+        im = im.astype(np.float64)
+        return 16.0 + (65.481 * im[..., 0] + 128.553 * im[..., 1] + 24.966 * im[..., 2]) / 255.0
+
+    ya, yb = y(a), y(b)
+    if border:
+        ya, yb = ya[border:-border, border:-border], yb[border:-border, border:-border]
+    mse = float(np.mean((ya - yb) ** 2))
+    return 10 * math.log10(255.0**2 / mse) if mse else math.inf
+
+
+@torch.no_grad()
+def validate(pipe: Pipeline, pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    vals = []
+    for gt, lq in pairs:
+        lr = torch.from_numpy(lq.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+        sr = pipe.upscale(lr)[0].permute(1, 2, 0).numpy()
+        sr8 = np.clip(np.round(sr * 255.0), 0, 255).astype(np.uint8)
+        vals.append(psnr_y(gt, sr8))
+    return float(np.mean(vals))
+
+
+def train(o: TrainOptions, *, resume: bool = False, progress: bool = True) -> Path:
+    """Train; returns the path of the final EMA checkpoint."""
+    cfg: ModelConfig = preset(o.preset)
+    if cfg.latent:
+        raise ConfigError("the trainer covers deltadiff-pixel models; latent training is not implemented")
+    if o.crop % 16:
+        raise ConfigError(f"--crop {o.crop} must be a multiple of 16 (HR % 16 for the UNet)")
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    out = Path(o.out)
+    (out / "ckpts").mkdir(parents=True, exist_ok=True)
+    (out / "ema_ckpts").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(o.seed)
+    rng = np.random.default_rng(o.seed)
+    net = SwinUNet(cfg.unet)
+    randomize_(net, o.seed)
+    with torch.no_grad():  # zero-init the last conv of every ResBlock and the head, as upstream
+        for name, p in net.named_parameters():
+            if "out_layers.3" in name or name.startswith("out.2"):
+                p.zero_()
+    ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.AdamW(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    start = 0
+    state_path = out / "train_state.pth"
+    if resume and state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        net.load_state_dict(st["model"])
+        ema = st["ema"]
+        opt.load_state_dict(st["optimizer"])
+        start = int(st["iters"])
+        rng.bit_generator.state = st["numpy_rng"]
+        torch.set_rng_state(st["torch_rng"])
+        log.info("resumed from %s at iteration %d", state_path, start)
+    table = Pipeline(cfg, net).table
+    eta = torch.tensor(table.eta, dtype=torch.float32)
+    in_scale = torch.tensor([0.0] * len(table.eta), dtype=torch.float32)
+    for r in table.rows:
+        in_scale[r.t] = r.in_scale
+    up4 = BicubicUp4("matlab")
+    sampler = CropSampler(load_hr_images(o.data, o.crop), o.crop, o.quantize_lr, rng)
+    pairs = load_pairs(o.val) if o.val else []
+    (out / "config.yaml").write_text(_yaml_dump(to_upstream_yaml_dict(cfg)), encoding="utf-8")
+    (out / "options.json").write_text(json.dumps(asdict(o), default=str, indent=1), encoding="utf-8")
+    logf = (out / "log.jsonl").open("a", encoding="utf-8")
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    cols = [TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TextColumn("loss {task.fields[loss]:.5f}"), TimeElapsedColumn(), TextColumn("ETA"),
+            TimeRemainingColumn()]
+    t0 = time.time()
+    run_loss = 0.0
+    with Progress(*cols, disable=not progress) as bar:
+        task = bar.add_task("train", total=o.iters, completed=start, loss=float("nan"))
+        net.train()
+        for it in range(start, o.iters):
+            gt_np, lq_np = sampler.batch(o.batch)
+            gt = torch.from_numpy(gt_np) * 2 - 1
+            with torch.no_grad():
+                lq_up = up4(torch.from_numpy(lq_np) * 2 - 1)
+                t = torch.from_numpy(rng.integers(0, len(eta), size=o.batch)).long()
+                e = eta[t][:, None, None, None]
+                x_t = (1 - e) * gt + e * lq_up
+                x_in = in_scale[t][:, None, None, None] * x_t
+            for g in opt.param_groups:
+                g["lr"] = lr_at(it, o)
+            x0 = net(x_in, t, lq_up)
+            loss = torch.mean((x0 - gt) ** 2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                rate = min(o.ema_rate, (1 + it) / (10 + it))
+                for k, v in net.state_dict().items():
+                    if v.dtype.is_floating_point:
+                        ema[k].mul_(rate).add_(v.detach(), alpha=1 - rate)
+                    else:
+                        ema[k].copy_(v)
+            run_loss += float(loss.detach())
+            bar.update(task, advance=1, loss=float(loss.detach()))
+            done = it + 1
+            if done % o.log_every == 0 or done == o.iters:
+                rec = {"iter": done, "loss": run_loss / o.log_every, "lr": lr_at(it, o),
+                       "elapsed_s": round(time.time() - t0, 1)}
+                run_loss = 0.0
+                if pairs and (done % o.save_every == 0 or done == o.iters):
+                    ema_net = SwinUNet(cfg.unet)
+                    ema_net.load_state_dict(ema)
+                    rec["val_psnr_y_ema"] = validate(Pipeline(cfg, ema_net), pairs)
+                    net.train()
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
+                log.info("%s", rec)
+            if done % o.save_every == 0 or done == o.iters:
+                save_trainer_checkpoint(out / "ckpts" / f"model_{done}.pth", net.state_dict(), done)
+                _save(out / "ema_ckpts" / f"ema_model_{done}.pth", {"_orig_mod." + k: v for k, v in ema.items()})
+                _save(state_path, {"model": net.state_dict(), "ema": ema, "optimizer": opt.state_dict(),
+                                   "iters": done, "numpy_rng": rng.bit_generator.state,
+                                   "torch_rng": torch.get_rng_state()})
+    logf.close()
+    return out / "ema_ckpts" / f"ema_model_{o.iters}.pth"
+
+
+def _save(path: Path, obj: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _yaml_dump(d: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+def ema_state(path: Path) -> dict[str, torch.Tensor]:
+    return canonicalize(read_weights(path))

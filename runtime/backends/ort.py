@@ -1,0 +1,81 @@
+"""ONNX Runtime backend (CPU by default; CUDA EP when asked and available)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deltadiff._deps import require
+from deltadiff.errors import BackendError
+from deltadiff.runtime.backends import check_feeds
+from deltadiff.runtime.manifest import Manifest
+
+log = logging.getLogger(__name__)
+_logged = False
+
+
+class OrtBackend:
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        manifest: Manifest,
+        *,
+        precision: str = "fp32",
+        threads: int = 0,
+        providers: list[str] | None = None,
+    ) -> None:
+        global _logged
+        self.ort = require("onnxruntime", "ort")
+        if not _logged:
+            log.info("onnxruntime %s (%s)", self.ort.__version__, ", ".join(self.ort.get_available_providers()))
+            _logged = True
+        self.model_dir = Path(model_dir)
+        self.manifest = manifest
+        self.precision = precision
+        self.threads = threads
+        self.providers = providers or ["CPUExecutionProvider"]
+        self._sessions: dict[str, Any] = {}
+
+    def session(self, graph: str) -> Any:
+        s = self._sessions.get(graph)
+        if s is None:
+            rec = self.manifest.graph(graph, self.precision)
+            so = self.ort.SessionOptions()
+            so.log_severity_level = 3
+            so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if self.threads:
+                so.intra_op_num_threads = self.threads
+                so.inter_op_num_threads = 1
+            path = self.model_dir / rec.file
+            try:
+                s = self.ort.InferenceSession(str(path), so, providers=self.providers)
+            except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise BackendError(f"onnxruntime cannot load {path.name}: {first}") from None
+            self._sessions[graph] = s
+        return s
+
+    def input_names(self, graph: str) -> list[str]:
+        return [s.name for s in self.manifest.graph(graph, self.precision).inputs]
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rec = self.manifest.graph(graph, self.precision)
+        feeds = {s.name: feeds[s.name] for s in rec.inputs if s.name in feeds}
+        check_feeds(graph, rec.inputs, feeds)
+        sess = self.session(graph)
+        outs = sess.run(None, feeds)
+        return {o.name: a for o, a in zip(sess.get_outputs(), outs, strict=True)}
+
+    def close(self) -> None:
+        self._sessions.clear()
+
+    def __enter__(self) -> OrtBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

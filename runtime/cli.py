@@ -1,0 +1,159 @@
+"""``dd-run``: upscale images and benchmark backends, without torch.
+
+Thin typer commands: parse options into a dataclass, call one library function, render the
+result. ``DeltaDiffError`` becomes ``error: ...`` on stderr and exit code 1, with no traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from deltadiff.errors import DeltaDiffError
+
+app = typer.Typer(
+    name="dd-run",
+    help="Run DeltaDiff x4 super-resolution models (ONNX Runtime / TensorRT), no PyTorch needed.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+QUIET_LOGGERS = ("onnxruntime", "PIL", "matplotlib")
+
+
+def setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(show_time=False, show_path=verbose, markup=False, console=_stderr())],
+        force=True,
+    )
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _stderr():  # noqa: ANN202 - rich Console
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def fail(exc: BaseException) -> None:
+    _stderr().print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def upscale(
+    inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders.", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output file (one input) or folder.")],
+    model: Annotated[Path | None, typer.Option(help="Model directory (default: the bundled demo model).")] = None,
+    backend: Annotated[str, typer.Option(help="onnxruntime | tensorrt")] = "onnxruntime",
+    precision: Annotated[str, typer.Option(help="fp32 | fp16 (graphs/engines of that precision)")] = "fp32",
+    mode: Annotated[str, typer.Option(help="staged | unrolled graph execution")] = "staged",
+    tile: Annotated[int | None, typer.Option(help="LR tile side (must match the export).")] = None,
+    overlap: Annotated[int | None, typer.Option(help="Tile overlap in LR pixels.")] = None,
+    batch: Annotated[int, typer.Option(help="Tiles per backend call.")] = 1,
+    threads: Annotated[int, typer.Option(help="CPU threads for onnxruntime (0: all).")] = 0,
+    seed: Annotated[int, typer.Option(help="Noise seed (resshift-v3 only).")] = 0,
+    suffix: Annotated[str | None, typer.Option(help="Output format suffix, e.g. .png (default: keep).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+    recursive: Annotated[bool, typer.Option(help="Walk folders recursively.")] = True,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logging.")] = False,
+) -> None:
+    """Upscale images x4. A failing file is reported and the rest go on; exit 1 if any failed."""
+    setup_logging(verbose)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler, plan_outputs, run_job
+
+    err = _stderr()
+    try:
+        opts = UpscaleOptions(
+            backend=backend, precision=precision, mode=mode, threads=threads, tile=tile,
+            overlap=overlap, batch=batch, seed=seed,
+        )
+        if suffix is not None and not suffix.startswith("."):
+            suffix = "." + suffix
+        pairs = plan_outputs(inputs, output, recursive=recursive, suffix=suffix)
+        if not pairs:
+            raise DeltaDiffError(f"no images found in {', '.join(map(str, inputs))}")
+        up = Upscaler(model, opts)
+    except DeltaDiffError as exc:
+        fail(exc)
+    with up, Progress(
+        TextColumn("upscale"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[name]}"),
+        TimeRemainingColumn(), console=err, disable=quiet, transient=True,
+    ) as bar:
+        task = bar.add_task("upscale", total=len(pairs), name="")
+
+        def on_file(src: Path, status: str) -> None:
+            bar.update(task, advance=1, name=src.name)
+
+        summary = run_job(up, pairs, overwrite=overwrite, on_file=on_file)
+    out = Console(stderr=True, highlight=False, soft_wrap=True)
+    for src, why in summary.failed:
+        out.print(f"[red]failed[/]  {why}" if str(src) in why else f"[red]failed[/]  {src}: {why}")
+    for _src, why in summary.skipped:
+        out.print(f"[yellow]skipped[/] {why}")
+    out.print(
+        f"{len(summary.done)} upscaled, {len(summary.skipped)} skipped, {len(summary.failed)} failed "
+        f"in {summary.seconds:.1f} s (model {up.m.name}, {backend}/{precision}, {mode})"
+    )
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def info(
+    model: Annotated[Path | None, typer.Option(help="Model directory (default: bundled demo).")] = None,
+) -> None:
+    """Show a model directory's manifest summary (family, tile, graphs, engines, verification)."""
+    setup_logging(False)
+    from deltadiff.runtime.manifest import load_manifest
+    from deltadiff.runtime.upscaler import default_model_dir
+
+    try:
+        d = model or default_model_dir()
+        m = load_manifest(d)
+    except DeltaDiffError as exc:
+        fail(exc)
+    typer.echo(f"model       {m.name} ({m.family}) at {d}")
+    typer.echo(f"tile        {m.tile[0]}x{m.tile[1]} LR -> {4 * m.tile[0]}x{4 * m.tile[1]}, batch {m.batch[0]}..{m.batch[1]}")
+    typer.echo(f"step rule   {m.step_table['rule']}; rows " + ", ".join(
+        f"t={r['t']}: in {r['in_scale']:.4f} a {r['a']:.4f} b {r['b']:.4f} c {r['c']:.4f} s {r['s']:.4f}"
+        for r in m.step_table["rows"]))
+    for k, g in m.graphs.items():
+        typer.echo(f"graph       {k:<14} {g.file:<24} {g.bytes / 1e6:8.1f} MB  {g.precision}")
+    for e in m.engines:
+        typer.echo(f"engine      {e.get('graph')} {e.get('file')} {e.get('flavour')} {e.get('precision')}")
+    v = m.verification
+    if v:
+        typer.echo(f"verified    {v.get('backend')} {v.get('precision')}: end-to-end PSNR {v.get('psnr_db')} dB, passed={v.get('passed')}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench() -> None:
+    """Latency / fidelity benchmark report (not built yet)."""
+    fail(DeltaDiffError("dd-run bench is not built yet (planned: per-stage latency report); use benchmarks/bench_ort.py"))
+
+
+def main() -> None:
+    try:
+        app()
+    except DeltaDiffError as exc:  # pragma: no cover - commands catch their own
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

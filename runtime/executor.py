@@ -1,0 +1,89 @@
+"""The unrolled executor: encode -> the four rows of the step table -> decode, on any backend.
+
+    staged    encoder, step x4 (row constants fed as inputs), decoder: four graph calls + two
+    unrolled  one graph with the rows baked in
+
+Both read the same step table from the manifest; neither re-derives a coefficient.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from deltadiff.errors import BackendError
+from deltadiff.runtime.backends import Backend
+from deltadiff.runtime.manifest import Manifest
+
+MODES = ("staged", "unrolled")
+DEFAULT_MODE = "staged"
+StageHook = Callable[[str, float], None]  # (stage name, seconds)
+
+
+class Executor:
+    def __init__(self, manifest: Manifest, backend: Backend, *, mode: str = DEFAULT_MODE) -> None:
+        if mode not in MODES:
+            raise BackendError(f"unknown execution mode {mode!r}; choose one of {', '.join(MODES)}")
+        self.m = manifest
+        self.backend = backend
+        self.mode = mode
+        self.rows = manifest.step_table["rows"]
+
+    def coef(self, row: dict) -> np.ndarray:
+        return np.array([row["in_scale"], row["a"], row["b"], row["c"], row["s"]], dtype=np.float32)
+
+    def run(
+        self,
+        lr: np.ndarray,
+        noise: dict[str, np.ndarray] | None = None,
+        *,
+        on_stage: StageHook | None = None,
+        trace: dict[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """LR batch (B,3,h,w) float32 in [0,1] -> SR (B,3,4h,4w) float32 in [0,1].
+
+        ``noise``: arrays named by the manifest (``n_prior``, ``n_t``) for noisy tables.
+        ``trace``: if a dict is given, stage outputs are stored in it (verification).
+        """
+        noise = noise or {}
+        missing = [n for n in self.m.noise_names if n not in noise]
+        if missing:
+            raise BackendError(f"family {self.m.family} needs noise inputs {missing}; pass a seed")
+        if self.mode == "unrolled":
+            t0 = time.perf_counter()
+            img = self.backend.run("unrolled", {"lr": lr, **noise})["image"]
+            if on_stage:
+                on_stage("unrolled", time.perf_counter() - t0)
+            return img
+        t0 = time.perf_counter()
+        enc = self.backend.run("encoder", {"lr": lr, **noise})
+        if on_stage:
+            on_stage("encode", time.perf_counter() - t0)
+        x, y, cond = enc["x"], enc["y"], enc["cond"]
+        if trace is not None:
+            trace.update(x_T=x, y=y, cond=cond)
+        step_inputs = set(self.backend.input_names("step"))
+        for r in self.rows:
+            feeds = {
+                "x": x,
+                "y": y,
+                "cond": cond,
+                "t": np.array([int(r["t"])], dtype=np.int64),
+                "coef": self.coef(r),
+            }
+            if "noise" in step_inputs:
+                name = f"n_{int(r['t'])}"
+                feeds["noise"] = noise[name] if name in noise else np.zeros_like(x)
+            t0 = time.perf_counter()
+            x = self.backend.run("step", feeds)["x_next"]
+            if on_stage:
+                on_stage(f"step_{int(r['t'])}", time.perf_counter() - t0)
+            if trace is not None:
+                trace[f"x_{int(r['t']) - 1}"] = x
+        t0 = time.perf_counter()
+        img = self.backend.run("decoder", {"x": x})["image"]
+        if on_stage:
+            on_stage("decode", time.perf_counter() - t0)
+        return img

@@ -1,0 +1,272 @@
+"""The manifest: the contract between export and runtime (DESIGN "The manifest").
+
+``model_dir/manifest.json`` is plain JSON with a ``schema_version``. It names the family, the step
+table, the tile shape and batch range, every graph file with its I/O specs, precision and sha256,
+the exporter versions, engine records and the verification record. The runtime trusts nothing the
+manifest does not vouch for: a missing or edited file, an unknown schema or a malformed field is a
+``ManifestError`` naming the field and the fix. numpy / stdlib only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deltadiff.errors import ManifestError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+GRAPH_NAMES = ("encoder", "step", "decoder", "unrolled")
+REBUILD_HINT = "re-export it with dd-export onnx"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int | str, ...]  # str = symbolic (e.g. "batch")
+    dtype: str  # numpy dtype name: float32, float16, int64
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class GraphRecord:
+    file: str
+    sha256: str
+    bytes: int
+    precision: str  # fp32 | fp16
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    fp32_islands: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "sha256": self.sha256,
+            "bytes": self.bytes,
+            "precision": self.precision,
+            "inputs": [s.to_dict() for s in self.inputs],
+            "outputs": [s.to_dict() for s in self.outputs],
+            "fp32_islands": list(self.fp32_islands),
+        }
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    family: str
+    scale: int
+    tile: tuple[int, int]  # LR tile (h, w) the graphs were exported for
+    batch: tuple[int, int]  # (min, max) batch; equal when static
+    lr_multiple: int
+    step_table: dict[str, Any]  # deltadiff.model.schedule.StepTable.to_dict()
+    graphs: dict[str, GraphRecord]  # key: "<graph>" (fp32) or "<graph>.fp16"
+    exporter: dict[str, Any]
+    source: dict[str, Any]
+    model_config: dict[str, Any]
+    engines: list[dict[str, Any]] = field(default_factory=list)
+    verification: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def latent(self) -> bool:
+        return self.family != "deltadiff-pixel"
+
+    @property
+    def noise_names(self) -> list[str]:
+        st = self.step_table
+        if float(st["s_prior"]) == 0.0 and all(float(r["s"]) == 0.0 for r in st["rows"]):
+            return []
+        return ["n_prior"] + [f"n_{int(r['t'])}" for r in st["rows"] if float(r["s"]) != 0.0]
+
+    def state_hw(self, lr_hw: tuple[int, int] | None = None) -> tuple[int, int]:
+        h, w = lr_hw or self.tile
+        return (h, w) if self.latent else (4 * h, 4 * w)
+
+    def graph(self, name: str, precision: str = "fp32") -> GraphRecord:
+        key = name if precision == "fp32" else f"{name}.{precision}"
+        rec = self.graphs.get(key)
+        if rec is None:
+            have = ", ".join(sorted(self.graphs)) or "none"
+            hint = "dd-export fp16" if precision != "fp32" else "dd-export onnx"
+            raise ManifestError(
+                f"the model has no {precision} {name} graph (has: {have}); create it with {hint}"
+            )
+        return rec
+
+    def precisions(self) -> list[str]:
+        return sorted({g.precision for g in self.graphs.values()})
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["graphs"] = {k: g.to_dict() for k, g in self.graphs.items()}
+        d["tile"] = list(self.tile)
+        d["batch"] = list(self.batch)
+        return d
+
+    @staticmethod
+    def from_dict(d: Any, where: str = MANIFEST) -> Manifest:
+        if not isinstance(d, dict):
+            raise ManifestError(f"{where}: top level is not a JSON object; {REBUILD_HINT}")
+        ver = _field(d, "schema_version", int, where)
+        if ver != SCHEMA_VERSION:
+            raise ManifestError(
+                f"{where}: schema_version {ver} is not supported by this runtime (expects "
+                f"{SCHEMA_VERSION}); {REBUILD_HINT} or upgrade deltadiff-trt"
+            )
+        graphs_raw = _field(d, "graphs", dict, where)
+        graphs = {}
+        for k, g in graphs_raw.items():
+            w = f"{where}: graphs.{k}"
+            if not isinstance(g, dict):
+                raise ManifestError(f"{w} is not an object; {REBUILD_HINT}")
+            graphs[k] = GraphRecord(
+                file=_field(g, "file", str, w),
+                sha256=_field(g, "sha256", str, w),
+                bytes=_field(g, "bytes", int, w),
+                precision=_field(g, "precision", str, w),
+                inputs=tuple(_spec(s, f"{w}.inputs") for s in _field(g, "inputs", list, w)),
+                outputs=tuple(_spec(s, f"{w}.outputs") for s in _field(g, "outputs", list, w)),
+                fp32_islands=tuple(g.get("fp32_islands", [])),
+            )
+        st = _field(d, "step_table", dict, where)
+        rows = _field(st, "rows", list, f"{where}: step_table")
+        if len(rows) == 0:
+            raise ManifestError(f"{where}: step_table.rows is empty; {REBUILD_HINT}")
+        for i, r in enumerate(rows):
+            for k in ("t", "in_scale", "a", "b", "c", "s"):
+                if not isinstance(r, dict) or not isinstance(r.get(k), int | float):
+                    raise ManifestError(
+                        f"{where}: step_table.rows[{i}].{k} is missing or not a number; {REBUILD_HINT}"
+                    )
+        _field(st, "s_prior", (int, float), f"{where}: step_table")
+        tile = _pair(_field(d, "tile", list, where), "tile", where)
+        batch = _pair(_field(d, "batch", list, where), "batch", where)
+        fam = _field(d, "family", str, where)
+        if fam not in ("deltadiff-latent", "deltadiff-pixel", "resshift-v3"):
+            raise ManifestError(f"{where}: family {fam!r} is unknown; {REBUILD_HINT}")
+        return Manifest(
+            name=_field(d, "name", str, where),
+            family=fam,
+            scale=_field(d, "scale", int, where),
+            tile=tile,
+            batch=batch,
+            lr_multiple=_field(d, "lr_multiple", int, where),
+            step_table=st,
+            graphs=graphs,
+            exporter=_field(d, "exporter", dict, where),
+            source=_field(d, "source", dict, where),
+            model_config=_field(d, "model_config", dict, where),
+            engines=list(d.get("engines", [])),
+            verification=dict(d.get("verification", {})),
+            created=str(d.get("created", "")),
+            schema_version=ver,
+        )
+
+
+def _field(d: dict, key: str, typ: type | tuple[type, ...], where: str) -> Any:
+    if key not in d:
+        raise ManifestError(f"{where}: required field {key!r} is missing; {REBUILD_HINT}")
+    v = d[key]
+    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+        name = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+        raise ManifestError(
+            f"{where}: field {key!r} should be {name}, got {type(v).__name__}; {REBUILD_HINT}"
+        )
+    return v
+
+
+def _pair(v: list, key: str, where: str) -> tuple[int, int]:
+    if len(v) != 2 or not all(isinstance(x, int) and x > 0 for x in v):
+        raise ManifestError(f"{where}: {key} should be two positive integers, got {v}; {REBUILD_HINT}")
+    return int(v[0]), int(v[1])
+
+
+def _spec(s: Any, where: str) -> TensorSpec:
+    if not isinstance(s, dict):
+        raise ManifestError(f"{where}: tensor spec is not an object; {REBUILD_HINT}")
+    shape = _field(s, "shape", list, where)
+    if not all(isinstance(x, int | str) for x in shape):
+        raise ManifestError(f"{where}: shape {shape} must hold ints or names; {REBUILD_HINT}")
+    return TensorSpec(_field(s, "name", str, where), tuple(shape), _field(s, "dtype", str, where))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while True:
+            b = fh.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1, sort_keys=False)
+            fh.write("\n")
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_manifest(model_dir: str | Path, m: Manifest) -> Path:
+    path = Path(model_dir) / MANIFEST
+    write_json_atomic(path, m.to_dict())
+    return path
+
+
+def load_manifest(model_dir: str | Path, *, check_hashes: bool = True, graphs: list[str] | None = None) -> Manifest:
+    """Read and validate ``model_dir/manifest.json``; with ``check_hashes`` verify the sha256 of
+    every graph file (or only of ``graphs``)."""
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise ManifestError(f"model directory {model_dir} does not exist; pass --model DIR made by dd-export onnx")
+    if not model_dir.is_dir():
+        raise ManifestError(f"--model {model_dir} is not a directory; pass the folder dd-export onnx wrote")
+    path = model_dir / MANIFEST
+    if not path.exists():
+        raise ManifestError(f"{path} is missing; {model_dir} is not a model directory ({REBUILD_HINT})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path} is not valid JSON ({exc}); {REBUILD_HINT}") from None
+    m = Manifest.from_dict(data, str(path))
+    if check_hashes:
+        for key, g in m.graphs.items():
+            if graphs is not None and key not in graphs:
+                continue
+            verify_file(model_dir, g.file, g.sha256, what=f"graph {key}")
+    return m
+
+
+def verify_file(model_dir: Path, file: str, sha256: str, *, what: str) -> Path:
+    p = Path(model_dir) / file
+    if Path(file).is_absolute() or ".." in Path(file).parts:
+        raise ManifestError(f"{what}: file {file!r} points outside the model directory; {REBUILD_HINT}")
+    if not p.exists():
+        raise ManifestError(f"{what}: file {p} is missing; {REBUILD_HINT}")
+    got = sha256_file(p)
+    if got != sha256:
+        raise ManifestError(
+            f"{what}: {p.name} was modified after export (sha256 {got[:12]}… != manifest "
+            f"{sha256[:12]}…); {REBUILD_HINT}"
+        )
+    return p

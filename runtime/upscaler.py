@@ -1,0 +1,212 @@
+"""Image-level upscaling: pad, tile, batch tiles, run the executor, blend; and the file batch job.
+
+Only manifest numbers drive padding and tiling (tile shape, LR multiple, batch range); the
+family is never special-cased. Tiles overlap and are blended with complementary raised-cosine
+ramps in HR space. ``resshift-v3`` noise is drawn once per image at the full padded state size
+and cropped per tile, so all tiles see one continuous field.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from deltadiff.errors import DeltaDiffError, ImageError
+from deltadiff.runtime.backends import open_backend
+from deltadiff.runtime.executor import DEFAULT_MODE, Executor
+from deltadiff.runtime.imageio import (
+    find_images,
+    output_path,
+    read_image,
+    upscale_alpha,
+    write_image,
+)
+from deltadiff.runtime.manifest import Manifest, load_manifest
+from deltadiff.runtime.noise import noise_field
+from deltadiff.runtime.tiling import Blender, axis_weights, reflect_pad, tile_starts
+
+log = logging.getLogger(__name__)
+
+BUNDLED_MODEL = "demo-pixel"
+
+
+def default_model_dir() -> Path:
+    """The demo model bundled inside the package (graphs + manifest)."""
+    p = Path(str(resources.files("deltadiff.runtime") / "models" / BUNDLED_MODEL))
+    if not (p / "manifest.json").exists():
+        raise DeltaDiffError(f"the bundled model is missing from {p}; reinstall deltadiff-trt or pass --model DIR")
+    return p
+
+
+@dataclass(frozen=True)
+class UpscaleOptions:
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    mode: str = DEFAULT_MODE
+    threads: int = 0
+    tile: int | None = None  # LR tile side; must match the exported tile
+    overlap: int | None = None  # LR pixels; default tile // 8 (at least 4)
+    batch: int = 1
+    blend: str = "cosine"  # or "crop" (naive, for comparison)
+    seed: int = 0  # noise seed (resshift-v3 only)
+    device: int = 0
+
+
+class Upscaler:
+    """Upscale float RGB arrays with a model directory on a backend."""
+
+    def __init__(self, model_dir: str | Path | None = None, opts: UpscaleOptions | None = None) -> None:
+        self.opts = opts = opts or UpscaleOptions()
+        self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+        self.m: Manifest = load_manifest(self.model_dir)
+        th, tw = self.m.tile
+        if opts.tile is not None and (opts.tile, opts.tile) != (th, tw):
+            raise DeltaDiffError(
+                f"--tile {opts.tile}: this model was exported for {th}x{tw} LR tiles (static shapes); "
+                f"use --tile {th} or re-export with dd-export onnx --tile {opts.tile}"
+            )
+        lo, hi = self.m.batch
+        if not lo <= opts.batch <= hi:
+            raise DeltaDiffError(f"--batch {opts.batch} is outside the model's batch range [{lo}, {hi}]")
+        self.overlap = opts.overlap if opts.overlap is not None else max(4, min(th, tw) // 8)
+        if not 0 <= self.overlap < min(th, tw):
+            raise DeltaDiffError(f"--overlap {self.overlap} must be in [0, {min(th, tw)}) for {th}x{tw} tiles")
+        if opts.blend not in ("cosine", "crop"):
+            raise DeltaDiffError(f"--blend {opts.blend!r}: choose cosine or crop")
+        self.backend = open_backend(
+            opts.backend, self.model_dir, self.m, precision=opts.precision, threads=opts.threads, device=opts.device
+        )
+        self.executor = Executor(self.m, self.backend, mode=opts.mode)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Upscaler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def upscale(self, rgb: np.ndarray, *, seed: int | None = None) -> np.ndarray:
+        """(h, w, 3) float32 in [0, 1] -> (4h, 4w, 3) float32 in [0, 1]."""
+        if rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise DeltaDiffError(f"expected an (h, w, 3) RGB array, got shape {rgb.shape}")
+        h, w = rgb.shape[:2]
+        th, tw = self.m.tile
+        s = self.m.scale
+        lr = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)  # (3, h, w)
+        lr = reflect_pad(lr, max(0, th - h), max(0, tw - w))
+        H, W = lr.shape[1:]
+        ys, xs = tile_starts(H, th, self.overlap), tile_starts(W, tw, self.overlap)
+        wys = axis_weights(ys, th, s, self.opts.blend)
+        wxs = axis_weights(xs, tw, s, self.opts.blend)
+        noise = None
+        if self.m.noise_names:
+            sh, sw = self.m.state_hw((H, W))
+            noise = noise_field(self.m.noise_names, (1, 3, sh, sw), self.opts.seed if seed is None else seed)
+        ratio = self.m.state_hw((1, 1))[0]  # state pixels per LR pixel (1 latent, 4 pixel)
+        jobs = [(iy, ix) for iy in range(len(ys)) for ix in range(len(xs))]
+        out = Blender(3, s * H, s * W)
+        for b0 in range(0, len(jobs), self.opts.batch):
+            chunk = jobs[b0 : b0 + self.opts.batch]
+            batch = np.stack([lr[:, ys[iy] : ys[iy] + th, xs[ix] : xs[ix] + tw] for iy, ix in chunk])
+            feeds = None
+            if noise is not None:
+                feeds = {
+                    k: np.concatenate(
+                        [
+                            v[:, :, ratio * ys[iy] : ratio * (ys[iy] + th), ratio * xs[ix] : ratio * (xs[ix] + tw)]
+                            for iy, ix in chunk
+                        ]
+                    )
+                    for k, v in noise.items()
+                }
+            sr = self.executor.run(batch, feeds)
+            for (iy, ix), tile in zip(chunk, sr, strict=True):
+                out.add(tile, s * ys[iy], s * xs[ix], wys[iy], wxs[ix])
+        res = out.result()[:, : s * h, : s * w]
+        return np.ascontiguousarray(res.transpose(1, 2, 0))
+
+
+# ----------------------------------------------------------------------------- file batch job
+
+
+@dataclass
+class JobSummary:
+    done: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def plan_outputs(
+    inputs: Sequence[str | Path], out: Path, *, recursive: bool = True, suffix: str | None = None
+) -> list[tuple[Path, Path]]:
+    """(source, destination) pairs for a job; one input file may map to an output file name."""
+    found = find_images(inputs, recursive=recursive)
+    single = len(inputs) == 1 and Path(inputs[0]).is_file()
+    return [(src, output_path(src, rel, out, suffix=suffix, single=single)) for src, rel in found]
+
+
+def upscale_file(up: Upscaler, src: Path, dst: Path) -> None:
+    img = read_image(src)
+    sr = up.upscale(img.rgb)
+    alpha = upscale_alpha(img.alpha, up.m.scale) if img.alpha is not None else None
+    write_image(
+        dst,
+        sr,
+        alpha=alpha,
+        bit_depth=img.bit_depth,
+        grayscale=img.grayscale,
+        icc_profile=img.icc_profile,
+        exif=img.exif,
+    )
+
+
+def run_job(
+    up: Upscaler,
+    pairs: list[tuple[Path, Path]],
+    *,
+    overwrite: bool = False,
+    on_file: Callable[[Path, str], None] | None = None,
+) -> JobSummary:
+    """Upscale every (src, dst) pair; a failing file is recorded and the job goes on."""
+    summary = JobSummary()
+    t0 = time.perf_counter()
+    seen: dict[Path, Path] = {}
+    for src, dst in pairs:
+        status = "done"
+        try:
+            if dst.resolve() == src.resolve():
+                raise ImageError(f"{dst}: output would replace its input; choose another -o folder")
+            if dst in seen:
+                raise ImageError(f"{dst}: also the output of {seen[dst]}; rename one of the inputs")
+            seen[dst] = src
+            if dst.exists() and not overwrite:
+                summary.skipped.append((src, f"{dst} exists (pass --overwrite to replace it)"))
+                status = "skipped"
+            else:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                upscale_file(up, src, dst)
+                summary.done.append(dst)
+        except DeltaDiffError as exc:
+            summary.failed.append((src, str(exc)))
+            status = "failed"
+            log.debug("failed: %s", exc)
+        except OSError as exc:
+            summary.failed.append((src, f"{src}: {exc.strerror or exc}"))
+            status = "failed"
+        if on_file:
+            on_file(src, status)
+    summary.seconds = time.perf_counter() - t0
+    return summary

@@ -1,0 +1,94 @@
+"""Tiling: coverage, blend weights, tiled vs whole image, and seams (blend vs naive cropping)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deltadiff.runtime.compare import psnr
+from deltadiff.runtime.tiling import axis_weights, pad_amounts, reflect_index, reflect_pad, tile_starts
+from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler
+
+
+@pytest.mark.parametrize(("length", "tile", "overlap"), [(100, 16, 4), (16, 16, 4), (17, 16, 0), (1000, 512, 64)])
+def test_tiles_cover_the_axis(length, tile, overlap):
+    starts = tile_starts(length, tile, overlap)
+    covered = np.zeros(max(length, tile), bool)
+    for s in starts:
+        covered[s : s + tile] = True
+    assert covered[:length].all() and starts[-1] + tile == max(length, tile)
+
+
+def test_upstream_chop_example():
+    assert tile_starts(1000, 512, 64) == [0, 448, 488]
+
+
+@pytest.mark.parametrize("blend", ["cosine", "crop"])
+@pytest.mark.parametrize("length", [76, 100])
+def test_blend_weights_cover_and_sum_to_one_on_pairwise_overlaps(blend, length):
+    starts = tile_starts(length, 16, 6)  # 76: pairwise overlaps only; 100: a 3-way overlap at the end
+    ws = axis_weights(starts, 16, 4, blend)
+    acc = np.zeros(4 * length)
+    for s, w in zip(starts, ws, strict=True):
+        acc[4 * s : 4 * s + 64] += w
+    assert acc.min() > 0.0  # every output pixel gets weight (the blender normalises by the sum)
+    if length == 76 or blend == "crop":
+        np.testing.assert_allclose(acc, 1.0, atol=1e-12)
+
+
+def test_reflect_padding_mirrors_without_repeating_and_folds_for_big_pads():
+    assert reflect_index(4, 10).tolist() == [0, 1, 2, 3, 2, 1, 0, 1, 2, 3]
+    assert reflect_index(1, 3).tolist() == [0, 0, 0]
+    assert pad_amounts(10, 13, 8) == (6, 3)
+    x = np.arange(6, dtype=np.float32).reshape(1, 2, 3)
+    assert reflect_pad(x, 3, 2).shape == (1, 5, 5)
+
+
+def _image(h: int, w: int) -> np.ndarray:
+    from skimage import data
+    from skimage.transform import resize
+
+    img = resize(data.astronaut(), (h, w), anti_aliasing=True).astype(np.float32)
+    return np.clip(img, 0, 1)
+
+
+@pytest.fixture(scope="module")
+def whole_and_tiled(tmp_path_factory):
+    """The same random-weight pixel model exported at 48x48 (whole image) and 16x16 (tiles)."""
+    from deltadiff.export.graphs import TileShape
+    from deltadiff.export.onnx_export import ExportOptions, export_onnx
+    from deltadiff.model.pipeline import Pipeline
+
+    pipe = Pipeline.from_preset("deltadiff-pixel-small", seed=0)
+    out = {}
+    for tile in (48, 16):
+        d = tmp_path_factory.mktemp(f"tile{tile}")
+        export_onnx(pipe, d, ExportOptions(TileShape(tile, tile), graphs=("encoder", "step", "decoder")),
+                    source={"kind": "preset", "preset": "deltadiff-pixel-small", "seed": 0})
+        out[tile] = d
+    return out
+
+
+def test_tiled_matches_whole_image_within_40db(whole_and_tiled):
+    img = _image(48, 48)
+    whole = Upscaler(whole_and_tiled[48]).upscale(img)
+    tiled = Upscaler(whole_and_tiled[16], UpscaleOptions(overlap=6)).upscale(img)
+    assert whole.shape == tiled.shape == (192, 192, 3)
+    assert psnr(whole, tiled, data_range=1.0) >= 40.0
+
+
+def _seam_ratio(out: np.ndarray, cuts: list[int]) -> float:
+    """Mean |horizontal gradient| at the given HR columns / the median over all columns."""
+    g = np.abs(np.diff(out.mean(axis=2), axis=1)).mean(axis=0)  # per column boundary
+    return float(np.mean([g[c - 1] for c in cuts]) / np.median(g))
+
+
+def test_seams_visible_with_naive_cropping_and_gone_with_blending(whole_and_tiled):
+    img = _image(48, 48)
+    crop = Upscaler(whole_and_tiled[16], UpscaleOptions(overlap=6, blend="crop")).upscale(img)
+    blend = Upscaler(whole_and_tiled[16], UpscaleOptions(overlap=6, blend="cosine")).upscale(img)
+    starts = tile_starts(48, 16, 6)  # LR
+    cuts = [4 * (s + (p + 16 - s) // 2) for p, s in zip(starts, starts[1:], strict=False)]  # crop cut columns (HR)
+    r_crop, r_blend = _seam_ratio(crop, cuts), _seam_ratio(blend, cuts)
+    assert r_crop > 1.5, r_crop
+    assert r_blend < 1.25, r_blend
