@@ -182,10 +182,68 @@ def verify(
         raise typer.Exit(1)
 
 
+@app.command()
+def fp16(
+    model: Annotated[Path, typer.Option(help="Model directory made by dd-export onnx.")],
+    verify: Annotated[bool, typer.Option(help="Verify the FP16 graphs with onnxruntime (CPU).")] = True,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Add FP16 graphs with FP32 islands (GroupNorm, softmax, sinusoids, VQ argmin, state update)."""
+    setup_logging(verbose)
+    try:
+        from deltadiff.export.onnx_export import add_fp16
+
+        m = add_fp16(model)
+        for k, g in m.graphs.items():
+            if g.precision == "fp16":
+                typer.echo(f"{k:<14} {model / g.file}  {g.bytes / 1e6:.1f} MB  FP32 islands: {', '.join(g.fp32_islands)}")
+        ok = _verify_and_print(model, "onnxruntime", "fp16", None, 0, 1, None, 0) if verify else True
+    except DeltaDiffError as exc:
+        fail(exc)
+    if not ok:
+        raise typer.Exit(1)
+
+
 @app.command("build-engine")
-def build_engine() -> None:
-    """Build TensorRT engines from a model directory (not built yet)."""
-    fail(DeltaDiffError("dd-export build-engine is not built yet"))
+def build_engine(
+    model: Annotated[Path, typer.Option(help="Model directory made by dd-export onnx.")],
+    precision: Annotated[str, typer.Option(help="fp16 | fp32 (fp16 graphs are made if missing)")] = "fp16",
+    flavour: Annotated[str | None, typer.Option(help="tensorrt | tensorrt_rtx (default: whichever is installed, full first)")] = None,
+    graphs: Annotated[str, typer.Option(help="Comma list of graphs to build.")] = "encoder,step,decoder,unrolled",
+    batch: Annotated[str, typer.Option(help="Optimization profile: OPT or OPT,MAX batch.")] = "1",
+    timing_cache: Annotated[Path | None, typer.Option(help="Timing cache file (default: in the model dir).")] = None,
+    opt_level: Annotated[int, typer.Option(help="Builder optimization level 0..5.")] = 3,
+    workspace: Annotated[float, typer.Option(help="Workspace limit in GiB.")] = 4.0,
+    target: Annotated[list[str] | None, typer.Option(help="TensorRT-RTX compute capability, e.g. sm86 (repeatable).")] = None,
+    tf32: Annotated[bool, typer.Option(help="Allow TF32 in FP32 engines.")] = False,
+    force: Annotated[bool, typer.Option(help="Rebuild even if the cache key is unchanged.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Build strongly typed TensorRT engines; rebuild only when the cache key changes."""
+    setup_logging(verbose)
+    try:
+        from deltadiff.export.engine import EngineOptions, build_engines
+        from deltadiff.runtime.manifest import load_manifest
+
+        if precision not in ("fp16", "fp32"):
+            raise DeltaDiffError(f"--precision {precision}: choose fp16 or fp32 (INT8 needs calibrate)")
+        parts = [int(b) for b in batch.split(",")]
+        if precision == "fp16" and "step.fp16" not in load_manifest(model).graphs:
+            from deltadiff.export.onnx_export import add_fp16
+
+            add_fp16(model)
+        opts = EngineOptions(
+            precision=precision, flavour=flavour, graphs=tuple(g.strip() for g in graphs.split(",") if g.strip()),
+            batch_opt=parts[0], batch_max=parts[1] if len(parts) > 1 else None, opt_level=opt_level,
+            workspace_gb=workspace, timing_cache=timing_cache, targets=tuple(target or ()), tf32=tf32, force=force,
+        )
+        _m, built = build_engines(model, opts)
+        for e in built:
+            state = "reused" if e.get("reused") else f"built in {e['build_seconds']} s"
+            typer.echo(f"{e['graph']:<9} {model / e['file']}  {e['bytes'] / 1e6:.1f} MB  {e['flavour']} {e['version']} "
+                       f"targets {','.join(e['targets']) or e['gpu']}  {state}")
+    except DeltaDiffError as exc:
+        fail(exc)
 
 
 @app.command()

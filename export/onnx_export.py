@@ -238,3 +238,50 @@ def reference_inputs(m: Manifest, seed: int = 0, batch: int = 1) -> dict[str, np
     sh, sw = m.state_hw()
     feeds.update(noise_field(m.noise_names, (batch, 3, sh, sw), seed + 1))
     return feeds
+
+
+def add_fp16(model_dir: str | Path, *, slim: bool = True) -> Manifest:
+    """Add FP16 graphs (FP32 islands, FP32 I/O) next to the FP32 ones: ``<graph>.fp16.onnx``.
+
+    The FP16 unrolled graph is composed from the FP16 staged graphs, so the state between rows
+    crosses each step boundary in FP32.
+    """
+    from dataclasses import replace
+
+    from deltadiff.export.fp16 import convert_to_fp16
+    from deltadiff.model.schedule import StepTable
+    from deltadiff.runtime.manifest import load_manifest
+
+    onnx = require("onnx")
+    out = Path(model_dir)
+    m = load_manifest(out)
+    staged = {}
+    islands: dict[str, dict[str, int]] = {}
+    for name in ("encoder", "step", "decoder"):
+        src = onnx.load(str(out / m.graph(name).file))
+        staged[name], islands[name] = convert_to_fp16(src, name)
+    models = dict(staged)
+    if "unrolled" in m.graphs:
+        un = compose_unrolled(staged["encoder"], staged["step"], staged["decoder"], StepTable.from_dict(m.step_table))
+        models["unrolled"] = cleanup(un, "unrolled", slim=slim)
+        islands["unrolled"] = {k: sum(v.get(k, 0) for v in islands.values()) for k in set().union(*islands.values())}
+    graphs = dict(m.graphs)
+    for name, model in models.items():
+        path = out / f"{name}.fp16.onnx"
+        tmp = path.with_name(path.name + ".tmp")
+        onnx.save(model, str(tmp))
+        tmp.replace(path)
+        ins, outs = io_specs(model)
+        graphs[f"{name}.fp16"] = GraphRecord(
+            file=path.name,
+            sha256=sha256_file(path),
+            bytes=path.stat().st_size,
+            precision="fp16",
+            inputs=ins,
+            outputs=outs,
+            fp32_islands=tuple(f"{k}:{v}" for k, v in sorted(islands[name].items())),
+        )
+        log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
+    m2 = replace(m, graphs=graphs)
+    save_manifest(out, m2)
+    return m2

@@ -51,6 +51,9 @@ class Executor:
         missing = [n for n in self.m.noise_names if n not in noise]
         if missing:
             raise BackendError(f"family {self.m.family} needs noise inputs {missing}; pass a seed")
+        seq = getattr(self.backend, "run_sequence", None)
+        if seq is not None and trace is None and on_stage is None:
+            return seq(self.mode, lr, noise)  # device-resident chain (TensorRT, CUDA graph)
         if self.mode == "unrolled":
             t0 = time.perf_counter()
             img = self.backend.run("unrolled", {"lr": lr, **noise})["image"]

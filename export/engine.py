@@ -1,0 +1,192 @@
+"""ONNX -> TensorRT engines (strongly typed), an engine cache keyed on everything that matters,
+and engine records in the manifest.
+
+TensorRT 11 and TensorRT-RTX build strongly typed networks only: precision comes from the ONNX
+tensor types (FP16 graphs from ``dd-export fp16``), not from builder flags. TensorRT 10 gets the
+STRONGLY_TYPED creation flag. TensorRT-RTX builds ahead-of-time without a GPU for a list of
+compute-capability targets; full TensorRT builds for the GPU it runs on.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from deltadiff.errors import EngineError
+from deltadiff.runtime.manifest import Manifest, load_manifest, save_manifest, sha256_file
+from deltadiff.runtime.trt_compat import (
+    RTX_DEFAULT_TARGETS,
+    current_device,
+    import_trt,
+    strongly_typed_flags,
+    trt_logger,
+)
+
+log = logging.getLogger(__name__)
+STAGED = ("encoder", "step", "decoder")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    precision: str = "fp16"
+    flavour: str | None = None  # None: full TensorRT if importable, else TensorRT-RTX
+    graphs: tuple[str, ...] = ("encoder", "step", "decoder", "unrolled")
+    batch_opt: int = 1
+    batch_max: int | None = None  # default: the manifest's max batch
+    opt_level: int = 3
+    workspace_gb: float = 4.0
+    timing_cache: Path | None = None
+    targets: tuple[str, ...] = ()  # TensorRT-RTX compute capabilities, e.g. ("sm86", "sm89")
+    tf32: bool = False  # FP32 engines compute in FP32 unless asked (TRT defaults TF32 on)
+    force: bool = False
+
+
+def _profile_shapes(spec: Any, lo: int, opt: int, hi: int) -> tuple[tuple[int, ...], ...]:
+    def dims(b: int) -> tuple[int, ...]:
+        return tuple(b if isinstance(d, str) else int(d) for d in spec.shape)
+
+    return dims(lo), dims(opt), dims(hi)
+
+
+def cache_key(info: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()
+
+
+def _parse(trt: Any, network: Any, path: Path, logger: Any) -> None:
+    parser = trt.OnnxParser(network, logger)
+    ok = parser.parse_from_file(str(path))
+    if not ok:
+        errs = []
+        for i in range(parser.num_errors):
+            e = parser.get_error(i)
+            node = e.node_name() if hasattr(e, "node_name") else str(e.node())
+            errs.append(f"node {node!r} ({e.node_operator() if hasattr(e, 'node_operator') else '?'}): {e.desc()}")
+        raise EngineError(f"TensorRT cannot parse {path.name}: " + " | ".join(errs or ["unknown parser error"]))
+
+
+def build_engine(
+    onnx_path: Path,
+    *,
+    inputs: tuple[Any, ...],
+    opts: EngineOptions,
+    batch: tuple[int, int, int],
+    flavour: str,
+    timing_cache: bytes | None = None,
+) -> tuple[bytes, bytes | None]:
+    """Parse + build one engine. Returns (serialized engine, serialized timing cache or None)."""
+    trt, _ = import_trt(flavour)
+    logger = trt_logger(flavour)
+    builder = trt.Builder(logger)
+    network = builder.create_network(strongly_typed_flags(trt))
+    _parse(trt, network, onnx_path, logger)
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_gb * (1 << 30)))
+    config.builder_optimization_level = int(opts.opt_level)
+    if not opts.tf32 and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if flavour == "tensorrt_rtx" and opts.targets:
+        config.num_compute_capabilities = len(opts.targets)
+        for i, t in enumerate(opts.targets):
+            cc = getattr(trt.ComputeCapability, t.upper(), None)
+            if cc is None:
+                raise EngineError(f"--target {t}: TensorRT-RTX {trt.__version__} knows "
+                                  f"{', '.join(n.lower() for n in dir(trt.ComputeCapability) if n.startswith('SM'))}")
+            config.set_compute_capability(cc, i)
+    cache = None
+    if flavour != "tensorrt_rtx" and hasattr(config, "create_timing_cache"):  # no-ops in TRT-RTX
+        cache = config.create_timing_cache(timing_cache or b"")
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            log.warning("timing cache rejected (other GPU/TensorRT?); starting a new one")
+            cache = config.create_timing_cache(b"")
+            config.set_timing_cache(cache, ignore_mismatch=True)
+    profile = builder.create_optimization_profile()
+    lo, opt, hi = batch
+    names = {network.get_input(i).name for i in range(network.num_inputs)}
+    for spec in inputs:
+        if spec.name not in names:
+            continue
+        mn, op, mx = _profile_shapes(spec, lo, opt, hi)
+        profile.set_shape(spec.name, mn, op, mx)  # returns None; validity is checked when added
+    if config.add_optimization_profile(profile) < 0:
+        raise EngineError(f"{onnx_path.name}: TensorRT rejected the optimization profile")
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise EngineError(f"TensorRT failed to build {onnx_path.name} (see the TensorRT errors above)")
+    cache_bytes = bytes(cache.serialize()) if cache is not None else None
+    return bytes(plan), cache_bytes
+
+
+def build_engines(model_dir: str | Path, opts: EngineOptions) -> tuple[Manifest, list[dict[str, Any]]]:
+    """Build (or reuse) engines for the requested graphs; records go into the manifest.
+
+    An engine is rebuilt only when its cache key changes: graph sha256, shapes/profile,
+    precision, flavour + version, GPU (or RTX targets) and build options.
+    """
+    model_dir = Path(model_dir)
+    m = load_manifest(model_dir)
+    trt, flavour = import_trt(opts.flavour)
+    version = str(trt.__version__)
+    dev = current_device()
+    if flavour == "tensorrt" and dev is None:
+        raise EngineError("full TensorRT builds engines on the GPU it targets and no CUDA GPU is visible; "
+                          "use --flavour tensorrt_rtx to build ahead of time without a GPU")
+    targets = list(opts.targets) or (list(RTX_DEFAULT_TARGETS) if flavour == "tensorrt_rtx" else [])
+    hi = opts.batch_max or m.batch[1]
+    if not 1 <= opts.batch_opt <= hi <= m.batch[1]:
+        raise EngineError(f"--batch {opts.batch_opt}..{hi} outside the graphs' range 1..{m.batch[1]}; re-export with --max-batch")
+    tc_path = Path(opts.timing_cache) if opts.timing_cache else model_dir / f"timing.{flavour}.cache"
+    if flavour == "tensorrt_rtx" and opts.timing_cache:
+        log.warning("TensorRT-RTX has no timing cache (it compiles kernels on the device); --timing-cache ignored")
+    tc = tc_path.read_bytes() if tc_path.exists() else None
+    engines = [e for e in m.engines]
+    built: list[dict[str, Any]] = []
+    for g in opts.graphs:
+        rec = m.graph(g, opts.precision)
+        info = {
+            "graph": g,
+            "graph_sha256": rec.sha256,
+            "precision": opts.precision,
+            "flavour": flavour,
+            "version": version,
+            "batch": [1, opts.batch_opt, hi],
+            "inputs": [s.to_dict() for s in rec.inputs],
+            "gpu": {"name": dev.name, "sm": dev.sm} if (dev and flavour == "tensorrt") else None,
+            "targets": targets,
+            "options": {"opt_level": opts.opt_level, "workspace_gb": opts.workspace_gb, "tf32": opts.tf32},
+        }
+        key = cache_key(info)
+        file = f"{g}.{opts.precision}.{flavour}.engine"
+        old = next((e for e in engines if e.get("graph") == g and e.get("precision") == opts.precision
+                    and e.get("flavour") == flavour), None)
+        path = model_dir / file
+        if (not opts.force and old and old.get("cache_key") == key and path.exists()
+                and sha256_file(path) == old.get("sha256")):
+            log.info("%s is up to date (cache key %s…)", file, key[:12])
+            built.append({**old, "reused": True})
+            continue
+        log.info("building %s from %s (%s %s)", file, rec.file, flavour, version)
+        t0 = _dt.datetime.now()
+        plan, tc_new = build_engine(model_dir / rec.file, inputs=rec.inputs, opts=opts,
+                                    batch=(1, opts.batch_opt, hi), flavour=flavour, timing_cache=tc)
+        seconds = (_dt.datetime.now() - t0).total_seconds()
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(plan)
+        tmp.replace(path)
+        if tc_new:
+            tc = tc_new
+            tmp = tc_path.with_name(tc_path.name + ".tmp")
+            tmp.write_bytes(tc_new)
+            tmp.replace(tc_path)
+        new = {**info, "file": file, "sha256": sha256_file(path), "bytes": path.stat().st_size,
+               "cache_key": key, "build_seconds": round(seconds, 1),
+               "built": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
+        engines = [e for e in engines if e is not old] + [new]
+        built.append(new)
+    m2 = replace(m, engines=engines)
+    save_manifest(model_dir, m2)
+    return m2, built
