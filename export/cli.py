@@ -23,7 +23,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch.export", "torch._export", "onnxslim")
+NOISY_LOGGERS = (
+    "onnxscript",
+    "onnx_ir",
+    "torch.onnx",
+    "torch._dynamo",
+    "torch.export",
+    "torch._export",
+    "onnxslim",
+)
 
 
 def setup_logging(verbose: bool) -> None:
@@ -87,7 +95,9 @@ def build_reference(
             raise DeltaDiffError(f"--family {family} contradicts preset {preset} ({cfg.family})")
     if schedule is not None:
         lo, hi = (float(v) for v in schedule.split(","))
-        cfg = cfg.replace(schedule=dataclasses.replace(cfg.schedule, min_noise_level=lo, etas_end=hi))
+        cfg = cfg.replace(
+            schedule=dataclasses.replace(cfg.schedule, min_noise_level=lo, etas_end=hi)
+        )
     if step_rule is not None:
         cfg = cfg.replace(step_rule=step_rule)
     pipe = Pipeline.build(cfg, unet_weights, vq_weights, seed=seed, ema=ema)
@@ -110,19 +120,39 @@ def build_reference(
 @app.command()
 def onnx(
     out: Annotated[Path, typer.Option("-o", "--out", help="Model directory to write.")],
-    preset: Annotated[str | None, typer.Option(help="Preset name (random weights unless given).")] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Preset name (random weights unless given).")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="Upstream ResShift/DeltaDiff YAML.")] = None,
-    unet_weights: Annotated[Path | None, typer.Option(help="UNet checkpoint (.pth / .safetensors).")] = None,
-    vq_weights: Annotated[Path | None, typer.Option(help="VQ-f4 checkpoint (latent families).")] = None,
-    family: Annotated[str | None, typer.Option(help="deltadiff-latent | deltadiff-pixel | resshift-v3")] = None,
-    schedule: Annotated[str | None, typer.Option(help="min_noise_level,etas_end override, e.g. 0.5,0.999")] = None,
-    step_rule: Annotated[str | None, typer.Option(help="posterior | x0 | posterior-noise | pixel-renoise")] = None,
+    unet_weights: Annotated[
+        Path | None, typer.Option(help="UNet checkpoint (.pth / .safetensors).")
+    ] = None,
+    vq_weights: Annotated[
+        Path | None, typer.Option(help="VQ-f4 checkpoint (latent families).")
+    ] = None,
+    family: Annotated[
+        str | None, typer.Option(help="deltadiff-latent | deltadiff-pixel | resshift-v3")
+    ] = None,
+    schedule: Annotated[
+        str | None, typer.Option(help="min_noise_level,etas_end override, e.g. 0.5,0.999")
+    ] = None,
+    step_rule: Annotated[
+        str | None, typer.Option(help="posterior | x0 | posterior-noise | pixel-renoise")
+    ] = None,
     tile: Annotated[str, typer.Option(help="LR tile N or H,W (static shape).")] = "64",
     max_batch: Annotated[int, typer.Option(help="Largest batch the graphs are declared for.")] = 8,
-    opset: Annotated[int, typer.Option(help="21: dynamo exporter; <=20: TorchScript exporter.")] = 21,
-    seed: Annotated[int, typer.Option(help="Seed of random weights (presets without weights).")] = 0,
-    ema: Annotated[bool, typer.Option(help="Prefer EMA weights inside trainer checkpoints.")] = False,
-    verify: Annotated[bool, typer.Option(help="Verify with onnxruntime against the reference.")] = True,
+    opset: Annotated[
+        int, typer.Option(help="21: dynamo exporter; <=20: TorchScript exporter.")
+    ] = 21,
+    seed: Annotated[
+        int, typer.Option(help="Seed of random weights (presets without weights).")
+    ] = 0,
+    ema: Annotated[
+        bool, typer.Option(help="Prefer EMA weights inside trainer checkpoints.")
+    ] = False,
+    verify: Annotated[
+        bool, typer.Option(help="Verify with onnxruntime against the reference.")
+    ] = True,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Export encoder / step / decoder / unrolled ONNX graphs and manifest.json."""
@@ -133,9 +163,16 @@ def onnx(
 
         if opset > 21 or opset < 17:
             raise DeltaDiffError(f"--opset {opset}: use 17..21 (TensorRT parses up to 21)")
-        pipe, source = build_reference(preset, config, unet_weights, vq_weights, family, schedule, step_rule, seed, ema)
+        pipe, source = build_reference(
+            preset, config, unet_weights, vq_weights, family, schedule, step_rule, seed, ema
+        )
         h, w = _pairs(tile, "tile")
-        m = export_onnx(pipe, out, ExportOptions(TileShape(h, w), opset=opset, max_batch=max_batch), source=source)
+        m = export_onnx(
+            pipe,
+            out,
+            ExportOptions(TileShape(h, w), opset=opset, max_batch=max_batch),
+            source=source,
+        )
         for k, g in m.graphs.items():
             typer.echo(f"{k:<10} {out / g.file}  {g.bytes / 1e6:.1f} MB")
         if verify:
@@ -144,16 +181,37 @@ def onnx(
         fail(exc)
 
 
-def _verify_and_print(model: Path, backend: str, precision: str, images: list[Path] | None, seed: int,
-                      batch: int, min_psnr: float | None, threads: int, **kw: Any) -> bool:
+def _verify_and_print(
+    model: Path,
+    backend: str,
+    precision: str,
+    images: list[Path] | None,
+    seed: int,
+    batch: int,
+    min_psnr: float | None,
+    threads: int,
+    **kw: Any,
+) -> bool:
     from deltadiff.export.verify import verify as run_verify
 
-    rep = run_verify(model, backend=backend, precision=precision, images=images, seed=seed, batch=batch,
-                     min_psnr=min_psnr, threads=threads, **kw)
+    rep = run_verify(
+        model,
+        backend=backend,
+        precision=precision,
+        images=images,
+        seed=seed,
+        batch=batch,
+        min_psnr=min_psnr,
+        threads=threads,
+        **kw,
+    )
     typer.echo(f"verify {backend}/{precision} vs PyTorch reference ({rep.inputs}):")
     for r in rep.stages + rep.end_to_end:
         typer.echo("  " + r.line())
-    typer.echo(("PASS" if rep.passed else "FAIL") + f": end-to-end PSNR {rep.psnr:.1f} dB (min {rep.min_psnr:.0f} dB)")
+    typer.echo(
+        ("PASS" if rep.passed else "FAIL")
+        + f": end-to-end PSNR {rep.psnr:.1f} dB (min {rep.min_psnr:.0f} dB)"
+    )
     return rep.passed
 
 
@@ -162,20 +220,38 @@ def verify(
     model: Annotated[Path, typer.Option(help="Model directory.")],
     backend: Annotated[str, typer.Option(help="onnxruntime | tensorrt")] = "onnxruntime",
     precision: Annotated[str, typer.Option(help="fp32 | fp16")] = "fp32",
-    images: Annotated[list[Path] | None, typer.Option(help="Image files to take tiles from (repeatable).")] = None,
+    images: Annotated[
+        list[Path] | None, typer.Option(help="Image files to take tiles from (repeatable).")
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     batch: Annotated[int, typer.Option(help="Random tiles per run when no images are given.")] = 1,
-    min_psnr: Annotated[float | None, typer.Option(help="End-to-end PSNR threshold (default 60 fp32 / 40 fp16).")] = None,
+    min_psnr: Annotated[
+        float | None, typer.Option(help="End-to-end PSNR threshold (default 60 fp32 / 40 fp16).")
+    ] = None,
     threads: Annotated[int, typer.Option()] = 0,
-    unet_weights: Annotated[Path | None, typer.Option(help="Override the reference UNet weights.")] = None,
-    vq_weights: Annotated[Path | None, typer.Option(help="Override the reference VQ weights.")] = None,
+    unet_weights: Annotated[
+        Path | None, typer.Option(help="Override the reference UNet weights.")
+    ] = None,
+    vq_weights: Annotated[
+        Path | None, typer.Option(help="Override the reference VQ weights.")
+    ] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Run a backend against the PyTorch reference; exit 1 below the PSNR threshold."""
     setup_logging(verbose)
     try:
-        ok = _verify_and_print(model, backend, precision, images, seed, batch, min_psnr, threads,
-                               unet_weights=unet_weights, vq_weights=vq_weights)
+        ok = _verify_and_print(
+            model,
+            backend,
+            precision,
+            images,
+            seed,
+            batch,
+            min_psnr,
+            threads,
+            unet_weights=unet_weights,
+            vq_weights=vq_weights,
+        )
     except DeltaDiffError as exc:
         fail(exc)
     if not ok:
@@ -185,7 +261,9 @@ def verify(
 @app.command()
 def fp16(
     model: Annotated[Path, typer.Option(help="Model directory made by dd-export onnx.")],
-    verify: Annotated[bool, typer.Option(help="Verify the FP16 graphs with onnxruntime (CPU).")] = True,
+    verify: Annotated[
+        bool, typer.Option(help="Verify the FP16 graphs with onnxruntime (CPU).")
+    ] = True,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Add FP16 graphs with FP32 islands (GroupNorm, softmax, sinusoids, VQ argmin, state update)."""
@@ -196,8 +274,12 @@ def fp16(
         m = add_fp16(model)
         for k, g in m.graphs.items():
             if g.precision == "fp16":
-                typer.echo(f"{k:<14} {model / g.file}  {g.bytes / 1e6:.1f} MB  FP32 islands: {', '.join(g.fp32_islands)}")
-        ok = _verify_and_print(model, "onnxruntime", "fp16", None, 0, 1, None, 0) if verify else True
+                typer.echo(
+                    f"{k:<14} {model / g.file}  {g.bytes / 1e6:.1f} MB  FP32 islands: {', '.join(g.fp32_islands)}"
+                )
+        ok = (
+            _verify_and_print(model, "onnxruntime", "fp16", None, 0, 1, None, 0) if verify else True
+        )
     except DeltaDiffError as exc:
         fail(exc)
     if not ok:
@@ -207,16 +289,30 @@ def fp16(
 @app.command("build-engine")
 def build_engine(
     model: Annotated[Path, typer.Option(help="Model directory made by dd-export onnx.")],
-    precision: Annotated[str, typer.Option(help="fp16 | fp32 (fp16 graphs are made if missing)")] = "fp16",
-    flavour: Annotated[str | None, typer.Option(help="tensorrt | tensorrt_rtx (default: whichever is installed, full first)")] = None,
-    graphs: Annotated[str, typer.Option(help="Comma list of graphs to build.")] = "encoder,step,decoder,unrolled",
+    precision: Annotated[
+        str, typer.Option(help="fp16 | fp32 (fp16 graphs are made if missing)")
+    ] = "fp16",
+    flavour: Annotated[
+        str | None,
+        typer.Option(help="tensorrt | tensorrt_rtx (default: whichever is installed, full first)"),
+    ] = None,
+    graphs: Annotated[
+        str, typer.Option(help="Comma list of graphs to build.")
+    ] = "encoder,step,decoder,unrolled",
     batch: Annotated[str, typer.Option(help="Optimization profile: OPT or OPT,MAX batch.")] = "1",
-    timing_cache: Annotated[Path | None, typer.Option(help="Timing cache file (default: in the model dir).")] = None,
+    timing_cache: Annotated[
+        Path | None, typer.Option(help="Timing cache file (default: in the model dir).")
+    ] = None,
     opt_level: Annotated[int, typer.Option(help="Builder optimization level 0..5.")] = 3,
     workspace: Annotated[float, typer.Option(help="Workspace limit in GiB.")] = 4.0,
-    target: Annotated[list[str] | None, typer.Option(help="TensorRT-RTX compute capability, e.g. sm86 (repeatable).")] = None,
+    target: Annotated[
+        list[str] | None,
+        typer.Option(help="TensorRT-RTX compute capability, e.g. sm86 (repeatable)."),
+    ] = None,
     tf32: Annotated[bool, typer.Option(help="Allow TF32 in FP32 engines.")] = False,
-    force: Annotated[bool, typer.Option(help="Rebuild even if the cache key is unchanged.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Rebuild even if the cache key is unchanged.")
+    ] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Build strongly typed TensorRT engines; rebuild only when the cache key changes."""
@@ -226,22 +322,81 @@ def build_engine(
         from deltadiff.runtime.manifest import load_manifest
 
         if precision not in ("fp16", "fp32"):
-            raise DeltaDiffError(f"--precision {precision}: choose fp16 or fp32 (INT8 needs calibrate)")
+            raise DeltaDiffError(
+                f"--precision {precision}: choose fp16 or fp32 (INT8 needs calibrate)"
+            )
         parts = [int(b) for b in batch.split(",")]
         if precision == "fp16" and "step.fp16" not in load_manifest(model).graphs:
             from deltadiff.export.onnx_export import add_fp16
 
             add_fp16(model)
         opts = EngineOptions(
-            precision=precision, flavour=flavour, graphs=tuple(g.strip() for g in graphs.split(",") if g.strip()),
-            batch_opt=parts[0], batch_max=parts[1] if len(parts) > 1 else None, opt_level=opt_level,
-            workspace_gb=workspace, timing_cache=timing_cache, targets=tuple(target or ()), tf32=tf32, force=force,
+            precision=precision,
+            flavour=flavour,
+            graphs=tuple(g.strip() for g in graphs.split(",") if g.strip()),
+            batch_opt=parts[0],
+            batch_max=parts[1] if len(parts) > 1 else None,
+            opt_level=opt_level,
+            workspace_gb=workspace,
+            timing_cache=timing_cache,
+            targets=tuple(target or ()),
+            tf32=tf32,
+            force=force,
         )
         _m, built = build_engines(model, opts)
         for e in built:
             state = "reused" if e.get("reused") else f"built in {e['build_seconds']} s"
-            typer.echo(f"{e['graph']:<9} {model / e['file']}  {e['bytes'] / 1e6:.1f} MB  {e['flavour']} {e['version']} "
-                       f"targets {','.join(e['targets']) or e['gpu']}  {state}")
+            typer.echo(
+                f"{e['graph']:<9} {model / e['file']}  {e['bytes'] / 1e6:.1f} MB  {e['flavour']} {e['version']} "
+                f"targets {','.join(e['targets']) or e['gpu']}  {state}"
+            )
+    except DeltaDiffError as exc:
+        fail(exc)
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Folder of HR training images.")],
+    out: Annotated[
+        Path, typer.Option("-o", "--out", help="Run directory (checkpoints, log, config).")
+    ],
+    preset: Annotated[str, typer.Option(help="deltadiff-pixel preset to train.")] = "demo-pixel",
+    iters: Annotated[int, typer.Option()] = 6000,
+    batch: Annotated[int, typer.Option()] = 8,
+    crop: Annotated[int, typer.Option(help="HR crop side (multiple of 16).")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 2e-4,
+    seed: Annotated[int, typer.Option()] = 123456,
+    val: Annotated[
+        Path | None, typer.Option(help="gt/ + lq/ folder, PSNR-Y logged (never trained on).")
+    ] = None,
+    save_every: Annotated[int, typer.Option()] = 500,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0: default).")] = 0,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from OUT/train_state.pth if present.")
+    ] = True,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Train a deltadiff-pixel model with the DeltaDiff recipe (MSE on x0, EMA, resumable)."""
+    setup_logging(verbose)
+    try:
+        from deltadiff.model.train import TrainOptions
+        from deltadiff.model.train import train as run_train
+
+        opts = TrainOptions(
+            data=data,
+            out=out,
+            preset=preset,
+            iters=iters,
+            batch=batch,
+            crop=crop,
+            lr=lr,
+            seed=seed,
+            val=val,
+            save_every=save_every,
+            threads=threads,
+        )
+        final = run_train(opts, resume=resume, progress=True)
+        typer.echo(f"EMA weights: {final}")
     except DeltaDiffError as exc:
         fail(exc)
 
@@ -265,8 +420,8 @@ def golden(
 def main() -> None:
     try:
         app()
-    except DeltaDiffError as exc:  # pragma: no cover
-        print(f"error: {exc}", file=sys.stderr)
+    except DeltaDiffError as exc:  # pragma: no cover - commands catch their own
+        sys.stderr.write(f"error: {exc}\n")
         sys.exit(1)
 
 

@@ -102,7 +102,9 @@ def compose_unrolled(
                 bind["noise"] = n_name
             else:  # a noise-free row: feed zeros of the state's shape (s = 0 anyway)
                 bind["noise"] = _zeros_like(nodes, x, pre)
-        out = add_graph(step.graph, pre, {k: v for k, v in bind.items() if k in step_inputs}, step_inits)
+        out = add_graph(
+            step.graph, pre, {k: v for k, v in bind.items() if k in step_inputs}, step_inits
+        )
         x = out["x_next"]
     dec_out = add_graph(decoder.graph, "dec/", {"x": x}, dec_inits)
     outputs = []

@@ -65,8 +65,12 @@ def _parse(trt: Any, network: Any, path: Path, logger: Any) -> None:
         for i in range(parser.num_errors):
             e = parser.get_error(i)
             node = e.node_name() if hasattr(e, "node_name") else str(e.node())
-            errs.append(f"node {node!r} ({e.node_operator() if hasattr(e, 'node_operator') else '?'}): {e.desc()}")
-        raise EngineError(f"TensorRT cannot parse {path.name}: " + " | ".join(errs or ["unknown parser error"]))
+            errs.append(
+                f"node {node!r} ({e.node_operator() if hasattr(e, 'node_operator') else '?'}): {e.desc()}"
+            )
+        raise EngineError(
+            f"TensorRT cannot parse {path.name}: " + " | ".join(errs or ["unknown parser error"])
+        )
 
 
 def build_engine(
@@ -94,8 +98,10 @@ def build_engine(
         for i, t in enumerate(opts.targets):
             cc = getattr(trt.ComputeCapability, t.upper(), None)
             if cc is None:
-                raise EngineError(f"--target {t}: TensorRT-RTX {trt.__version__} knows "
-                                  f"{', '.join(n.lower() for n in dir(trt.ComputeCapability) if n.startswith('SM'))}")
+                raise EngineError(
+                    f"--target {t}: TensorRT-RTX {trt.__version__} knows "
+                    f"{', '.join(n.lower() for n in dir(trt.ComputeCapability) if n.startswith('SM'))}"
+                )
             config.set_compute_capability(cc, i)
     cache = None
     if flavour != "tensorrt_rtx" and hasattr(config, "create_timing_cache"):  # no-ops in TRT-RTX
@@ -116,12 +122,16 @@ def build_engine(
         raise EngineError(f"{onnx_path.name}: TensorRT rejected the optimization profile")
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise EngineError(f"TensorRT failed to build {onnx_path.name} (see the TensorRT errors above)")
+        raise EngineError(
+            f"TensorRT failed to build {onnx_path.name} (see the TensorRT errors above)"
+        )
     cache_bytes = bytes(cache.serialize()) if cache is not None else None
     return bytes(plan), cache_bytes
 
 
-def build_engines(model_dir: str | Path, opts: EngineOptions) -> tuple[Manifest, list[dict[str, Any]]]:
+def build_engines(
+    model_dir: str | Path, opts: EngineOptions
+) -> tuple[Manifest, list[dict[str, Any]]]:
     """Build (or reuse) engines for the requested graphs; records go into the manifest.
 
     An engine is rebuilt only when its cache key changes: graph sha256, shapes/profile,
@@ -133,15 +143,23 @@ def build_engines(model_dir: str | Path, opts: EngineOptions) -> tuple[Manifest,
     version = str(trt.__version__)
     dev = current_device()
     if flavour == "tensorrt" and dev is None:
-        raise EngineError("full TensorRT builds engines on the GPU it targets and no CUDA GPU is visible; "
-                          "use --flavour tensorrt_rtx to build ahead of time without a GPU")
+        raise EngineError(
+            "full TensorRT builds engines on the GPU it targets and no CUDA GPU is visible; "
+            "use --flavour tensorrt_rtx to build ahead of time without a GPU"
+        )
     targets = list(opts.targets) or (list(RTX_DEFAULT_TARGETS) if flavour == "tensorrt_rtx" else [])
     hi = opts.batch_max or m.batch[1]
     if not 1 <= opts.batch_opt <= hi <= m.batch[1]:
-        raise EngineError(f"--batch {opts.batch_opt}..{hi} outside the graphs' range 1..{m.batch[1]}; re-export with --max-batch")
-    tc_path = Path(opts.timing_cache) if opts.timing_cache else model_dir / f"timing.{flavour}.cache"
+        raise EngineError(
+            f"--batch {opts.batch_opt}..{hi} outside the graphs' range 1..{m.batch[1]}; re-export with --max-batch"
+        )
+    tc_path = (
+        Path(opts.timing_cache) if opts.timing_cache else model_dir / f"timing.{flavour}.cache"
+    )
     if flavour == "tensorrt_rtx" and opts.timing_cache:
-        log.warning("TensorRT-RTX has no timing cache (it compiles kernels on the device); --timing-cache ignored")
+        log.warning(
+            "TensorRT-RTX has no timing cache (it compiles kernels on the device); --timing-cache ignored"
+        )
     tc = tc_path.read_bytes() if tc_path.exists() else None
     engines = [e for e in m.engines]
     built: list[dict[str, Any]] = []
@@ -157,22 +175,45 @@ def build_engines(model_dir: str | Path, opts: EngineOptions) -> tuple[Manifest,
             "inputs": [s.to_dict() for s in rec.inputs],
             "gpu": {"name": dev.name, "sm": dev.sm} if (dev and flavour == "tensorrt") else None,
             "targets": targets,
-            "options": {"opt_level": opts.opt_level, "workspace_gb": opts.workspace_gb, "tf32": opts.tf32},
+            "options": {
+                "opt_level": opts.opt_level,
+                "workspace_gb": opts.workspace_gb,
+                "tf32": opts.tf32,
+            },
         }
         key = cache_key(info)
         file = f"{g}.{opts.precision}.{flavour}.engine"
-        old = next((e for e in engines if e.get("graph") == g and e.get("precision") == opts.precision
-                    and e.get("flavour") == flavour), None)
+        old = next(
+            (
+                e
+                for e in engines
+                if e.get("graph") == g
+                and e.get("precision") == opts.precision
+                and e.get("flavour") == flavour
+            ),
+            None,
+        )
         path = model_dir / file
-        if (not opts.force and old and old.get("cache_key") == key and path.exists()
-                and sha256_file(path) == old.get("sha256")):
+        if (
+            not opts.force
+            and old
+            and old.get("cache_key") == key
+            and path.exists()
+            and sha256_file(path) == old.get("sha256")
+        ):
             log.info("%s is up to date (cache key %s…)", file, key[:12])
             built.append({**old, "reused": True})
             continue
         log.info("building %s from %s (%s %s)", file, rec.file, flavour, version)
         t0 = _dt.datetime.now()
-        plan, tc_new = build_engine(model_dir / rec.file, inputs=rec.inputs, opts=opts,
-                                    batch=(1, opts.batch_opt, hi), flavour=flavour, timing_cache=tc)
+        plan, tc_new = build_engine(
+            model_dir / rec.file,
+            inputs=rec.inputs,
+            opts=opts,
+            batch=(1, opts.batch_opt, hi),
+            flavour=flavour,
+            timing_cache=tc,
+        )
         seconds = (_dt.datetime.now() - t0).total_seconds()
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(plan)
@@ -182,9 +223,15 @@ def build_engines(model_dir: str | Path, opts: EngineOptions) -> tuple[Manifest,
             tmp = tc_path.with_name(tc_path.name + ".tmp")
             tmp.write_bytes(tc_new)
             tmp.replace(tc_path)
-        new = {**info, "file": file, "sha256": sha256_file(path), "bytes": path.stat().st_size,
-               "cache_key": key, "build_seconds": round(seconds, 1),
-               "built": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
+        new = {
+            **info,
+            "file": file,
+            "sha256": sha256_file(path),
+            "bytes": path.stat().st_size,
+            "cache_key": key,
+            "build_seconds": round(seconds, 1),
+            "built": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        }
         engines = [e for e in engines if e is not old] + [new]
         built.append(new)
     m2 = replace(m, engines=engines)

@@ -103,7 +103,9 @@ def select_islands(model: Any, graph_name: str, rules: list[IslandRule]) -> dict
     return out
 
 
-def convert_to_fp16(model: Any, graph_name: str, rules: list[IslandRule] | None = None) -> tuple[Any, dict[str, int]]:
+def convert_to_fp16(
+    model: Any, graph_name: str, rules: list[IslandRule] | None = None
+) -> tuple[Any, dict[str, int]]:
     """Return (FP16 model, {island rule: node count}). Graph inputs/outputs stay FP32."""
     onnx = require("onnx")
     from onnx import helper, numpy_helper
@@ -127,8 +129,11 @@ def convert_to_fp16(model: Any, graph_name: str, rules: list[IslandRule] | None 
         dtype[i.name] = i.data_type
     for n in g.node:  # outputs ONNX did not type (e.g. GroupNormalization-21): same as input 0
         for o in n.output:
-            if o and not dtype.get(o) and dtype.get(n.input[0] if n.input else "") and n.op_type not in (
-                "Shape", "Size", "Cast"
+            if (
+                o
+                and not dtype.get(o)
+                and dtype.get(n.input[0] if n.input else "")
+                and n.op_type not in ("Shape", "Size", "Cast")
             ):
                 dtype[o] = dtype[n.input[0]]
 
@@ -191,7 +196,11 @@ def convert_to_fp16(model: Any, graph_name: str, rules: list[IslandRule] | None 
             for a in n.attribute:
                 if n.op_type == "Cast" and a.name == "to" and a.i == FLOAT:
                     a.i = FLOAT16
-                if n.op_type in ("Constant", "ConstantOfShape") and a.name == "value" and a.t.data_type == FLOAT:
+                if (
+                    n.op_type in ("Constant", "ConstantOfShape")
+                    and a.name == "value"
+                    and a.t.data_type == FLOAT
+                ):
                     arr = numpy_helper.to_array(a.t).astype(np.float16)
                     a.t.CopyFrom(numpy_helper.from_array(arr, a.t.name))
         for o in n.output:
@@ -206,7 +215,9 @@ def convert_to_fp16(model: Any, graph_name: str, rules: list[IslandRule] | None 
             for n in new_nodes:
                 n.output[:] = [inner if x == o.name else x for x in n.output]
                 n.input[:] = [inner if x == o.name else x for x in n.input]
-            new_nodes.append(helper.make_node("Cast", [inner], [o.name], name=f"cast_out_{o.name}", to=FLOAT))
+            new_nodes.append(
+                helper.make_node("Cast", [inner], [o.name], name=f"cast_out_{o.name}", to=FLOAT)
+            )
     del g.node[:]
     g.node.extend(new_nodes)
     # retype the recorded value_info and describe the new Cast outputs
@@ -237,7 +248,15 @@ def convert_to_fp16(model: Any, graph_name: str, rules: list[IslandRule] | None 
         m = onnx.shape_inference.infer_shapes(m, strict_mode=True, data_prop=True)
         onnx.checker.check_model(m, full_check=True)
     except Exception as exc:  # onnx raises InferenceError / ValidationError
-        raise DeltaDiffError(f"FP16 conversion of {graph_name} produced an invalid graph: {exc}") from exc
+        raise DeltaDiffError(
+            f"FP16 conversion of {graph_name} produced an invalid graph: {exc}"
+        ) from exc
     counts = {k: len(v) for k, v in islands.items()}
-    log.info("%s: %d of %d nodes in FP16; FP32 islands %s", graph_name, len(half), len(model.graph.node), counts)
+    log.info(
+        "%s: %d of %d nodes in FP16; FP32 islands %s",
+        graph_name,
+        len(half),
+        len(model.graph.node),
+        counts,
+    )
     return m, counts

@@ -79,6 +79,21 @@ def io_specs(model: Any) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]
     return ins, tuple(spec(v) for v in model.graph.output)
 
 
+@contextlib.contextmanager
+def _quiet_loggers(
+    names: tuple[str, ...] = ("torch.onnx", "onnxscript", "onnx_ir", "torch.export"),
+):  # noqa: ANN202
+    """The exporters log INFO/WARNING chatter (torchvision ops, rewrite rules); keep errors only."""
+    saved = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for n, lvl in saved.items():
+            logging.getLogger(n).setLevel(lvl)
+
+
 def _export_one(
     module: torch.nn.Module,
     args: tuple[torch.Tensor, ...],
@@ -97,14 +112,17 @@ def _export_one(
         )
         if opts.exporter == "dynamo":
             batch = torch.export.Dim(BATCH, min=1, max=max(2, opts.max_batch))
-            kw["dynamic_shapes"] = {
-                n: ({0: batch} if n in batched else None) for n in input_names
-            }
+            kw["dynamic_shapes"] = {n: ({0: batch} if n in batched else None) for n in input_names}
             kw.update(dynamo=True, external_data=False, verbose=False)
         else:
             axes = {n: {0: BATCH} for n in batched + output_names}
             kw.update(dynamo=False, dynamic_axes=axes, do_constant_folding=True)
-        with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        with (
+            warnings.catch_warnings(),
+            torch.no_grad(),
+            contextlib.redirect_stdout(io.StringIO()),
+            _quiet_loggers(),
+        ):
             warnings.simplefilter("ignore")
             try:
                 torch.onnx.export(module, args, str(path), **kw)
@@ -149,11 +167,15 @@ def build_graphs(pipe: Pipeline, opts: ExportOptions) -> dict[str, Any]:
     coef = torch.tensor([0.5, 0.5, 0.5, 0.0, 0.0], dtype=torch.float32)
     noisy = pipe.table.noisy
     models: dict[str, Any] = {}
-    want = set(opts.graphs) | ({"encoder", "step", "decoder"} if "unrolled" in opts.graphs else set())
+    want = set(opts.graphs) | (
+        {"encoder", "step", "decoder"} if "unrolled" in opts.graphs else set()
+    )
     if "encoder" in want:
         ins = ["lr", "n_prior"] if noisy else ["lr"]
         args = (lr, torch.randn(sshape, generator=g)) if noisy else (lr,)
-        models["encoder"] = _export_one(EncoderGraph(pipe), args, ins, ["x", "y", "cond"], ins, opts)
+        models["encoder"] = _export_one(
+            EncoderGraph(pipe), args, ins, ["x", "y", "cond"], ins, opts
+        )
     if "step" in want:
         ins = ["x", "y", "cond", "t", "coef"] + (["noise"] if noisy else [])
         args = (x, y, cond, t, coef) + ((torch.randn(sshape, generator=g),) if noisy else ())
@@ -262,9 +284,13 @@ def add_fp16(model_dir: str | Path, *, slim: bool = True) -> Manifest:
         staged[name], islands[name] = convert_to_fp16(src, name)
     models = dict(staged)
     if "unrolled" in m.graphs:
-        un = compose_unrolled(staged["encoder"], staged["step"], staged["decoder"], StepTable.from_dict(m.step_table))
+        un = compose_unrolled(
+            staged["encoder"], staged["step"], staged["decoder"], StepTable.from_dict(m.step_table)
+        )
         models["unrolled"] = cleanup(un, "unrolled", slim=slim)
-        islands["unrolled"] = {k: sum(v.get(k, 0) for v in islands.values()) for k in set().union(*islands.values())}
+        islands["unrolled"] = {
+            k: sum(v.get(k, 0) for v in islands.values()) for k in set().union(*islands.values())
+        }
     graphs = dict(m.graphs)
     for name, model in models.items():
         path = out / f"{name}.fp16.onnx"

@@ -96,7 +96,11 @@ def reference_pipeline(
         else:
             paths[key] = None
     return Pipeline.build(
-        cfg, paths["unet_weights"], paths["vq_weights"], seed=int(src.get("seed", 0)), ema=bool(src.get("ema", False))
+        cfg,
+        paths["unet_weights"],
+        paths["vq_weights"],
+        seed=int(src.get("seed", 0)),
+        ema=bool(src.get("ema", False)),
     )
 
 
@@ -132,7 +136,9 @@ def verify(
 ) -> VerifyReport:
     model_dir = Path(model_dir)
     m = load_manifest(model_dir)
-    pipe = reference_pipeline(m, unet_weights=unet_weights, vq_weights=vq_weights, model_dir=model_dir)
+    pipe = reference_pipeline(
+        m, unet_weights=unet_weights, vq_weights=vq_weights, model_dir=model_dir
+    )
     if images:
         lr = image_tiles(m, images)
         what = f"{len(images)} image tile(s)"
@@ -143,7 +149,9 @@ def verify(
     B = lr.shape[0]
     sh, sw = m.state_hw()
     noise = noise_field(m.noise_names, (B, 3, sh, sw), seed + 1)
-    report = VerifyReport(backend, precision, min_psnr=min_psnr or MIN_PSNR.get(precision, 40.0), inputs=what)
+    report = VerifyReport(
+        backend, precision, min_psnr=min_psnr or MIN_PSNR.get(precision, 40.0), inputs=what
+    )
 
     # reference, stage by stage
     tn = {k: torch.from_numpy(v) for k, v in noise.items()}
@@ -170,8 +178,13 @@ def verify(
                 report.stages.append(compare(ref[k], enc[k], name=f"encoder.{k}"))
         if "step" in graphs:
             for r, x_in in xs:
-                feeds = {"x": x_in, "y": ref["y"], "cond": ref["cond"], "t": np.array([r.t], np.int64),
-                         "coef": np.array([r.in_scale, r.a, r.b, r.c, r.s], np.float32)}
+                feeds = {
+                    "x": x_in,
+                    "y": ref["y"],
+                    "cond": ref["cond"],
+                    "t": np.array([r.t], np.int64),
+                    "coef": np.array([r.in_scale, r.a, r.b, r.c, r.s], np.float32),
+                }
                 if "noise" in be.input_names("step"):
                     feeds["noise"] = noise.get(f"n_{r.t}", np.zeros_like(x_in))
                 out = be.run("step", feeds)["x_next"]
@@ -187,7 +200,9 @@ def verify(
             ex = Executor(m, be, mode=mode)
             out = ex.run(lr, noise)
             report.end_to_end.append(
-                compare(image, out, name=f"end-to-end {mode}", data_range=1.0, min_psnr=report.min_psnr)
+                compare(
+                    image, out, name=f"end-to-end {mode}", data_range=1.0, min_psnr=report.min_psnr
+                )
             )
     if not report.end_to_end:
         raise VerificationError(f"no {precision} graphs to verify in {model_dir}")

@@ -55,10 +55,16 @@ def read_weights(path: str | Path) -> Any:
                 "containers; refusing to execute them (weights_only). Re-save it as a state dict "
                 "or safetensors"
             ) from None
-        raise CheckpointError(f"checkpoint {path} is not a readable PyTorch file ({first})") from None
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable PyTorch file ({first})"
+        ) from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, IndexError, ... on bad files
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if not zipfile.is_zipfile(path) and not head.startswith(b"\x80") and not head.startswith(b"PK"):
+        if (
+            not zipfile.is_zipfile(path)
+            and not head.startswith(b"\x80")
+            and not head.startswith(b"PK")
+        ):
             raise CheckpointError(
                 f"{path} is not a PyTorch checkpoint or safetensors file; pass a .pth/.safetensors "
                 "weight file"
@@ -93,7 +99,9 @@ def strip_prefixes(key: str) -> str:
     return key
 
 
-def canonicalize(obj: Any, *, ema: bool = False, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+def canonicalize(
+    obj: Any, *, ema: bool = False, source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
     """Unwrap a trainer dict and strip key prefixes. Returns a flat ``name -> tensor`` dict."""
     if not isinstance(obj, Mapping):
         raise CheckpointError(
@@ -125,9 +133,11 @@ def detect(sd: Mapping[str, torch.Tensor]) -> str | None:
     """Name the network a canonical state dict belongs to, from key shapes (MODEL.md §5.4 rule 3)."""
     w = sd.get("input_blocks.0.0.weight")
     if w is not None and w.ndim == 4 and w.shape[1] == 6:
-        if "middle_block.1.blocks.0.attn.qkv.weight" in sd and sd[
-            "middle_block.1.blocks.0.attn.qkv.weight"
-        ].shape[1] == 96 and "input_blocks.4.0.in_layers.0.weight" not in sd:
+        if (
+            "middle_block.1.blocks.0.attn.qkv.weight" in sd
+            and sd["middle_block.1.blocks.0.attn.qkv.weight"].shape[1] == 96
+            and "input_blocks.4.0.in_layers.0.weight" not in sd
+        ):
             return "deltadiff-unet"
         return "resshift-unet"
     if "encoder.conv_in.weight" in sd and "quantize.embedding.weight" in sd:
@@ -163,13 +173,14 @@ def load_state(
         if k in have and tuple(have[k].shape) != tuple(want[k].shape)
     ]
     # relative_position_index: optional in files, but must equal the formula if present
-    bad_index = []
-    for k in want:
-        if k.endswith("relative_position_index") and k in have and k not in missing:
-            if tuple(have[k].shape) == tuple(want[k].shape) and not torch.equal(
-                have[k].long(), want[k]
-            ):
-                bad_index.append(k)
+    bad_index = [
+        k
+        for k in want
+        if k.endswith("relative_position_index")
+        and k in have
+        and tuple(have[k].shape) == tuple(want[k].shape)
+        and not torch.equal(have[k].long(), want[k])
+    ]
     missing = [k for k in missing if not k.endswith("relative_position_index")]
     if missing or unexpected or misshaped or bad_index:
         parts = []
@@ -190,10 +201,14 @@ def load_state(
         for k, v in want.items():
             if k in have:
                 if v.dtype.is_floating_point and not have[k].dtype.is_floating_point:
-                    raise CheckpointError(f"{source}: {k} has dtype {have[k].dtype}, expected {v.dtype}")
+                    raise CheckpointError(
+                        f"{source}: {k} has dtype {have[k].dtype}, expected {v.dtype}"
+                    )
                 v.copy_(have[k].to(v.dtype))
     n_ign = sum(1 for k in sd if _ignored(k))
-    log.debug("loaded %d tensors into %s from %s (%d ignored buffers)", len(want), what, source, n_ign)
+    log.debug(
+        "loaded %d tensors into %s from %s (%d ignored buffers)", len(want), what, source, n_ign
+    )
 
 
 def load_weights_into(
@@ -203,13 +218,17 @@ def load_weights_into(
     load_state(module, sd, what=what, config_desc=config_desc, source=str(path))
 
 
-def save_trainer_checkpoint(path: str | Path, state_dict: Mapping[str, torch.Tensor], iters: int) -> None:
+def save_trainer_checkpoint(
+    path: str | Path, state_dict: Mapping[str, torch.Tensor], iters: int
+) -> None:
     """Write the DeltaDiff/ResShift trainer layout (MODEL.md §5.1), ``_orig_mod.``-prefixed keys."""
     obj = {
         "iters_start": int(iters),
         "log_step": {"train": 0, "val": 0},
         "log_step_img": {"train": 0, "val": 0},
-        "state_dict": {"_orig_mod." + k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
+        "state_dict": {
+            "_orig_mod." + k: v.detach().cpu().contiguous() for k, v in state_dict.items()
+        },
     }
     _atomic_torch_save(obj, Path(path))
 
@@ -228,7 +247,3 @@ def save_safetensors(path: str | Path, state_dict: Mapping[str, torch.Tensor]) -
     tmp = path.with_name(path.name + ".tmp")
     st.save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp))
     tmp.replace(path)
-
-
-def check_index_formula(window: int, t: torch.Tensor) -> bool:
-    return torch.equal(t.long(), relative_position_index(window))

@@ -8,7 +8,7 @@ in ``schedule.py``. Nothing here imports torch.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -138,7 +138,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
-            raise ConfigError(f"unknown family {self.family!r}; choose one of {', '.join(FAMILIES)}")
+            raise ConfigError(
+                f"unknown family {self.family!r}; choose one of {', '.join(FAMILIES)}"
+            )
         if self.step_rule not in STEP_RULES:
             raise ConfigError(
                 f"unknown step rule {self.step_rule!r}; choose one of {', '.join(STEP_RULES)}"
@@ -186,7 +188,9 @@ class ModelConfig:
                 name=d.get("name", ""),
             )
         except (KeyError, TypeError) as exc:
-            raise ConfigError(f"model config dict is malformed ({exc}); re-export the model") from None
+            raise ConfigError(
+                f"model config dict is malformed ({exc}); re-export the model"
+            ) from None
 
 
 def _tuples(d: dict[str, Any]) -> dict[str, Any]:
@@ -249,7 +253,9 @@ PRESETS: dict[str, ModelConfig] = {
         "posterior-noise",
         "torch",
     ),
-    "demo-pixel": ModelConfig("deltadiff-pixel", DEMO_UNET, DELTADIFF_SCHEDULE, None, "x0", "matlab"),
+    "demo-pixel": ModelConfig(
+        "deltadiff-pixel", DEMO_UNET, DELTADIFF_SCHEDULE, None, "x0", "matlab"
+    ),
 }
 PRESETS = {k: v.replace(name=k) for k, v in PRESETS.items()}
 
@@ -314,7 +320,9 @@ _UNET_REQUIRED_VALUES = {
 def unet_from_params(params: dict[str, Any], where: str = "model.params") -> UNetConfig:
     unknown = set(params) - _UNET_KEYS - _UNET_IGNORED
     if unknown:
-        raise ConfigError(f"{where}: unsupported keys {sorted(unknown)}; this UNet is UNetModelSwin")
+        raise ConfigError(
+            f"{where}: unsupported keys {sorted(unknown)}; this UNet is UNetModelSwin"
+        )
     for k, want in _UNET_REQUIRED_VALUES.items():
         if k in params and params[k] != want:
             raise ConfigError(f"{where}.{k} = {params[k]!r} is not supported (only {want!r})")
@@ -361,7 +369,9 @@ def vq_from_params(params: dict[str, Any], where: str = "autoencoder.params") ->
 def schedule_from_params(params: dict[str, Any], target: str) -> ScheduleConfig:
     name = params.get("schedule_name", "exponential")
     if name != "exponential":
-        raise ConfigError(f"diffusion.params.schedule_name {name!r}: only 'exponential' is supported")
+        raise ConfigError(
+            f"diffusion.params.schedule_name {name!r}: only 'exponential' is supported"
+        )
     if params.get("predict_type", "xstart") != "xstart":
         raise ConfigError("diffusion.params.predict_type must be 'xstart' (x0 prediction)")
     if params.get("timestep_respacing") not in (None, 4, "4"):
@@ -415,7 +425,9 @@ def from_upstream_yaml(
     path = Path(path)
     data = load_yaml(path)
     if "model" not in data or "params" not in (data["model"] or {}):
-        raise ConfigError(f"{path}: no model.params section; is this an upstream ResShift/DeltaDiff config?")
+        raise ConfigError(
+            f"{path}: no model.params section; is this an upstream ResShift/DeltaDiff config?"
+        )
     unet = unet_from_params(data["model"]["params"])
     vq = None
     if data.get("autoencoder"):
@@ -494,7 +506,11 @@ def to_upstream_yaml_dict(cfg: ModelConfig, ckpt_path: str = "") -> dict[str, An
     }
     s = cfg.schedule
     out: dict[str, Any] = {
-        "model": {"target": "models.unet.UNetModelSwin", "ckpt_path": ckpt_path, "params": model_params},
+        "model": {
+            "target": "models.unet.UNetModelSwin",
+            "ckpt_path": ckpt_path,
+            "params": model_params,
+        },
         "diffusion": {
             "target": "models.script_util.create_gaussian_diffusion"
             if s.squared

@@ -66,7 +66,9 @@ def _ckpt(case: Path, section: dict) -> Path:
 
 def _load_unet(case: Path, data: dict) -> SwinUNet:
     unet = SwinUNet(unet_from_params(data["model"]["params"]))
-    load_weights_into(unet, _ckpt(case, data["model"]), what="UNet", config_desc=f"{case.name}/config.yaml")
+    load_weights_into(
+        unet, _ckpt(case, data["model"]), what="UNet", config_desc=f"{case.name}/config.yaml"
+    )
     return unet.eval()
 
 
@@ -83,7 +85,11 @@ def _load_vq(case: Path, data: dict) -> VQModel:
 
 def check_bicubic(case: Path, npz: Path) -> Results:
     g = np.load(npz)
-    gold = (load_yaml(case / "config.yaml").get("golden") or {}) if (case / "config.yaml").exists() else {}
+    gold = (
+        (load_yaml(case / "config.yaml").get("golden") or {})
+        if (case / "config.yaml").exists()
+        else {}
+    )
     scale_up = float((gold.get("up") or {}).get("scale", 4.0))
     scale_down = float((gold.get("down") or {}).get("scale", 0.25))
     odd = gold.get("odd_down") or {}
@@ -96,7 +102,11 @@ def check_bicubic(case: Path, npz: Path) -> Results:
         ("down_input_hwc", "roundtrip_lq_hwc", scale_down),
         ("roundtrip_lq_hwc", "roundtrip_lq_up_hwc", 1.0 / scale_down),
         ("odd_input_hwc", "odd_x025_output_hwc", float(odd.get("scale", 0.25))),
-        ("odd_x025_output_hwc", "odd_x025_then_x4_output_hwc", float(odd.get("then_up_scale", 4.0))),
+        (
+            "odd_x025_output_hwc",
+            "odd_x025_then_x4_output_hwc",
+            float(odd.get("then_up_scale", 4.0)),
+        ),
     ]
     for src, dst, scale in pairs:
         if src not in g or dst not in g:
@@ -119,7 +129,9 @@ def check_bicubic(case: Path, npz: Path) -> Results:
             orig = np.where(orig < 0, -orig - 1, orig)
             orig = np.where(orig >= n, 2 * n - 1 - orig, orig)
             ref = np.zeros((w.shape[0], n))
-            np.add.at(ref, (np.repeat(np.arange(w.shape[0]), w.shape[1]), orig.reshape(-1)), w.reshape(-1))
+            np.add.at(
+                ref, (np.repeat(np.arange(w.shape[0]), w.shape[1]), orig.reshape(-1)), w.reshape(-1)
+            )
             ours = resize_matrix(n, scale_up if which == "up" else scale_down, w.shape[0])
             res.append(compare(ref, ours, name=f"{which} tap weights {ax} (folded)", atol=tol))
     return res
@@ -138,31 +150,43 @@ def check_deltadiff_unet(case: Path, data: dict) -> Results:
         with torch.no_grad():
             if "lr_hwc" in g:
                 lq_up = up4(_hwc_to_nchw(g["lr_hwc"]) * 2 - 1).numpy()
-                res.append(compare(g["lq_up"], lq_up, name="single_call lq_up", atol=TOL["bicubic"]))
+                res.append(
+                    compare(g["lq_up"], lq_up, name="single_call lq_up", atol=TOL["bicubic"])
+                )
             t = int(g["t"][0])
             eta = etas(cfg.schedule)[t]
             if "x_t" in g and "gt" in g:
                 x_t = g["gt"] + np.float32(eta) * (g["lq_up"] - g["gt"])
                 res.append(compare(g["x_t"], x_t, name="single_call x_t", atol=TOL["intermediate"]))
                 x_in = (_t(g["x_t"]) * scale[t]).numpy()
-                res.append(compare(g["x_in"], x_in, name="single_call x_in", atol=TOL["intermediate"]))
+                res.append(
+                    compare(g["x_in"], x_in, name="single_call x_in", atol=TOL["intermediate"])
+                )
             out = unet(_t(g["x_in"]), _t(g["t"]), _t(g["lq_up"])).numpy()
             res.append(compare(g["output"], out, name="single_call output", atol=TOL["unet"]))
             if "b2_output" in g:
                 out = unet(_t(g["b2_x_in"]), _t(g["b2_t"]), _t(g["b2_lq_up"])).numpy()
-                res.append(compare(g["b2_output"], out, name="single_call b2_output", atol=TOL["unet"]))
+                res.append(
+                    compare(g["b2_output"], out, name="single_call b2_output", atol=TOL["unet"])
+                )
     lp = case / "loop_4step.npz"
     if lp.exists():
         g = np.load(lp)
         if "etas" in g:
-            res.append(compare(g["etas"], etas(cfg.schedule), name="loop etas (schedule)", atol=TOL["table"]))
+            res.append(
+                compare(
+                    g["etas"], etas(cfg.schedule), name="loop etas (schedule)", atol=TOL["table"]
+                )
+            )
         from deltadiff.model.pipeline import Pipeline
 
         pipe = Pipeline(cfg.replace(step_rule="x0"), unet)
         seen: dict[str, list[np.ndarray]] = {"x0": [], "x_in": []}
         rows = {r.t: i for i, r in enumerate(pipe.table.rows)}
         if [r.t for r in pipe.table.rows] != [int(v) for v in g["t_seq"]]:
-            raise DeltaDiffError(f"{lp}: t_seq {g['t_seq'].tolist()} is not the 4-step order 3,2,1,0")
+            raise DeltaDiffError(
+                f"{lp}: t_seq {g['t_seq'].tolist()} is not the 4-step order 3,2,1,0"
+            )
 
         def hook(row, x0, x_next):  # noqa: ANN001, ANN202
             seen["x0"].append(x0.numpy())
@@ -170,20 +194,36 @@ def check_deltadiff_unet(case: Path, data: dict) -> Results:
         with torch.no_grad():
             if "lr_hwc" in g:
                 y, _ = pipe.encode(_hwc_to_nchw(g["lr_hwc"]))
-                res.append(compare(g["lq_up"], y.numpy(), name="loop lq_up (encode)", atol=TOL["bicubic"]))
+                res.append(
+                    compare(g["lq_up"], y.numpy(), name="loop lq_up (encode)", atol=TOL["bicubic"])
+                )
             lq_up = _t(g["lq_up"])
             final = pipe.run_steps(lq_up, lq_up, None, hook).numpy()
             for i in range(len(g["x_in"])):
                 x_in = (_t(g["x_t"][i : i + 1]) * pipe.table.rows[i].in_scale).numpy()
-                res.append(compare(g["x_in"][i : i + 1], x_in, name=f"loop x_in[{i}]", atol=TOL["intermediate"]))
+                res.append(
+                    compare(
+                        g["x_in"][i : i + 1], x_in, name=f"loop x_in[{i}]", atol=TOL["intermediate"]
+                    )
+                )
         for t, i in sorted(rows.items(), reverse=True):
             res.append(
-                compare(g["x0_hat"][i : i + 1], seen["x0"][i], name=f"loop x0_hat[{i}] (t={t})", atol=TOL["loop"][i])
+                compare(
+                    g["x0_hat"][i : i + 1],
+                    seen["x0"][i],
+                    name=f"loop x0_hat[{i}] (t={t})",
+                    atol=TOL["loop"][i],
+                )
             )
         res.append(compare(g["final"], final, name="loop final", atol=TOL["loop"][-1]))
         if "final_clamped" in g:
             res.append(
-                compare(g["final_clamped"], np.clip(final, -1, 1), name="loop final_clamped", atol=TOL["loop"][-1])
+                compare(
+                    g["final_clamped"],
+                    np.clip(final, -1, 1),
+                    name="loop final_clamped",
+                    atol=TOL["loop"][-1],
+                )
             )
     return res
 
@@ -200,7 +240,9 @@ def check_resshift_unet(case: Path, data: dict) -> Results:
             res.append(compare(g["output"], out, name="unet_call output", atol=TOL["unet"]))
             if "b2_output" in g:
                 out = unet(_t(g["b2_x_in"]), _t(g["b2_t"]), _t(g["b2_lq"])).numpy()
-                res.append(compare(g["b2_output"], out, name="unet_call b2_output", atol=TOL["unet"]))
+                res.append(
+                    compare(g["b2_output"], out, name="unet_call b2_output", atol=TOL["unet"])
+                )
     sm = case / "swin_masks.npz"
     if sm.exists():
         g = np.load(sm)
@@ -225,16 +267,32 @@ def check_vq(case: Path, data: dict) -> Results:
         idx = vq.quantize.indices(z).numpy()
         res.append(compare_equal(g["indices"], idx, name="vq indices (exact)"))
         if "indices_bhw" in g:
-            res.append(compare_equal(g["indices_bhw"], idx.reshape(g["indices_bhw"].shape), name="vq indices_bhw (exact)"))
+            res.append(
+                compare_equal(
+                    g["indices_bhw"],
+                    idx.reshape(g["indices_bhw"].shape),
+                    name="vq indices_bhw (exact)",
+                )
+            )
         zq = vq.quantize(z).numpy()
         res.append(compare(g["quantized"], zq, name="vq quantized", atol=TOL["vq_encode"]))
         if "codebook_lookup" in g:
             zg = vq.quantize(_t(g["encode"])).numpy()
-            res.append(compare(g["codebook_lookup"], zg, name="vq codebook_lookup", atol=TOL["intermediate"]))
+            res.append(
+                compare(
+                    g["codebook_lookup"], zg, name="vq codebook_lookup", atol=TOL["intermediate"]
+                )
+            )
         dq = vq.decode(_t(g["encode"]), quantize=True).numpy()
-        res.append(compare(g["decode_quantized"], dq, name="vq decode_quantized", atol=TOL["vq_decode"]))
+        res.append(
+            compare(g["decode_quantized"], dq, name="vq decode_quantized", atol=TOL["vq_decode"])
+        )
         dn = vq.decode(_t(g["encode"]), quantize=False).numpy()
-        res.append(compare(g["decode_not_quantized"], dn, name="vq decode_not_quantized", atol=TOL["vq_decode"]))
+        res.append(
+            compare(
+                g["decode_not_quantized"], dn, name="vq decode_not_quantized", atol=TOL["vq_decode"]
+            )
+        )
     return res
 
 
@@ -252,8 +310,22 @@ def check_resshift_step(case: Path, data: dict) -> Results:
     by_t = {r.t: r for r in table.rows}
     ts = sorted(by_t)
     if "posterior_mean_coef1" in g:
-        res.append(compare(g["posterior_mean_coef1"], [by_t[t].a for t in ts], name="coef1 = a_t", atol=TOL["table"]))
-        res.append(compare(g["posterior_mean_coef2"], [by_t[t].b for t in ts], name="coef2 = b_t", atol=TOL["table"]))
+        res.append(
+            compare(
+                g["posterior_mean_coef1"],
+                [by_t[t].a for t in ts],
+                name="coef1 = a_t",
+                atol=TOL["table"],
+            )
+        )
+        res.append(
+            compare(
+                g["posterior_mean_coef2"],
+                [by_t[t].b for t in ts],
+                name="coef2 = b_t",
+                atol=TOL["table"],
+            )
+        )
     if "posterior_log_variance_clipped" in g:
         std = np.exp(0.5 * g["posterior_log_variance_clipped"])
         ours = [by_t[t].s if t else std[0] for t in ts]  # t=0 adds no noise; table keeps s_0 = 0
@@ -262,7 +334,14 @@ def check_resshift_step(case: Path, data: dict) -> Results:
     r = by_t[t]
     with torch.no_grad():
         up = BicubicUp4(cfg.upsampler)(_t(g["lq"]))
-        res.append(compare(g["lq_up_torch_bicubic"], up.numpy(), name="lq_up_torch_bicubic", atol=TOL["bicubic"]))
+        res.append(
+            compare(
+                g["lq_up_torch_bicubic"],
+                up.numpy(),
+                name="lq_up_torch_bicubic",
+                atol=TOL["bicubic"],
+            )
+        )
         z_y = vq.encode(_t(g["lq_up_torch_bicubic"])).numpy()
         res.append(compare(g["z_y"], z_y, name="z_y (vq encode)", atol=TOL["vq_encode"]))
         x_in = (_t(g["z_t"]) * r.in_scale).numpy()
@@ -276,8 +355,21 @@ def check_resshift_step(case: Path, data: dict) -> Results:
         tt = _t(g["t"])
         mean = pipe.step(_t(g["z_t"]), _t(g["z_y"]), _t(g["lq"]), tt, r.in_scale, r.a, r.b, r.c)
         res.append(compare(g["mean"], mean.numpy(), name="mean (step, no noise)", atol=TOL["step"]))
-        sample = pipe.step(_t(g["z_t"]), _t(g["z_y"]), _t(g["lq"]), tt, r.in_scale, r.a, r.b, r.c, r.s, _t(g["noise"]))
-        res.append(compare(g["sample"], sample.numpy(), name="sample (step + noise)", atol=TOL["step"]))
+        sample = pipe.step(
+            _t(g["z_t"]),
+            _t(g["z_y"]),
+            _t(g["lq"]),
+            tt,
+            r.in_scale,
+            r.a,
+            r.b,
+            r.c,
+            r.s,
+            _t(g["noise"]),
+        )
+        res.append(
+            compare(g["sample"], sample.numpy(), name="sample (step + noise)", atol=TOL["step"])
+        )
     return res
 
 
@@ -317,7 +409,9 @@ def check_folder(root: str | Path) -> dict[str, Results]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m deltadiff.model.golden", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m deltadiff.model.golden", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("folder", type=Path, help="folder laid out like shared/golden")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
@@ -336,7 +430,10 @@ def main(argv: list[str] | None = None) -> int:
             print("  " + r.line())
             n += 1
             failed += not r.passed
-    print(f"{n - failed}/{n} outputs within tolerance in {len(results)} cases" + (f"; {failed} FAILED" if failed else ""))
+    print(
+        f"{n - failed}/{n} outputs within tolerance in {len(results)} cases"
+        + (f"; {failed} FAILED" if failed else "")
+    )
     return 1 if failed else 0
 
 

@@ -69,7 +69,9 @@ class Pipeline(nn.Module):
     def __init__(self, cfg: ModelConfig, unet: SwinUNet, vq: VQModel | None = None) -> None:
         super().__init__()
         if cfg.latent != (vq is not None):
-            raise ConfigError(f"family {cfg.family} {'needs' if cfg.latent else 'has no'} autoencoder")
+            raise ConfigError(
+                f"family {cfg.family} {'needs' if cfg.latent else 'has no'} autoencoder"
+            )
         self.cfg = cfg
         self.table: StepTable = step_table(cfg)
         self.unet = unet
@@ -101,7 +103,12 @@ class Pipeline(nn.Module):
             if vq_weights is None:
                 randomize_(vq, seed + 1)
             else:
-                load_weights_into(vq, vq_weights, what="VQ-f4 autoencoder", config_desc=f"{cfg.name} (ch {cfg.vq.ch})")
+                load_weights_into(
+                    vq,
+                    vq_weights,
+                    what="VQ-f4 autoencoder",
+                    config_desc=f"{cfg.name} (ch {cfg.vq.ch})",
+                )
         elif vq_weights is not None:
             raise ConfigError(f"family {cfg.family} has no autoencoder; drop the VQ weights")
         return cls(cfg, unet, vq)
@@ -136,7 +143,9 @@ class Pipeline(nn.Module):
         if unet_weights is None:
             raise ConfigError(f"{yaml_path}: no UNet checkpoint given and model.ckpt_path is empty")
         if cfg.latent and vq_weights is None:
-            raise ConfigError(f"{yaml_path}: no VQ checkpoint given and autoencoder.ckpt_path is empty")
+            raise ConfigError(
+                f"{yaml_path}: no VQ checkpoint given and autoencoder.ckpt_path is empty"
+            )
         return cls.build(cfg, unet_weights, vq_weights, ema=ema)
 
     # ------------------------------------------------------------------ graph pieces
@@ -202,7 +211,10 @@ class Pipeline(nn.Module):
         return x
 
     def forward(
-        self, lr: torch.Tensor, noise: Mapping[str, torch.Tensor] | None = None, hook: Hook | None = None
+        self,
+        lr: torch.Tensor,
+        noise: Mapping[str, torch.Tensor] | None = None,
+        hook: Hook | None = None,
     ) -> torch.Tensor:
         """Unrolled: LR (B,3,h,w) in [0,1], sizes already valid -> SR (B,3,4h,4w) in [0,1]."""
         y, cond = self.encode(lr)
@@ -251,7 +263,9 @@ class Pipeline(nn.Module):
         no upstream equivalent), runs, crops. ``resshift-v3`` needs ``noise`` or ``seed``.
         """
         if lr.ndim != 4 or lr.shape[1] != 3:
-            raise DeltaDiffError(f"expected an LR batch of shape (B, 3, h, w), got {tuple(lr.shape)}")
+            raise DeltaDiffError(
+                f"expected an LR batch of shape (B, 3, h, w), got {tuple(lr.shape)}"
+            )
         B, _, h, w = lr.shape
         ph, pw = pad_amounts(h, w, self.pad_multiple)
         if self.cfg.latent:
@@ -271,7 +285,9 @@ class Pipeline(nn.Module):
 
 def _need(noise: Mapping[str, torch.Tensor] | None, name: str) -> torch.Tensor:
     if noise is None or name not in noise:
-        raise ConfigError(f"noise input {name!r} is required by this step table; pass noise= or seed=")
+        raise ConfigError(
+            f"noise input {name!r} is required by this step table; pass noise= or seed="
+        )
     return noise[name]
 
 

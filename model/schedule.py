@@ -116,7 +116,9 @@ def make_step_table(schedule: ScheduleConfig, rule: str) -> StepTable:
         else:
             raise ConfigError(f"unknown step rule {rule!r}")
         rows.append(
-            StepRow(t=t, in_scale=float(in_scale[t]), a=float(ra), b=float(rb), c=float(rc), s=float(rs))
+            StepRow(
+                t=t, in_scale=float(in_scale[t]), a=float(ra), b=float(rb), c=float(rc), s=float(rs)
+            )
         )
     return StepTable(rule=rule, eta=tuple(float(e) for e in eta), s_prior=s_prior, rows=tuple(rows))
 

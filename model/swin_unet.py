@@ -291,7 +291,9 @@ class SwinUNet(nn.Module):
                 chans.append(ch)
                 ds *= 2
         self.middle_block = TimestepSequential(
-            ResBlock(ch, emb_ch, ch), BasicLayer(ch, cfg, cfg.image_size // ds), ResBlock(ch, emb_ch, ch)
+            ResBlock(ch, emb_ch, ch),
+            BasicLayer(ch, cfg, cfg.image_size // ds),
+            ResBlock(ch, emb_ch, ch),
         )
         self.output_blocks = nn.ModuleList()
         for level, mult in list(enumerate(cfg.channel_mult))[::-1]:

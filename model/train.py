@@ -79,7 +79,9 @@ def load_hr_images(folder: Path, min_side: int) -> list[np.ndarray]:
 class CropSampler:
     """Random crops + dihedral augmentation -> (gt, lq) float32 batches, numpy, seeded."""
 
-    def __init__(self, images: list[np.ndarray], crop: int, quantize_lr: bool, rng: np.random.Generator) -> None:
+    def __init__(
+        self, images: list[np.ndarray], crop: int, quantize_lr: bool, rng: np.random.Generator
+    ) -> None:
         self.images = images
         self.crop = crop
         self.quantize_lr = quantize_lr
@@ -155,7 +157,9 @@ def train(o: TrainOptions, *, resume: bool = False, progress: bool = True) -> Pa
     """Train; returns the path of the final EMA checkpoint."""
     cfg: ModelConfig = preset(o.preset)
     if cfg.latent:
-        raise ConfigError("the trainer covers deltadiff-pixel models; latent training is not implemented")
+        raise ConfigError(
+            "the trainer covers deltadiff-pixel models; latent training is not implemented"
+        )
     if o.crop % 16:
         raise ConfigError(f"--crop {o.crop} must be a multiple of 16 (HR % 16 for the UNet)")
     if o.threads:
@@ -193,14 +197,28 @@ def train(o: TrainOptions, *, resume: bool = False, progress: bool = True) -> Pa
     sampler = CropSampler(load_hr_images(o.data, o.crop), o.crop, o.quantize_lr, rng)
     pairs = load_pairs(o.val) if o.val else []
     (out / "config.yaml").write_text(_yaml_dump(to_upstream_yaml_dict(cfg)), encoding="utf-8")
-    (out / "options.json").write_text(json.dumps(asdict(o), default=str, indent=1), encoding="utf-8")
+    (out / "options.json").write_text(
+        json.dumps(asdict(o), default=str, indent=1), encoding="utf-8"
+    )
     logf = (out / "log.jsonl").open("a", encoding="utf-8")
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    cols = [TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TextColumn("loss {task.fields[loss]:.5f}"), TimeElapsedColumn(), TextColumn("ETA"),
-            TimeRemainingColumn()]
+    cols = [
+        TextColumn("train"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.5f}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    ]
     t0 = time.time()
     run_loss = 0.0
     with Progress(*cols, disable=not progress) as bar:
@@ -233,8 +251,12 @@ def train(o: TrainOptions, *, resume: bool = False, progress: bool = True) -> Pa
             bar.update(task, advance=1, loss=float(loss.detach()))
             done = it + 1
             if done % o.log_every == 0 or done == o.iters:
-                rec = {"iter": done, "loss": run_loss / o.log_every, "lr": lr_at(it, o),
-                       "elapsed_s": round(time.time() - t0, 1)}
+                rec = {
+                    "iter": done,
+                    "loss": run_loss / o.log_every,
+                    "lr": lr_at(it, o),
+                    "elapsed_s": round(time.time() - t0, 1),
+                }
                 run_loss = 0.0
                 if pairs and (done % o.save_every == 0 or done == o.iters):
                     ema_net = SwinUNet(cfg.unet)
@@ -246,10 +268,21 @@ def train(o: TrainOptions, *, resume: bool = False, progress: bool = True) -> Pa
                 log.info("%s", rec)
             if done % o.save_every == 0 or done == o.iters:
                 save_trainer_checkpoint(out / "ckpts" / f"model_{done}.pth", net.state_dict(), done)
-                _save(out / "ema_ckpts" / f"ema_model_{done}.pth", {"_orig_mod." + k: v for k, v in ema.items()})
-                _save(state_path, {"model": net.state_dict(), "ema": ema, "optimizer": opt.state_dict(),
-                                   "iters": done, "numpy_rng": rng.bit_generator.state,
-                                   "torch_rng": torch.get_rng_state()})
+                _save(
+                    out / "ema_ckpts" / f"ema_model_{done}.pth",
+                    {"_orig_mod." + k: v for k, v in ema.items()},
+                )
+                _save(
+                    state_path,
+                    {
+                        "model": net.state_dict(),
+                        "ema": ema,
+                        "optimizer": opt.state_dict(),
+                        "iters": done,
+                        "numpy_rng": rng.bit_generator.state,
+                        "torch_rng": torch.get_rng_state(),
+                    },
+                )
     logf.close()
     return out / "ema_ckpts" / f"ema_model_{o.iters}.pth"
 

@@ -629,8 +629,8 @@ def _atomic_write(path: Path, fmt: str, encode: Callable[[BinaryIO], None]) -> N
             mode = path.stat().st_mode & 0o7777
         except FileNotFoundError:
             mode = _default_file_mode()
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        Path(tmp).chmod(mode)
+        Path(tmp).replace(path)
         done = True
     except ImageError:
         raise

@@ -187,7 +187,9 @@ def _field(d: dict, key: str, typ: type | tuple[type, ...], where: str) -> Any:
 
 def _pair(v: list, key: str, where: str) -> tuple[int, int]:
     if len(v) != 2 or not all(isinstance(x, int) and x > 0 for x in v):
-        raise ManifestError(f"{where}: {key} should be two positive integers, got {v}; {REBUILD_HINT}")
+        raise ManifestError(
+            f"{where}: {key} should be two positive integers, got {v}; {REBUILD_HINT}"
+        )
     return int(v[0]), int(v[1])
 
 
@@ -236,17 +238,25 @@ def save_manifest(model_dir: str | Path, m: Manifest) -> Path:
     return path
 
 
-def load_manifest(model_dir: str | Path, *, check_hashes: bool = True, graphs: list[str] | None = None) -> Manifest:
+def load_manifest(
+    model_dir: str | Path, *, check_hashes: bool = True, graphs: list[str] | None = None
+) -> Manifest:
     """Read and validate ``model_dir/manifest.json``; with ``check_hashes`` verify the sha256 of
     every graph file (or only of ``graphs``)."""
     model_dir = Path(model_dir)
     if not model_dir.exists():
-        raise ManifestError(f"model directory {model_dir} does not exist; pass --model DIR made by dd-export onnx")
+        raise ManifestError(
+            f"model directory {model_dir} does not exist; pass --model DIR made by dd-export onnx"
+        )
     if not model_dir.is_dir():
-        raise ManifestError(f"--model {model_dir} is not a directory; pass the folder dd-export onnx wrote")
+        raise ManifestError(
+            f"--model {model_dir} is not a directory; pass the folder dd-export onnx wrote"
+        )
     path = model_dir / MANIFEST
     if not path.exists():
-        raise ManifestError(f"{path} is missing; {model_dir} is not a model directory ({REBUILD_HINT})")
+        raise ManifestError(
+            f"{path} is missing; {model_dir} is not a model directory ({REBUILD_HINT})"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -263,7 +273,9 @@ def load_manifest(model_dir: str | Path, *, check_hashes: bool = True, graphs: l
 def verify_file(model_dir: Path, file: str, sha256: str, *, what: str) -> Path:
     p = Path(model_dir) / file
     if Path(file).is_absolute() or ".." in Path(file).parts:
-        raise ManifestError(f"{what}: file {file!r} points outside the model directory; {REBUILD_HINT}")
+        raise ManifestError(
+            f"{what}: file {file!r} points outside the model directory; {REBUILD_HINT}"
+        )
     if not p.exists():
         raise ManifestError(f"{what}: file {p} is missing; {REBUILD_HINT}")
     got = sha256_file(p)

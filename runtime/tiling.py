@@ -17,7 +17,9 @@ def reflect_index(n: int, total: int) -> np.ndarray:
     return np.where(idx >= n, period - idx, idx).astype(np.int64)
 
 
-def pad_amounts(h: int, w: int, multiple: int, minimum: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+def pad_amounts(
+    h: int, w: int, multiple: int, minimum: tuple[int, int] = (0, 0)
+) -> tuple[int, int]:
     """Bottom/right pad that makes (h, w) multiples of ``multiple`` and at least ``minimum``."""
     ph = max(-(-h // multiple) * multiple, minimum[0]) - h
     pw = max(-(-w // multiple) * multiple, minimum[1]) - w

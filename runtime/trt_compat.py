@@ -36,7 +36,9 @@ def import_trt(flavour: str | None = None) -> tuple[ModuleType, str]:
             continue
         return mod, name
     raise MissingDependencyError(
-        "no TensorRT found (" + "; ".join(errors) + "); install it with: pip install 'deltadiff-trt[trt]' "
+        "no TensorRT found ("
+        + "; ".join(errors)
+        + "); install it with: pip install 'deltadiff-trt[trt]' "
         "(TensorRT-RTX) or NVIDIA's tensorrt wheels"
     )
 
@@ -115,32 +117,50 @@ def current_device(index: int = 0) -> Device | None:
         return None
     if int(err) != 0:
         return None
-    name = prop.name.decode(errors="replace").rstrip("\x00") if isinstance(prop.name, bytes) else str(prop.name)
+    name = (
+        prop.name.decode(errors="replace").rstrip("\x00")
+        if isinstance(prop.name, bytes)
+        else str(prop.name)
+    )
     return Device(name=name, sm=f"sm{prop.major}{prop.minor}")
 
 
 def check_engine_record(
-    rec: dict[str, Any], *, graph_sha256: str, flavour: str, version: str, device: Device | None, model_dir: str
+    rec: dict[str, Any],
+    *,
+    graph_sha256: str,
+    flavour: str,
+    version: str,
+    device: Device | None,
+    model_dir: str,
 ) -> None:
     """Refuse a stale or foreign engine with a one-line error that says how to rebuild."""
     fix = f"run dd-export build-engine --model {model_dir} --precision {rec.get('precision', 'fp16')} --flavour {flavour}"
     label = FLAVOUR_LABEL.get(rec.get("flavour", ""), rec.get("flavour", "?"))
     if rec.get("graph_sha256") != graph_sha256:
-        raise EngineError(f"{rec.get('file')} was built from a different {rec.get('graph')} graph (sha256 changed); {fix}")
+        raise EngineError(
+            f"{rec.get('file')} was built from a different {rec.get('graph')} graph (sha256 changed); {fix}"
+        )
     if rec.get("flavour") != flavour or rec.get("version") != version:
         raise EngineError(
             f"{rec.get('file')} was built by {label} {rec.get('version')}; this is "
             f"{FLAVOUR_LABEL.get(flavour, flavour)} {version}; {fix}"
         )
     if device is None:
-        raise EngineError(f"{rec.get('file')}: no CUDA GPU is visible (TensorRT engines need one); use --backend onnxruntime")
+        raise EngineError(
+            f"{rec.get('file')}: no CUDA GPU is visible (TensorRT engines need one); use --backend onnxruntime"
+        )
     targets = rec.get("targets") or []
     if rec.get("flavour") == "tensorrt_rtx":
         ok = device.sm in targets
     else:
         ok = rec.get("gpu", {}).get("sm") == device.sm
     if not ok:
-        built_for = ", ".join(targets) if rec.get("flavour") == "tensorrt_rtx" else rec.get("gpu", {}).get("sm", "?")
+        built_for = (
+            ", ".join(targets)
+            if rec.get("flavour") == "tensorrt_rtx"
+            else rec.get("gpu", {}).get("sm", "?")
+        )
         raise EngineError(
             f"{rec.get('file')} was built by {label} {rec.get('version')} for {built_for}; this is "
             f"{device.label()}; {fix}"

@@ -40,7 +40,9 @@ def default_model_dir() -> Path:
     """The demo model bundled inside the package (graphs + manifest)."""
     p = Path(str(resources.files("deltadiff.runtime") / "models" / BUNDLED_MODEL))
     if not (p / "manifest.json").exists():
-        raise DeltaDiffError(f"the bundled model is missing from {p}; reinstall deltadiff-trt or pass --model DIR")
+        raise DeltaDiffError(
+            f"the bundled model is missing from {p}; reinstall deltadiff-trt or pass --model DIR"
+        )
     return p
 
 
@@ -61,7 +63,9 @@ class UpscaleOptions:
 class Upscaler:
     """Upscale float RGB arrays with a model directory on a backend."""
 
-    def __init__(self, model_dir: str | Path | None = None, opts: UpscaleOptions | None = None) -> None:
+    def __init__(
+        self, model_dir: str | Path | None = None, opts: UpscaleOptions | None = None
+    ) -> None:
         self.opts = opts = opts or UpscaleOptions()
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.m: Manifest = load_manifest(self.model_dir)
@@ -73,14 +77,23 @@ class Upscaler:
             )
         lo, hi = self.m.batch
         if not lo <= opts.batch <= hi:
-            raise DeltaDiffError(f"--batch {opts.batch} is outside the model's batch range [{lo}, {hi}]")
+            raise DeltaDiffError(
+                f"--batch {opts.batch} is outside the model's batch range [{lo}, {hi}]"
+            )
         self.overlap = opts.overlap if opts.overlap is not None else max(4, min(th, tw) // 8)
         if not 0 <= self.overlap < min(th, tw):
-            raise DeltaDiffError(f"--overlap {self.overlap} must be in [0, {min(th, tw)}) for {th}x{tw} tiles")
+            raise DeltaDiffError(
+                f"--overlap {self.overlap} must be in [0, {min(th, tw)}) for {th}x{tw} tiles"
+            )
         if opts.blend not in ("cosine", "crop"):
             raise DeltaDiffError(f"--blend {opts.blend!r}: choose cosine or crop")
         self.backend = open_backend(
-            opts.backend, self.model_dir, self.m, precision=opts.precision, threads=opts.threads, device=opts.device
+            opts.backend,
+            self.model_dir,
+            self.m,
+            precision=opts.precision,
+            threads=opts.threads,
+            device=opts.device,
         )
         self.executor = Executor(self.m, self.backend, mode=opts.mode)
 
@@ -109,19 +122,28 @@ class Upscaler:
         noise = None
         if self.m.noise_names:
             sh, sw = self.m.state_hw((H, W))
-            noise = noise_field(self.m.noise_names, (1, 3, sh, sw), self.opts.seed if seed is None else seed)
+            noise = noise_field(
+                self.m.noise_names, (1, 3, sh, sw), self.opts.seed if seed is None else seed
+            )
         ratio = self.m.state_hw((1, 1))[0]  # state pixels per LR pixel (1 latent, 4 pixel)
         jobs = [(iy, ix) for iy in range(len(ys)) for ix in range(len(xs))]
         out = Blender(3, s * H, s * W)
         for b0 in range(0, len(jobs), self.opts.batch):
             chunk = jobs[b0 : b0 + self.opts.batch]
-            batch = np.stack([lr[:, ys[iy] : ys[iy] + th, xs[ix] : xs[ix] + tw] for iy, ix in chunk])
+            batch = np.stack(
+                [lr[:, ys[iy] : ys[iy] + th, xs[ix] : xs[ix] + tw] for iy, ix in chunk]
+            )
             feeds = None
             if noise is not None:
                 feeds = {
                     k: np.concatenate(
                         [
-                            v[:, :, ratio * ys[iy] : ratio * (ys[iy] + th), ratio * xs[ix] : ratio * (xs[ix] + tw)]
+                            v[
+                                :,
+                                :,
+                                ratio * ys[iy] : ratio * (ys[iy] + th),
+                                ratio * xs[ix] : ratio * (xs[ix] + tw),
+                            ]
                             for iy, ix in chunk
                         ]
                     )

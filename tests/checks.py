@@ -12,7 +12,7 @@ from deltadiff.model.swin_unet import relative_position_index, shift_mask
 LAYOUTS = ("raw", "trainer", "orig_mod", "module_orig_mod", "ema", "safetensors")
 
 
-def read_tsv(path: Path) -> "OrderedDict[str, tuple[tuple[int, ...], str, str]]":
+def read_tsv(path: Path) -> OrderedDict[str, tuple[tuple[int, ...], str, str]]:
     out: OrderedDict[str, tuple[tuple[int, ...], str, str]] = OrderedDict()
     for line in path.read_text().splitlines():
         if not line or line.startswith("#"):
@@ -22,7 +22,7 @@ def read_tsv(path: Path) -> "OrderedDict[str, tuple[tuple[int, ...], str, str]]"
     return out
 
 
-def state_from_tsv(path: Path, seed: int = 0) -> "OrderedDict[str, torch.Tensor]":
+def state_from_tsv(path: Path, seed: int = 0) -> OrderedDict[str, torch.Tensor]:
     """Random tensors with the TSV's names/shapes; buffers as upstream builds them."""
     g = torch.Generator().manual_seed(seed)
     sd: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -48,8 +48,13 @@ def write_layout(sd: dict[str, torch.Tensor], layout: str, path: Path) -> Path:
                 "log_step": {"train": 20, "val": 1},
                 "log_step_img": {"train": 1, "val": 1},
                 "state_dict": OrderedDict(("_orig_mod." + k, v) for k, v in sd.items()),
-                "amp_scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
-                               "growth_interval": 2000, "_growth_tracker": 0},
+                "amp_scaler": {
+                    "scale": 65536.0,
+                    "growth_factor": 2.0,
+                    "backoff_factor": 0.5,
+                    "growth_interval": 2000,
+                    "_growth_tracker": 0,
+                },
             },
             path,
         )

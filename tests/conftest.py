@@ -58,7 +58,13 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
                 pipe,
                 out,
                 ExportOptions(TileShape(tile, tile), max_batch=4),
-                source={"kind": "preset", "preset": preset, "seed": 0, "unet_weights": None, "vq_weights": None},
+                source={
+                    "kind": "preset",
+                    "preset": preset,
+                    "seed": 0,
+                    "unet_weights": None,
+                    "vq_weights": None,
+                },
             )
             cache[family] = out
         return cache[family]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import pickle
-import zipfile
 
 import pytest
 import torch
@@ -69,7 +67,12 @@ def test_wrong_family_lists_mismatches_and_config(tmp_path):
     sd = state_from_tsv(need_shared(SPEC / "keys_deltadiff_unet.tsv"))
     path = write_layout(sd, "trainer", tmp_path / "dd.pth")
     with pytest.raises(CheckpointError) as e:
-        load_weights_into(SwinUNet(preset("resshift-v3-small").unet), path, what="UNet", config_desc="resshift-v3-small")
+        load_weights_into(
+            SwinUNet(preset("resshift-v3-small").unet),
+            path,
+            what="UNet",
+            config_desc="resshift-v3-small",
+        )
     msg = str(e.value)
     assert "resshift-v3-small" in msg and "deltadiff-unet" in msg
     assert "331 missing:" in msg and "mis-shaped" in msg
@@ -84,25 +87,36 @@ def test_missing_and_unexpected_keys_are_named_with_counts(tmp_path):
     sd["extra.weight"] = torch.zeros(1)
     sd["time_embed.0.weight"] = torch.zeros(3, 3)
     path = write_layout(sd, "raw", tmp_path / "m.pth")
-    with pytest.raises(CheckpointError, match=r"2 missing: out\.2\.weight, out\.2\.bias; 1 unexpected: extra\.weight; 1 mis-shaped.*time_embed\.0\.weight \(3, 3\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"2 missing: out\.2\.weight, out\.2\.bias; 1 unexpected: extra\.weight; 1 mis-shaped.*time_embed\.0\.weight \(3, 3\)",
+    ):
         load_weights_into(net, path, what="UNet", config_desc="small")
 
 
 def test_attn_mask_buffers_are_ignored_and_bad_position_index_rejected(tmp_path):
     net = SwinUNet(preset("resshift-v3-small").unet)
     sd = dict(net.state_dict())
-    sd["input_blocks.1.1.blocks.1.attn_mask"] = torch.full_like(sd["input_blocks.1.1.blocks.1.attn_mask"], 7.0)
-    load_weights_into(net, write_layout(sd, "raw", tmp_path / "a.pth"), what="UNet", config_desc="s")
+    sd["input_blocks.1.1.blocks.1.attn_mask"] = torch.full_like(
+        sd["input_blocks.1.1.blocks.1.attn_mask"], 7.0
+    )
+    load_weights_into(
+        net, write_layout(sd, "raw", tmp_path / "a.pth"), what="UNet", config_desc="s"
+    )
     key = "input_blocks.1.1.blocks.0.attn.relative_position_index"
     sd[key] = torch.zeros_like(sd[key])
     with pytest.raises(CheckpointError, match="relative_position_index differs"):
-        load_weights_into(net, write_layout(sd, "raw", tmp_path / "b.pth"), what="UNet", config_desc="s")
+        load_weights_into(
+            net, write_layout(sd, "raw", tmp_path / "b.pth"), what="UNet", config_desc="s"
+        )
 
 
 def test_checkpoint_without_position_index_still_loads(tmp_path):
     net = SwinUNet(preset("deltadiff-pixel-small").unet)
     sd = {k: v for k, v in net.state_dict().items() if "relative_position_index" not in k}
-    load_weights_into(net, write_layout(sd, "raw", tmp_path / "a.pth"), what="UNet", config_desc="s")
+    load_weights_into(
+        net, write_layout(sd, "raw", tmp_path / "a.pth"), what="UNet", config_desc="s"
+    )
 
 
 class _Evil:
@@ -120,7 +134,7 @@ def test_bad_files_give_one_line_errors(tmp_path):
     with (tmp_path / "evil.pth").open("wb") as fh:
         torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _Evil()}, fh)
     (tmp_path / "raw.pkl").write_bytes(pickle.dumps({"a": _Evil()}))
-    (tmp_path / "trunc.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    (tmp_path / "trunc.safetensors").write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":')
     cases = {
         "trunc.pth": "truncated or corrupt",
         "empty.pth": "empty",

@@ -34,7 +34,17 @@ def test_unbuilt_commands_say_so_and_fail():
 def test_export_errors_are_one_line_without_traceback(tmp_path):
     r = run("dd-export", "onnx", "--preset", "nope", "-o", str(tmp_path / "m"), "--no-verify")
     assert r.returncode == 1 and "unknown preset" in r.stderr and "Traceback" not in r.stderr
-    r = run("dd-export", "onnx", "--preset", "deltadiff-pixel-small", "--tile", "10", "-o", str(tmp_path / "m"), "--no-verify")
+    r = run(
+        "dd-export",
+        "onnx",
+        "--preset",
+        "deltadiff-pixel-small",
+        "--tile",
+        "10",
+        "-o",
+        str(tmp_path / "m"),
+        "--no-verify",
+    )
     assert r.returncode == 1 and "multiple of 4" in r.stderr and "Traceback" not in r.stderr
     r = run("dd-export", "verify", "--model", str(tmp_path / "nothing"))
     assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr

@@ -29,7 +29,12 @@ def test_ort_fp32_matches_reference_per_stage_and_end_to_end(exported, family):
     assert all(r.psnr >= 60 for r in rep.end_to_end)
     names = [r.name for r in rep.stages]
     assert names[:3] == ["encoder.x", "encoder.y", "encoder.cond"] and names[-1] == "decoder.image"
-    assert [n for n in names if n.startswith("step")] == ["step t=3", "step t=2", "step t=1", "step t=0"]
+    assert [n for n in names if n.startswith("step")] == [
+        "step t=3",
+        "step t=2",
+        "step t=1",
+        "step t=0",
+    ]
     rec = load_manifest(exported(family)).verification
     assert rec["passed"] and rec["by_backend"]["onnxruntime/fp32"]["psnr_db"] >= 60
 
@@ -90,7 +95,12 @@ def test_edited_graph_is_refused_by_hash(exported, tmp_path):
         (lambda p: p.write_text("{not json"), "not valid JSON"),
         (lambda p: p.write_text(json.dumps({"schema_version": 99})), "schema_version 99"),
         (lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "tile": "64"})), "tile"),
-        (lambda p: p.write_text(json.dumps({k: v for k, v in json.loads(p.read_text()).items() if k != "graphs"})), "'graphs' is missing"),
+        (
+            lambda p: p.write_text(
+                json.dumps({k: v for k, v in json.loads(p.read_text()).items() if k != "graphs"})
+            ),
+            "'graphs' is missing",
+        ),
     ],
 )
 def test_broken_manifest_gives_named_error(exported, tmp_path, edit, match):

@@ -7,18 +7,16 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 import yaml
 
-from deltadiff.model.config import unet_from_params, vq_from_params
+from deltadiff.model.checkpoint import load_weights_into
+from deltadiff.model.config import from_upstream_yaml, unet_from_params, vq_from_params
 from deltadiff.model.golden import check_folder, main
 from deltadiff.model.pipeline import Pipeline
 from deltadiff.model.resize import BicubicUp4
 from deltadiff.model.swin_unet import SwinUNet, shift_mask
 from deltadiff.model.vq_f4 import VQModel
-from deltadiff.model.checkpoint import load_weights_into
-from deltadiff.model.config import from_upstream_yaml
 from deltadiff.runtime.resize import imresize_matlab
 
 from .conftest import GOLDEN, need_shared
@@ -26,18 +24,31 @@ from .conftest import GOLDEN, need_shared
 
 def test_shared_golden_folder_passes_every_output():
     results = check_folder(need_shared(GOLDEN))
-    assert set(results) >= {"deltadiff_unet_pixel", "matlab_bicubic", "resshift_step", "resshift_unet", "vqgan_f4"}
+    assert set(results) >= {
+        "deltadiff_unet_pixel",
+        "matlab_bicubic",
+        "resshift_step",
+        "resshift_unet",
+        "vqgan_f4",
+    }
     failed = [r.line() for rs in results.values() for r in rs if not r.passed]
     assert not failed, failed
     assert sum(len(r) for r in results.values()) >= 50
 
 
 def test_golden_module_cli_exit_codes(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "deltadiff.model.golden", str(need_shared(GOLDEN))],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "deltadiff.model.golden", str(need_shared(GOLDEN))],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "FAIL" not in ok.stdout and ok.stdout.count("PASS") >= 50
-    empty = subprocess.run([sys.executable, "-m", "deltadiff.model.golden", str(tmp_path)], capture_output=True, text=True)
+    empty = subprocess.run(
+        [sys.executable, "-m", "deltadiff.model.golden", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert empty.returncode == 2 and "no golden cases" in empty.stderr
 
 
@@ -57,9 +68,15 @@ def make_unseen_folder(dst, seed: int = 7):
     up_in = torch.rand(13, 22, 3, generator=g).numpy()
     down_in = torch.rand(40, 56, 3, generator=g).numpy()
     lq = imresize_matlab(down_in, 0.25)
-    np.savez(dst / "matlab_bicubic" / "matlab_bicubic.npz", up_input_hwc=up_in,
-             up_x4_output_hwc=imresize_matlab(up_in, 4), down_input_hwc=down_in,
-             down_x025_output_hwc=lq, roundtrip_lq_hwc=lq, roundtrip_lq_up_hwc=imresize_matlab(lq, 4))
+    np.savez(
+        dst / "matlab_bicubic" / "matlab_bicubic.npz",
+        up_input_hwc=up_in,
+        up_x4_output_hwc=imresize_matlab(up_in, 4),
+        down_input_hwc=down_in,
+        down_x025_output_hwc=lq,
+        roundtrip_lq_hwc=lq,
+        roundtrip_lq_up_hwc=imresize_matlab(lq, 4),
+    )
     with torch.no_grad():
         # deltadiff pixel: single call and 4-step loop at a non-square size
         case = dst / "deltadiff_unet_pixel"
@@ -69,28 +86,60 @@ def make_unseen_folder(dst, seed: int = 7):
         x_in = torch.randn(1, 3, 48, 80, generator=g)
         b2 = torch.randn(2, 3, 48, 80, generator=g)
         t = torch.tensor([1])
-        np.savez(case / "single_call.npz", lr_hwc=lr, lq_up=lq_up.numpy(), t=t.numpy(), x_in=x_in.numpy(),
-                 output=pipe.unet(x_in, t, lq_up).numpy(), b2_x_in=b2.numpy(), b2_lq_up=torch.cat([lq_up] * 2).numpy(),
-                 b2_t=np.array([3, 0]), b2_output=pipe.unet(b2, torch.tensor([3, 0]), torch.cat([lq_up] * 2)).numpy())
+        np.savez(
+            case / "single_call.npz",
+            lr_hwc=lr,
+            lq_up=lq_up.numpy(),
+            t=t.numpy(),
+            x_in=x_in.numpy(),
+            output=pipe.unet(x_in, t, lq_up).numpy(),
+            b2_x_in=b2.numpy(),
+            b2_lq_up=torch.cat([lq_up] * 2).numpy(),
+            b2_t=np.array([3, 0]),
+            b2_output=pipe.unet(b2, torch.tensor([3, 0]), torch.cat([lq_up] * 2)).numpy(),
+        )
         x0s, xts, xins = [], [], []
         x = lq_up
         for r in pipe.table.rows:
-            xts.append(x.numpy()); xins.append((r.in_scale * x).numpy())
+            xts.append(x.numpy())
+            xins.append((r.in_scale * x).numpy())
             x = pipe.unet(r.in_scale * x, torch.tensor([r.t]), lq_up)
             x0s.append(x.numpy())
-        np.savez(case / "loop_4step.npz", lr_hwc=lr, lq_up=lq_up.numpy(), t_seq=np.array([3, 2, 1, 0]),
-                 etas=np.array(pipe.table.eta), x_t=np.concatenate(xts), x_in=np.concatenate(xins),
-                 x0_hat=np.concatenate(x0s), final=x0s[-1], final_clamped=np.clip(x0s[-1], -1, 1))
+        np.savez(
+            case / "loop_4step.npz",
+            lr_hwc=lr,
+            lq_up=lq_up.numpy(),
+            t_seq=np.array([3, 2, 1, 0]),
+            etas=np.array(pipe.table.eta),
+            x_t=np.concatenate(xts),
+            x_in=np.concatenate(xins),
+            x0_hat=np.concatenate(x0s),
+            final=x0s[-1],
+            final_clamped=np.clip(x0s[-1], -1, 1),
+        )
         # resshift unet at a non-square latent + masks for non-square maps
         case = dst / "resshift_unet"
         data = yaml.safe_load((case / "config.yaml").read_text())
         unet = SwinUNet(unet_from_params(data["model"]["params"]))
         load_weights_into(unet, case / data["model"]["ckpt_path"], what="UNet", config_desc="t")
-        x_in, lq = torch.randn(1, 3, 64, 128, generator=g), torch.rand(1, 3, 64, 128, generator=g) * 2 - 1
-        np.savez(case / "unet_call.npz", x_in=x_in.numpy(), lq=lq.numpy(), t=np.array([1]),
-                 output=unet(x_in, torch.tensor([1]), lq).numpy())
-        np.savez(case / "swin_masks.npz", **{f"mask_{h}x{w}": shift_mask(h, w, 8, 4).numpy()
-                                              for h, w in ((24, 40), (16, 32), (32, 16))})
+        x_in, lq = (
+            torch.randn(1, 3, 64, 128, generator=g),
+            torch.rand(1, 3, 64, 128, generator=g) * 2 - 1,
+        )
+        np.savez(
+            case / "unet_call.npz",
+            x_in=x_in.numpy(),
+            lq=lq.numpy(),
+            t=np.array([1]),
+            output=unet(x_in, torch.tensor([1]), lq).numpy(),
+        )
+        np.savez(
+            case / "swin_masks.npz",
+            **{
+                f"mask_{h}x{w}": shift_mask(h, w, 8, 4).numpy()
+                for h, w in ((24, 40), (16, 32), (32, 16))
+            },
+        )
         # vq at a non-square image
         case = dst / "vqgan_f4"
         data = yaml.safe_load((case / "config.yaml").read_text())
@@ -99,15 +148,23 @@ def make_unseen_folder(dst, seed: int = 7):
         img = torch.rand(1, 3, 48, 80, generator=g) * 2 - 1
         z = vq.encode(img)
         idx = vq.quantize.indices(z)
-        np.savez(case / "vq_golden.npz", image=img.numpy(), encode=z.numpy(), indices=idx.numpy(),
-                 indices_bhw=idx.reshape(1, 12, 20).numpy(), quantized=vq.quantize(z).numpy(),
-                 codebook_lookup=vq.quantize(z).numpy(), decode_quantized=vq.decode(z).numpy(),
-                 decode_not_quantized=vq.decode(z, quantize=False).numpy())
+        np.savez(
+            case / "vq_golden.npz",
+            image=img.numpy(),
+            encode=z.numpy(),
+            indices=idx.numpy(),
+            indices_bhw=idx.reshape(1, 12, 20).numpy(),
+            quantized=vq.quantize(z).numpy(),
+            codebook_lookup=vq.quantize(z).numpy(),
+            decode_quantized=vq.decode(z).numpy(),
+            decode_not_quantized=vq.decode(z, quantize=False).numpy(),
+        )
         # one resshift step at a non-square latent
         case = dst / "resshift_step"
         cfg = from_upstream_yaml(case / "config.yaml")
         p = Pipeline.from_yaml(case / "config.yaml")
         from deltadiff.model.schedule import etas, sqrt_etas
+
         lq = torch.rand(1, 3, 64, 128, generator=g) * 2 - 1
         up = p.up(lq)
         z_y = p.vq.encode(up)
@@ -118,12 +175,24 @@ def make_unseen_folder(dst, seed: int = 7):
         x0 = p.unet(r.in_scale * z_t, tt, lq)
         rows = sorted(p.table.rows, key=lambda q: q.t)
         lv = np.log(np.array([rows[1].s, rows[1].s, rows[2].s, rows[3].s]) ** 2)
-        np.savez(case / "step_golden.npz", lq=lq.numpy(), lq_up_torch_bicubic=up.numpy(), z_y=z_y.numpy(),
-                 z_t=z_t.numpy(), t=tt.numpy(), noise=noise.numpy(), x_in=(r.in_scale * z_t).numpy(),
-                 pred_xstart=x0.numpy(), mean=(r.a * z_t + r.b * x0).numpy(),
-                 sample=(r.a * z_t + r.b * x0 + r.s * noise).numpy(), sqrt_etas=sqrt_etas(cfg.schedule),
-                 etas=etas(cfg.schedule), posterior_mean_coef1=np.array([q.a for q in rows]),
-                 posterior_mean_coef2=np.array([q.b for q in rows]), posterior_log_variance_clipped=lv)
+        np.savez(
+            case / "step_golden.npz",
+            lq=lq.numpy(),
+            lq_up_torch_bicubic=up.numpy(),
+            z_y=z_y.numpy(),
+            z_t=z_t.numpy(),
+            t=tt.numpy(),
+            noise=noise.numpy(),
+            x_in=(r.in_scale * z_t).numpy(),
+            pred_xstart=x0.numpy(),
+            mean=(r.a * z_t + r.b * x0).numpy(),
+            sample=(r.a * z_t + r.b * x0 + r.s * noise).numpy(),
+            sqrt_etas=sqrt_etas(cfg.schedule),
+            etas=etas(cfg.schedule),
+            posterior_mean_coef1=np.array([q.a for q in rows]),
+            posterior_mean_coef2=np.array([q.b for q in rows]),
+            posterior_log_variance_clipped=lv,
+        )
 
 
 def test_checker_runs_an_unseen_nonsquare_folder_and_catches_a_bad_output(tmp_path, capsys):

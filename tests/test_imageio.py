@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-
 import logging
 import os
 from pathlib import Path
@@ -69,7 +68,7 @@ def _as_u16(x: np.ndarray) -> np.ndarray:
 def _check_layout(data: ImageData) -> None:
     assert data.rgb.dtype == np.float32 and data.rgb.ndim == 3 and data.rgb.shape[2] == 3
     assert data.rgb.flags.c_contiguous
-    assert 0.0 <= data.rgb.min() and data.rgb.max() <= 1.0
+    assert data.rgb.min() >= 0.0 and data.rgb.max() <= 1.0
     if data.alpha is not None:
         assert data.alpha.dtype == np.float32 and data.alpha.shape == data.rgb.shape[:2]
         assert data.alpha.flags.c_contiguous

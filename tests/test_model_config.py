@@ -29,13 +29,19 @@ def _n(m) -> int:
 
 @pytest.mark.parametrize(
     ("family", "tsv"),
-    [("deltadiff-pixel", "keys_deltadiff_unet.tsv"), ("deltadiff-latent", "keys_resshift_unet.tsv")],
+    [
+        ("deltadiff-pixel", "keys_deltadiff_unet.tsv"),
+        ("deltadiff-latent", "keys_resshift_unet.tsv"),
+    ],
 )
 def test_full_unet_parameter_count_and_state_dict_equal_upstream_tsv(family, tsv):
     net = SwinUNet(preset(family).unet)
     assert _n(net) == EXPECTED_PARAMS[family][0]
     ref = read_tsv(need_shared(SPEC / tsv))
-    mine = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in net.state_dict().items()}
+    mine = {
+        k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
+        for k, v in net.state_dict().items()
+    }
     assert list(mine) == list(ref)  # names and order
     assert mine == {k: (s, d) for k, (s, d, _kind) in ref.items()}
 
@@ -51,7 +57,11 @@ def test_full_vq_parameter_count_and_state_dict_equal_upstream_tsv():
 
 def test_presets_have_expected_counts_for_all_three_families():
     assert EXPECTED_PARAMS["resshift-v3"] == (118_593_583, 55_322_782)
-    assert {p.family for p in PRESETS.values()} == {"deltadiff-latent", "deltadiff-pixel", "resshift-v3"}
+    assert {p.family for p in PRESETS.values()} == {
+        "deltadiff-latent",
+        "deltadiff-pixel",
+        "resshift-v3",
+    }
 
 
 # MODEL.md §1.6 (10-decimal values); rows in execution order t = 3, 2, 1, 0: (in_scale, a, b, c, s)
@@ -97,7 +107,7 @@ def test_schedule_generator_and_alternative_readings():
     dd = preset("deltadiff-pixel").schedule
     np.testing.assert_allclose(sqrt_etas(dd), [0.005, 0.2242769528, 0.5402470117, 0.99], atol=1e-9)
     # R2 (Eq. 7 with sqrt on the left): eta = sqrt_etas**2 with start 0.01/kappa... start = 0.1
-    r2 = ScheduleConfig(min_noise_level=0.2, etas_end=0.99 ** 0.5, squared=True)
+    r2 = ScheduleConfig(min_noise_level=0.2, etas_end=0.99**0.5, squared=True)
     np.testing.assert_allclose(etas(r2), [0.01, 0.2724626133, 0.5848844744, 0.99], atol=1e-9)
     r3 = ScheduleConfig(min_noise_level=0.01, etas_end=0.99, squared=True)
     np.testing.assert_allclose(etas(r3), [0.000025, 0.0503001516, 0.2918668336, 0.9801], atol=1e-9)
@@ -137,7 +147,12 @@ def test_our_yaml_writer_round_trips_through_the_upstream_parser(tmp_path):
         p = tmp_path / f"{name}.yaml"
         p.write_text(yaml.safe_dump(to_upstream_yaml_dict(cfg)))
         back = from_upstream_yaml(p)
-        assert (back.family, back.unet, back.vq, back.schedule) == (cfg.family, cfg.unet, cfg.vq, cfg.schedule)
+        assert (back.family, back.unet, back.vq, back.schedule) == (
+            cfg.family,
+            cfg.unet,
+            cfg.vq,
+            cfg.schedule,
+        )
 
 
 @pytest.mark.parametrize(
@@ -153,7 +168,12 @@ def test_our_yaml_writer_round_trips_through_the_upstream_parser(tmp_path):
 )
 def test_bad_yaml_gives_one_clear_error(tmp_path, text, match):
     p = tmp_path / "c.yaml"
-    p.write_text(text + "\ndiffusion: {target: models.script_util.create_RESDIF, params: {min_noise_level: 0.01, etas_end: 0.99}}\n" if text.startswith("model") else text)
+    p.write_text(
+        text
+        + "\ndiffusion: {target: models.script_util.create_RESDIF, params: {min_noise_level: 0.01, etas_end: 0.99}}\n"
+        if text.startswith("model")
+        else text
+    )
     with pytest.raises(ConfigError, match=match):
         from_upstream_yaml(p)
 

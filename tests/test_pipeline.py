@@ -34,7 +34,9 @@ def test_reference_is_deterministic_and_batch_consistent(pipes, name):
     a = p.upscale(lr, seed=5)
     b = p.upscale(lr, seed=5)
     assert torch.equal(a, b)
-    single = p.upscale(lr[1:], noise={k: v[1:] for k, v in p.make_noise((2, 3, *_state(p, lr)), 5).items()})
+    single = p.upscale(
+        lr[1:], noise={k: v[1:] for k, v in p.make_noise((2, 3, *_state(p, lr)), 5).items()}
+    )
     assert torch.allclose(a[1:], single, atol=1e-5)
 
 

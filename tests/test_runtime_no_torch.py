@@ -27,13 +27,27 @@ BLOCK = textwrap.dedent(
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCK + code], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK + code], capture_output=True, text=True, timeout=600
+    )
 
 
 def test_every_runtime_module_imports_without_torch():
-    mods = ["deltadiff", "deltadiff.errors", "deltadiff.runtime", "deltadiff.benchmarks.quality", "deltadiff.benchmarks.lpips"]
-    mods += [m.name for m in pkgutil.walk_packages(deltadiff.runtime.__path__, "deltadiff.runtime.")]
-    r = _run("import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in mods) + "print('ok')")
+    mods = [
+        "deltadiff",
+        "deltadiff.errors",
+        "deltadiff.runtime",
+        "deltadiff.benchmarks.quality",
+        "deltadiff.benchmarks.lpips",
+    ]
+    mods += [
+        m.name for m in pkgutil.walk_packages(deltadiff.runtime.__path__, "deltadiff.runtime.")
+    ]
+    r = _run(
+        "import importlib\n"
+        + "".join(f"importlib.import_module({m!r})\n" for m in mods)
+        + "print('ok')"
+    )
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
     assert len(mods) >= 10
 

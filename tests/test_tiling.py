@@ -6,11 +6,19 @@ import numpy as np
 import pytest
 
 from deltadiff.runtime.compare import psnr
-from deltadiff.runtime.tiling import axis_weights, pad_amounts, reflect_index, reflect_pad, tile_starts
+from deltadiff.runtime.tiling import (
+    axis_weights,
+    pad_amounts,
+    reflect_index,
+    reflect_pad,
+    tile_starts,
+)
 from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler
 
 
-@pytest.mark.parametrize(("length", "tile", "overlap"), [(100, 16, 4), (16, 16, 4), (17, 16, 0), (1000, 512, 64)])
+@pytest.mark.parametrize(
+    ("length", "tile", "overlap"), [(100, 16, 4), (16, 16, 4), (17, 16, 0), (1000, 512, 64)]
+)
 def test_tiles_cover_the_axis(length, tile, overlap):
     starts = tile_starts(length, tile, overlap)
     covered = np.zeros(max(length, tile), bool)
@@ -26,7 +34,9 @@ def test_upstream_chop_example():
 @pytest.mark.parametrize("blend", ["cosine", "crop"])
 @pytest.mark.parametrize("length", [76, 100])
 def test_blend_weights_cover_and_sum_to_one_on_pairwise_overlaps(blend, length):
-    starts = tile_starts(length, 16, 6)  # 76: pairwise overlaps only; 100: a 3-way overlap at the end
+    starts = tile_starts(
+        length, 16, 6
+    )  # 76: pairwise overlaps only; 100: a 3-way overlap at the end
     ws = axis_weights(starts, 16, 4, blend)
     acc = np.zeros(4 * length)
     for s, w in zip(starts, ws, strict=True):
@@ -63,8 +73,12 @@ def whole_and_tiled(tmp_path_factory):
     out = {}
     for tile in (48, 16):
         d = tmp_path_factory.mktemp(f"tile{tile}")
-        export_onnx(pipe, d, ExportOptions(TileShape(tile, tile), graphs=("encoder", "step", "decoder")),
-                    source={"kind": "preset", "preset": "deltadiff-pixel-small", "seed": 0})
+        export_onnx(
+            pipe,
+            d,
+            ExportOptions(TileShape(tile, tile), graphs=("encoder", "step", "decoder")),
+            source={"kind": "preset", "preset": "deltadiff-pixel-small", "seed": 0},
+        )
         out[tile] = d
     return out
 
@@ -88,7 +102,9 @@ def test_seams_visible_with_naive_cropping_and_gone_with_blending(whole_and_tile
     crop = Upscaler(whole_and_tiled[16], UpscaleOptions(overlap=6, blend="crop")).upscale(img)
     blend = Upscaler(whole_and_tiled[16], UpscaleOptions(overlap=6, blend="cosine")).upscale(img)
     starts = tile_starts(48, 16, 6)  # LR
-    cuts = [4 * (s + (p + 16 - s) // 2) for p, s in zip(starts, starts[1:], strict=False)]  # crop cut columns (HR)
+    cuts = [
+        4 * (s + (p + 16 - s) // 2) for p, s in zip(starts, starts[1:], strict=False)
+    ]  # crop cut columns (HR)
     r_crop, r_blend = _seam_ratio(crop, cuts), _seam_ratio(blend, cuts)
     assert r_crop > 1.5, r_crop
     assert r_blend < 1.25, r_blend

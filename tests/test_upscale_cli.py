@@ -49,8 +49,13 @@ def test_folder_batch_reports_failures_and_continues(exported, images, tmp_path)
     for name in ("truncated.png", "empty.png", "text.png", "cmyk.jpg", "anim.gif", "bomb.png"):
         assert name in r.stderr, name
         assert not (out / "bad" / name).exists()
-    for name, shape in (("rgb.png", (72, 88, 3)), ("gray.png", (72, 88)), ("rgba.png", (72, 88, 4)),
-                        ("photo.jpg", (72, 88, 3)), ("one.png", (4, 4, 3))):
+    for name, shape in (
+        ("rgb.png", (72, 88, 3)),
+        ("gray.png", (72, 88)),
+        ("rgba.png", (72, 88, 4)),
+        ("photo.jpg", (72, 88, 3)),
+        ("one.png", (4, 4, 3)),
+    ):
         assert np.asarray(Image.open(out / name)).shape == shape, name
     assert not (out / "notes.txt").exists()
     assert "5 upscaled" in r.stderr and "6 failed" in r.stderr
@@ -64,7 +69,16 @@ def test_existing_outputs_are_skipped_unless_overwrite(exported, images, tmp_pat
     dst.write_bytes(b"keep me")
     r = dd_run("upscale", str(images / "rgb.png"), "-o", str(dst), "--model", str(model), "-q")
     assert r.returncode == 0 and "skipped" in r.stderr and dst.read_bytes() == b"keep me"
-    r = dd_run("upscale", str(images / "rgb.png"), "-o", str(dst), "--model", str(model), "-q", "--overwrite")
+    r = dd_run(
+        "upscale",
+        str(images / "rgb.png"),
+        "-o",
+        str(dst),
+        "--model",
+        str(model),
+        "-q",
+        "--overwrite",
+    )
     assert r.returncode == 0 and Image.open(dst).size == (88, 72)
 
 
@@ -75,7 +89,15 @@ def test_unwritable_output_is_one_line_error(exported, images, tmp_path):
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
         target = str(ro / "out.png")
-    r = dd_run("upscale", str(images / "rgb.png"), "-o", target, "--model", str(exported("deltadiff-pixel")), "-q")
+    r = dd_run(
+        "upscale",
+        str(images / "rgb.png"),
+        "-o",
+        target,
+        "--model",
+        str(exported("deltadiff-pixel")),
+        "-q",
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr and "failed" in r.stderr
 
 
@@ -91,14 +113,37 @@ def test_bad_model_dirs_are_refused_with_the_fix(exported, images, tmp_path):
     garbled = tmp_path / "garbled"
     shutil.copytree(good, garbled)
     (garbled / "manifest.json").write_text('{"schema_version": 1, "graphs": [')
-    for d, match in ((edited, "modified after export"), (nomani, "manifest.json is missing"),
-                     (garbled, "not valid JSON"), (tmp_path / "none", "does not exist")):
-        r = dd_run("upscale", str(images / "rgb.png"), "-o", str(tmp_path / "o.png"), "--model", str(d), "-q")
-        assert r.returncode == 1 and match in r.stderr and "Traceback" not in r.stderr, (d, r.stderr)
+    for d, match in (
+        (edited, "modified after export"),
+        (nomani, "manifest.json is missing"),
+        (garbled, "not valid JSON"),
+        (tmp_path / "none", "does not exist"),
+    ):
+        r = dd_run(
+            "upscale",
+            str(images / "rgb.png"),
+            "-o",
+            str(tmp_path / "o.png"),
+            "--model",
+            str(d),
+            "-q",
+        )
+        assert r.returncode == 1 and match in r.stderr and "Traceback" not in r.stderr, (
+            d,
+            r.stderr,
+        )
         assert not (tmp_path / "o.png").exists()
 
 
 def test_wrong_tile_option_names_the_fix(exported, images, tmp_path):
-    r = dd_run("upscale", str(images / "rgb.png"), "-o", str(tmp_path / "o.png"), "--model",
-               str(exported("deltadiff-pixel")), "--tile", "32")
+    r = dd_run(
+        "upscale",
+        str(images / "rgb.png"),
+        "-o",
+        str(tmp_path / "o.png"),
+        "--model",
+        str(exported("deltadiff-pixel")),
+        "--tile",
+        "32",
+    )
     assert r.returncode == 1 and "re-export" in r.stderr

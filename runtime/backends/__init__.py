@@ -37,7 +37,9 @@ def check_feeds(graph: str, specs: tuple[TensorSpec, ...], feeds: dict[str, np.n
     """The one feed validator: every declared input present with the right dtype and shape."""
     for s in specs:
         if s.name not in feeds:
-            raise BackendError(f"{graph}: input {s.name!r} was not fed (expects {s.dtype} {list(s.shape)})")
+            raise BackendError(
+                f"{graph}: input {s.name!r} was not fed (expects {s.dtype} {list(s.shape)})"
+            )
         a = feeds[s.name]
         if str(a.dtype) != s.dtype:
             raise BackendError(f"{graph}: input {s.name!r} has dtype {a.dtype}, expected {s.dtype}")

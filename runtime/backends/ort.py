@@ -32,7 +32,11 @@ class OrtBackend:
         global _logged
         self.ort = require("onnxruntime", "ort")
         if not _logged:
-            log.info("onnxruntime %s (%s)", self.ort.__version__, ", ".join(self.ort.get_available_providers()))
+            log.info(
+                "onnxruntime %s (%s)",
+                self.ort.__version__,
+                ", ".join(self.ort.get_available_providers()),
+            )
             _logged = True
         self.model_dir = Path(model_dir)
         self.manifest = manifest

@@ -47,7 +47,9 @@ def _check(res: Any, what: str) -> Any:
     if int(err) != 0:
         cudart = _cudart()
         _, name = cudart.cudaGetErrorName(err)
-        raise BackendError(f"CUDA {what} failed: {name.decode() if isinstance(name, bytes) else name}")
+        raise BackendError(
+            f"CUDA {what} failed: {name.decode() if isinstance(name, bytes) else name}"
+        )
     if not vals:
         return None
     return vals[0] if len(vals) == 1 else tuple(vals)
@@ -65,7 +67,9 @@ class _Engine:
     def __init__(self, trt: Any, runtime: Any, path: Path) -> None:
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
-            raise EngineError(f"TensorRT could not deserialize {path.name}; rebuild it with dd-export build-engine")
+            raise EngineError(
+                f"TensorRT could not deserialize {path.name}; rebuild it with dd-export build-engine"
+            )
         if hasattr(self.engine, "create_runtime_config"):  # TensorRT-RTX / TRT 10.11+: JIT + caches
             cfg = self.engine.create_runtime_config()
             self.context = self.engine.create_execution_context(cfg)
@@ -82,7 +86,9 @@ class _Engine:
             (self.inputs if mode == trt.TensorIOMode.INPUT else self.outputs).append(name)
             self.dtypes[name] = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
 
-    def run(self, addresses: dict[str, int], shapes: dict[str, tuple[int, ...]], stream: int) -> None:
+    def run(
+        self, addresses: dict[str, int], shapes: dict[str, tuple[int, ...]], stream: int
+    ) -> None:
         for name in self.inputs:
             if not self.context.set_input_shape(name, shapes[name]):
                 raise BackendError(f"TensorRT rejected shape {shapes[name]} for input {name}")
@@ -116,7 +122,9 @@ class TrtBackend:
         self.trt, self.flavour = import_trt(flavour or self._recorded_flavour())
         self.cudart = _cudart()
         if current_device(device) is None:
-            raise EngineError("no CUDA GPU is visible (or no driver); TensorRT engines need one: use --backend onnxruntime")
+            raise EngineError(
+                "no CUDA GPU is visible (or no driver); TensorRT engines need one: use --backend onnxruntime"
+            )
         _check(self.cudart.cudaSetDevice(device), "cudaSetDevice")
         self.device = current_device(device)
         self.runtime = self.trt.Runtime(trt_logger(self.flavour))
@@ -137,15 +145,28 @@ class TrtBackend:
     def engine(self, graph: str) -> _Engine:
         if graph in self._engines:
             return self._engines[graph]
-        recs = [e for e in self.m.engines if e.get("graph") == graph and e.get("precision") == self.precision
-                and e.get("flavour") == self.flavour]
+        recs = [
+            e
+            for e in self.m.engines
+            if e.get("graph") == graph
+            and e.get("precision") == self.precision
+            and e.get("flavour") == self.flavour
+        ]
         fix = f"run dd-export build-engine --model {self.model_dir} --precision {self.precision}"
         if not recs:
-            raise EngineError(f"no {self.precision} {graph} engine for {self.flavour} in {self.model_dir}; {fix}")
+            raise EngineError(
+                f"no {self.precision} {graph} engine for {self.flavour} in {self.model_dir}; {fix}"
+            )
         rec = recs[-1]
         graph_rec = self.m.graph(graph, self.precision)
-        check_engine_record(rec, graph_sha256=graph_rec.sha256, flavour=self.flavour,
-                            version=str(self.trt.__version__), device=self.device, model_dir=str(self.model_dir))
+        check_engine_record(
+            rec,
+            graph_sha256=graph_rec.sha256,
+            flavour=self.flavour,
+            version=str(self.trt.__version__),
+            device=self.device,
+            model_dir=str(self.model_dir),
+        )
         path = verify_file(self.model_dir, rec["file"], rec["sha256"], what=f"engine {graph}")
         eng = _Engine(self.trt, self.runtime, path)
         self._engines[graph] = eng
@@ -175,12 +196,20 @@ class TrtBackend:
         return hit
 
     def _h2d(self, dst: int, src: int, nbytes: int) -> None:
-        _check(self.cudart.cudaMemcpyAsync(dst, src, nbytes, self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
-                                           self.stream), "cudaMemcpyAsync H2D")
+        _check(
+            self.cudart.cudaMemcpyAsync(
+                dst, src, nbytes, self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream
+            ),
+            "cudaMemcpyAsync H2D",
+        )
 
     def _d2h(self, dst: int, src: int, nbytes: int) -> None:
-        _check(self.cudart.cudaMemcpyAsync(dst, src, nbytes, self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost,
-                                           self.stream), "cudaMemcpyAsync D2H")
+        _check(
+            self.cudart.cudaMemcpyAsync(
+                dst, src, nbytes, self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream
+            ),
+            "cudaMemcpyAsync D2H",
+        )
 
     def sync(self) -> None:
         _check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
@@ -201,7 +230,9 @@ class TrtBackend:
             self._h2d(buf.ptr, hptr, a.nbytes)
             addr[name], shapes[name] = buf.ptr, a.shape
         B = next(iter(feeds.values())).shape[0]
-        out_shapes = {o.name: tuple(B if isinstance(d, str) else d for d in o.shape) for o in rec.outputs}
+        out_shapes = {
+            o.name: tuple(B if isinstance(d, str) else d for d in o.shape) for o in rec.outputs
+        }
         host_out = {}
         for name in eng.outputs:
             shape = out_shapes[name]
@@ -217,7 +248,9 @@ class TrtBackend:
         return {k: v.copy() for k, v in host_out.items()}
 
     # ------------------------------------------------------------------ the whole sequence
-    def _sequence(self, mode: str, B: int, noise_names: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray, Any]:
+    def _sequence(
+        self, mode: str, B: int, noise_names: list[str]
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, Any]:
         """Enqueue the whole chain for batch B on the stream; returns (pinned inputs, pinned image, launcher)."""
         th, tw = self.m.tile
         sh, sw = self.m.state_hw()
@@ -263,13 +296,24 @@ class TrtBackend:
                 enc.run(eaddr, eshapes, self.stream_handle)
                 for r in self.m.step_table["rows"]:
                     t = int(r["t"])
-                    addr = {"x": xa, "y": y, "cond": cond, "x_next": xb, "t": consts[f"t{t}"], "coef": consts[f"c{t}"]}
+                    addr = {
+                        "x": xa,
+                        "y": y,
+                        "cond": cond,
+                        "x_next": xb,
+                        "t": consts[f"t{t}"],
+                        "coef": consts[f"c{t}"],
+                    }
                     shapes = {"x": state, "y": state, "cond": cond_shape, "t": (1,), "coef": (5,)}
                     if "noise" in step.inputs:
                         key = f"n_{t}"
-                        addr["noise"] = dev[key] if key in dev else zeros
+                        addr["noise"] = dev.get(key, zeros)
                         shapes["noise"] = state
-                    step.run(addr, {k: v for k, v in shapes.items() if k in step.inputs}, self.stream_handle)
+                    step.run(
+                        addr,
+                        {k: v for k, v in shapes.items() if k in step.inputs},
+                        self.stream_handle,
+                    )
                     xa, xb = xb, xa
                 dec.run({"x": xa, "image": image_dev}, {"x": state}, self.stream_handle)
             self._d2h(img[0], image_dev, img[1].nbytes)
@@ -301,11 +345,15 @@ class TrtBackend:
             enqueue()  # warm-up: lazy init / JIT happens outside the capture
             self.sync()
             mode_g = self.cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-            _check(self.cudart.cudaStreamBeginCapture(self.stream, mode_g), "cudaStreamBeginCapture")
+            _check(
+                self.cudart.cudaStreamBeginCapture(self.stream, mode_g), "cudaStreamBeginCapture"
+            )
             try:
                 enqueue()
             finally:
-                graph = _check(self.cudart.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
+                graph = _check(
+                    self.cudart.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture"
+                )
             gexec = _check(self.cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
             self._graphs[key] = gexec
             _check(self.cudart.cudaGraphLaunch(gexec, self.stream), "cudaGraphLaunch")
