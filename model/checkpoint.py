@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from deltadiff.errors import CheckpointError
-from deltadiff.model.swin_unet import IGNORED_BUFFER_SUFFIXES, relative_position_index
+from deltadiff.model.swin_unet import IGNORED_BUFFER_SUFFIXES
 
 log = logging.getLogger(__name__)
 
