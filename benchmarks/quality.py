@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from scipy import ndimage
 
 from deltadiff.benchmarks.lpips import LPIPS
 from deltadiff.errors import DeltaDiffError, ImageError
+from deltadiff.runtime.atomic import write_text_atomic
 from deltadiff.runtime.resize import imresize_matlab
 
 log = logging.getLogger(__name__)
@@ -568,25 +567,14 @@ def evaluate(
     )
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(report: QualityReport, out_dir: Path, stem: str = "quality") -> tuple[Path, Path]:
     """Write ``<stem>.json`` and ``<stem>.md`` into ``out_dir`` atomically; returns both paths."""
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-        _write_atomic(json_path, json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
-        _write_atomic(md_path, report.to_markdown())
+        write_text_atomic(json_path, json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+        write_text_atomic(md_path, report.to_markdown())
     except OSError as exc:
         raise DeltaDiffError(
             f"cannot write the quality report to {out_dir}: {exc.strerror or exc}; "

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from deltadiff.errors import EngineError
+from deltadiff.runtime.atomic import write_bytes_atomic
 from deltadiff.runtime.manifest import Manifest, load_manifest, save_manifest, sha256_file
 from deltadiff.runtime.trt_compat import (
     RTX_DEFAULT_TARGETS,
@@ -96,6 +97,11 @@ def build_engine(
     if flavour == "tensorrt_rtx" and opts.targets:
         config.num_compute_capabilities = len(opts.targets)
         for i, t in enumerate(opts.targets):
+            if (
+                t.lower() == "current"
+            ):  # compile for the GPU of this machine (e.g. sm90, not in the AOT list)
+                config.set_compute_capability(trt.ComputeCapability.CURRENT, i)
+                continue
             cc = getattr(trt.ComputeCapability, t.upper(), None)
             if cc is None:
                 raise EngineError(
@@ -148,6 +154,12 @@ def build_engines(
             "use --flavour tensorrt_rtx to build ahead of time without a GPU"
         )
     targets = list(opts.targets) or (list(RTX_DEFAULT_TARGETS) if flavour == "tensorrt_rtx" else [])
+    if "current" in [t.lower() for t in targets]:
+        if dev is None:
+            raise EngineError(
+                "--target current needs a visible CUDA GPU; name targets like sm86 to build without one"
+            )
+        targets = [dev.sm if t.lower() == "current" else t for t in targets]
     hi = opts.batch_max or m.batch[1]
     if not 1 <= opts.batch_opt <= hi <= m.batch[1]:
         raise EngineError(
@@ -215,14 +227,10 @@ def build_engines(
             timing_cache=tc,
         )
         seconds = (_dt.datetime.now() - t0).total_seconds()
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(plan)
-        tmp.replace(path)
+        write_bytes_atomic(path, plan)
         if tc_new:
             tc = tc_new
-            tmp = tc_path.with_name(tc_path.name + ".tmp")
-            tmp.write_bytes(tc_new)
-            tmp.replace(tc_path)
+            write_bytes_atomic(tc_path, tc_new)
         new = {
             **info,
             "file": file,

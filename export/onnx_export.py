@@ -36,6 +36,7 @@ from deltadiff.export.graphs import (
     state_shape,
 )
 from deltadiff.model.pipeline import Pipeline
+from deltadiff.runtime.atomic import atomic_path
 from deltadiff.runtime.manifest import (
     GraphRecord,
     Manifest,
@@ -219,9 +220,8 @@ def export_onnx(
     records: dict[str, GraphRecord] = {}
     for name, m in models.items():
         path = out / f"{name}.onnx"
-        tmp = path.with_name(path.name + ".tmp")
-        onnx.save(m, str(tmp))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            onnx.save(m, str(tmp))
         ins, outs = io_specs(m)
         records[name] = GraphRecord(
             file=path.name,
@@ -294,9 +294,8 @@ def add_fp16(model_dir: str | Path, *, slim: bool = True) -> Manifest:
     graphs = dict(m.graphs)
     for name, model in models.items():
         path = out / f"{name}.fp16.onnx"
-        tmp = path.with_name(path.name + ".tmp")
-        onnx.save(model, str(tmp))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            onnx.save(model, str(tmp))
         ins, outs = io_specs(model)
         graphs[f"{name}.fp16"] = GraphRecord(
             file=path.name,

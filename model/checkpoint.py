@@ -22,6 +22,7 @@ from torch import nn
 
 from deltadiff.errors import CheckpointError
 from deltadiff.model.swin_unet import IGNORED_BUFFER_SUFFIXES
+from deltadiff.runtime.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -234,16 +235,13 @@ def save_trainer_checkpoint(
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_safetensors(path: str | Path, state_dict: Mapping[str, torch.Tensor]) -> None:
     from deltadiff._deps import require
 
     st = require("safetensors.torch", "export")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    st.save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        st.save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp))

@@ -32,6 +32,7 @@ from deltadiff.model.config import ModelConfig, preset, to_upstream_yaml_dict
 from deltadiff.model.pipeline import Pipeline, randomize_
 from deltadiff.model.resize import BicubicUp4
 from deltadiff.model.swin_unet import SwinUNet
+from deltadiff.runtime.atomic import atomic_path
 from deltadiff.runtime.resize import imresize_matlab
 
 log = logging.getLogger(__name__)
@@ -288,9 +289,8 @@ def train(o: TrainOptions, *, resume: bool = False, progress: bool = True) -> Pa
 
 
 def _save(path: Path, obj: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _yaml_dump(d: dict) -> str:

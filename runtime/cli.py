@@ -52,18 +52,28 @@ def fail(exc: BaseException) -> None:
 
 @app.command()
 def upscale(
-    inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders.", show_default=False)],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output file (one input) or folder.")],
-    model: Annotated[Path | None, typer.Option(help="Model directory (default: the bundled demo model).")] = None,
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Image files and/or folders.", show_default=False)
+    ],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Output file (one input) or folder.")
+    ],
+    model: Annotated[
+        Path | None, typer.Option(help="Model directory (default: the bundled demo model).")
+    ] = None,
     backend: Annotated[str, typer.Option(help="onnxruntime | tensorrt")] = "onnxruntime",
-    precision: Annotated[str, typer.Option(help="fp32 | fp16 (graphs/engines of that precision)")] = "fp32",
+    precision: Annotated[
+        str, typer.Option(help="fp32 | fp16 (graphs/engines of that precision)")
+    ] = "fp32",
     mode: Annotated[str, typer.Option(help="staged | unrolled graph execution")] = "staged",
     tile: Annotated[int | None, typer.Option(help="LR tile side (must match the export).")] = None,
     overlap: Annotated[int | None, typer.Option(help="Tile overlap in LR pixels.")] = None,
     batch: Annotated[int, typer.Option(help="Tiles per backend call.")] = 1,
     threads: Annotated[int, typer.Option(help="CPU threads for onnxruntime (0: all).")] = 0,
     seed: Annotated[int, typer.Option(help="Noise seed (resshift-v3 only).")] = 0,
-    suffix: Annotated[str | None, typer.Option(help="Output format suffix, e.g. .png (default: keep).")] = None,
+    suffix: Annotated[
+        str | None, typer.Option(help="Output format suffix, e.g. .png (default: keep).")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     recursive: Annotated[bool, typer.Option(help="Walk folders recursively.")] = True,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
@@ -72,15 +82,27 @@ def upscale(
     """Upscale images x4. A failing file is reported and the rest go on; exit 1 if any failed."""
     setup_logging(verbose)
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler, plan_outputs, run_job
 
     err = _stderr()
     try:
         opts = UpscaleOptions(
-            backend=backend, precision=precision, mode=mode, threads=threads, tile=tile,
-            overlap=overlap, batch=batch, seed=seed,
+            backend=backend,
+            precision=precision,
+            mode=mode,
+            threads=threads,
+            tile=tile,
+            overlap=overlap,
+            batch=batch,
+            seed=seed,
         )
         if suffix is not None and not suffix.startswith("."):
             suffix = "." + suffix
@@ -90,10 +112,19 @@ def upscale(
         up = Upscaler(model, opts)
     except DeltaDiffError as exc:
         fail(exc)
-    with up, Progress(
-        TextColumn("upscale"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[name]}"),
-        TimeRemainingColumn(), console=err, disable=quiet, transient=True,
-    ) as bar:
+    with (
+        up,
+        Progress(
+            TextColumn("upscale"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[name]}"),
+            TimeRemainingColumn(),
+            console=err,
+            disable=quiet,
+            transient=True,
+        ) as bar,
+    ):
         task = bar.add_task("upscale", total=len(pairs), name="")
 
         def on_file(src: Path, status: str) -> None:
@@ -115,7 +146,9 @@ def upscale(
 
 @app.command()
 def info(
-    model: Annotated[Path | None, typer.Option(help="Model directory (default: bundled demo).")] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="Model directory (default: bundled demo).")
+    ] = None,
 ) -> None:
     """Show a model directory's manifest summary (family, tile, graphs, engines, verification)."""
     setup_logging(False)
@@ -128,30 +161,141 @@ def info(
     except DeltaDiffError as exc:
         fail(exc)
     typer.echo(f"model       {m.name} ({m.family}) at {d}")
-    typer.echo(f"tile        {m.tile[0]}x{m.tile[1]} LR -> {4 * m.tile[0]}x{4 * m.tile[1]}, batch {m.batch[0]}..{m.batch[1]}")
-    typer.echo(f"step rule   {m.step_table['rule']}; rows " + ", ".join(
-        f"t={r['t']}: in {r['in_scale']:.4f} a {r['a']:.4f} b {r['b']:.4f} c {r['c']:.4f} s {r['s']:.4f}"
-        for r in m.step_table["rows"]))
+    typer.echo(
+        f"tile        {m.tile[0]}x{m.tile[1]} LR -> {4 * m.tile[0]}x{4 * m.tile[1]}, batch {m.batch[0]}..{m.batch[1]}"
+    )
+    typer.echo(
+        f"step rule   {m.step_table['rule']}; rows "
+        + ", ".join(
+            f"t={r['t']}: in {r['in_scale']:.4f} a {r['a']:.4f} b {r['b']:.4f} c {r['c']:.4f} s {r['s']:.4f}"
+            for r in m.step_table["rows"]
+        )
+    )
     for k, g in m.graphs.items():
         typer.echo(f"graph       {k:<14} {g.file:<24} {g.bytes / 1e6:8.1f} MB  {g.precision}")
     for e in m.engines:
-        typer.echo(f"engine      {e.get('graph')} {e.get('file')} {e.get('flavour')} {e.get('precision')}")
+        typer.echo(
+            f"engine      {e.get('graph')} {e.get('file')} {e.get('flavour')} {e.get('precision')}"
+        )
     v = m.verification
     if v:
-        typer.echo(f"verified    {v.get('backend')} {v.get('precision')}: end-to-end PSNR {v.get('psnr_db')} dB, passed={v.get('passed')}")
+        typer.echo(
+            f"verified    {v.get('backend')} {v.get('precision')}: end-to-end PSNR {v.get('psnr_db')} dB, passed={v.get('passed')}"
+        )
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench() -> None:
-    """Latency / fidelity benchmark report (not built yet)."""
-    fail(DeltaDiffError("dd-run bench is not built yet (planned: per-stage latency report); use benchmarks/bench_ort.py"))
+@app.command()
+def bench(
+    model: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--model",
+            help="Model directory; repeat for several (e.g. several tiles). Default: the bundled demo model.",
+        ),
+    ] = None,
+    backend: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--backend",
+            help="onnxruntime | onnxruntime-cuda | tensorrt | torch | torch-autocast; repeatable.",
+        ),
+    ] = None,
+    precision: Annotated[
+        list[str] | None,
+        typer.Option("--precision", help="fp32 | fp16; repeatable (torch fp16 = CUDA autocast)."),
+    ] = None,
+    mode: Annotated[
+        list[str] | None,
+        typer.Option("--mode", help="staged | unrolled; repeatable (torch always runs eager)."),
+    ] = None,
+    batch: Annotated[
+        list[int] | None, typer.Option("--batch", help="Tiles per call; repeatable.")
+    ] = None,
+    threads: Annotated[
+        int, typer.Option(help="CPU threads for onnxruntime / torch (0: their default).")
+    ] = 0,
+    warmup: Annotated[
+        int, typer.Option(help="Runs discarded after the first (time-to-first-result) run.")
+    ] = 2,
+    min_runs: Annotated[int, typer.Option(help="Measure at least this many runs ...")] = 10,
+    min_seconds: Annotated[
+        float, typer.Option(help="... and for at least this long (both must be reached).")
+    ] = 3.0,
+    seed: Annotated[int, typer.Option(help="Seed of the random LR tiles (noise: seed + 1).")] = 0,
+    cov_warn: Annotated[
+        float, typer.Option(help="Flag cells whose CoV (stdev/mean) exceeds this fraction.")
+    ] = 0.10,
+    dataset: Annotated[
+        Path | None,
+        typer.Option(help="Image folder for PSNR-Y / SSIM-Y / LPIPS per backend x precision."),
+    ] = None,
+    out: Annotated[
+        Path,
+        typer.Option("-o", "--out", help="Output folder for bench.json, bench.md and the plots."),
+    ] = Path("bench-results"),
+    compare: Annotated[
+        Path | None,
+        typer.Option(help="An earlier bench.json: print and report new/old ratios per cell."),
+    ] = None,
+    fail_on_regression: Annotated[
+        bool, typer.Option(help="Exit 1 when --compare flags a regression.")
+    ] = False,
+    label: Annotated[
+        str | None, typer.Option(help="Machine name used in the file names (bench-LABEL.json).")
+    ] = None,
+    reference: Annotated[
+        bool, typer.Option(help="PSNR / max-abs vs the FP32 PyTorch reference (needs torch).")
+    ] = True,
+    peak: Annotated[
+        bool, typer.Option(help="Measure the conv peak for the achieved/peak column.")
+    ] = True,
+    plots: Annotated[bool, typer.Option(help="Write PNG plots (needs matplotlib).")] = True,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logging.")] = False,
+) -> None:
+    """Latency + fidelity report per model x backend x precision x mode x batch (JSON, Markdown, PNG).
+
+    Per stage and end to end: min/mean/median/p90/p95/p99/max, CoV, img/s, MP/s, peak RSS, GPU memory, time to first result, GMACs and achieved/peak, PSNR vs the PyTorch reference. A backend that cannot run here is skipped with its reason; the report is still written.
+    """
+    setup_logging(verbose)
+    from deltadiff.benchmarks.cli import bench_main
+    from deltadiff.benchmarks.harness import BenchOptions
+    from deltadiff.runtime.upscaler import default_model_dir
+
+    try:
+        models = tuple(model) if model else (default_model_dir(),)
+        opts = BenchOptions(
+            models=models,
+            backends=tuple(backend or ["onnxruntime"]),
+            precisions=tuple(precision or ["fp32"]),
+            modes=tuple(mode or ["staged"]),
+            batches=tuple(batch or [1]),
+            threads=threads,
+            warmup=warmup,
+            min_runs=min_runs,
+            min_seconds=min_seconds,
+            seed=seed,
+            cov_warn=cov_warn,
+            dataset=dataset,
+            out=out,
+            label=label,
+            compare=compare,
+            fail_on_regression=fail_on_regression,
+            reference=reference,
+            peak=peak,
+            plots=plots,
+        )
+        code = bench_main(opts)
+    except DeltaDiffError as exc:
+        fail(exc)
+    if code:
+        raise typer.Exit(code)
 
 
 def main() -> None:
     try:
         app()
     except DeltaDiffError as exc:  # pragma: no cover - commands catch their own
-        print(f"error: {exc}", file=sys.stderr)
+        sys.stderr.write(f"error: {exc}\n")
         sys.exit(1)
 
 

@@ -42,7 +42,6 @@ import io
 import logging
 import math
 import os
-import tempfile
 import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -55,6 +54,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from deltadiff.errors import ImageError, MissingDependencyError
+from deltadiff.runtime.atomic import atomic_path
 from deltadiff.runtime.resize import imresize_matlab
 
 log = logging.getLogger(__name__)
@@ -590,17 +590,6 @@ def _encode(
     im.save(f, format=fmt, **params)
 
 
-def _default_file_mode() -> int:
-    """0o666 less the process umask (read without changing it where /proc allows)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o644
-
-
 def _atomic_write(path: Path, fmt: str, encode: Callable[[BinaryIO], None]) -> None:
     """Encode into a temp file beside ``path``, fsync it, then ``os.replace`` it onto ``path``."""
     parent = path.parent
@@ -611,27 +600,8 @@ def _atomic_write(path: Path, fmt: str, encode: Callable[[BinaryIO], None]) -> N
     if not parent.is_dir():
         raise ImageError(f"{path}: {parent} is not a folder; choose another output path")
     try:
-        fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise ImageError(
-            f"{path}: cannot create a file in {parent} ({_reason(exc)}); "
-            "choose a writable output folder"
-        ) from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
-    done = False
-    try:
-        with tmp.open("wb") as f:  # by name: tifffile wants a named file handle
+        with atomic_path(path, fsync=True) as tmp, tmp.open("wb") as f:  # named: tifffile wants one
             encode(f)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            mode = path.stat().st_mode & 0o7777
-        except FileNotFoundError:
-            mode = _default_file_mode()
-        Path(tmp).chmod(mode)
-        Path(tmp).replace(path)
-        done = True
     except ImageError:
         raise
     except OSError as exc:
@@ -648,10 +618,6 @@ def _atomic_write(path: Path, fmt: str, encode: Callable[[BinaryIO], None]) -> N
         raise ImageError(
             f"{path}: cannot encode {fmt} ({_reason(exc)}); try another output format"
         ) from exc
-    finally:
-        if not done:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
 
 
 def write_image(

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from deltadiff.errors import ManifestError
+from deltadiff.runtime.atomic import write_text_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -217,19 +216,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, sort_keys=False)
-            fh.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        Path(tmp).chmod(0o666 & ~umask)
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def save_manifest(model_dir: str | Path, m: Manifest) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -21,8 +22,18 @@ SMALLEST_TILE = {"deltadiff-pixel": 4, "deltadiff-latent": 64, "resshift-v3": 64
 def test_full_preset_ort_fp32_matches_reference(family, tmp_path):
     pipe = Pipeline.from_preset(family, seed=0)
     tile = SMALLEST_TILE[family]
-    export_onnx(pipe, tmp_path, ExportOptions(TileShape(tile, tile), max_batch=2),
-                source={"kind": "preset", "preset": family, "seed": 0, "unet_weights": None, "vq_weights": None})
+    export_onnx(
+        pipe,
+        tmp_path,
+        ExportOptions(TileShape(tile, tile), max_batch=2),
+        source={
+            "kind": "preset",
+            "preset": family,
+            "seed": 0,
+            "unet_weights": None,
+            "vq_weights": None,
+        },
+    )
     del pipe
     rep = verify(tmp_path, seed=0)
     lines = [r.line() for r in rep.stages + rep.end_to_end]
@@ -31,8 +42,21 @@ def test_full_preset_ort_fp32_matches_reference(family, tmp_path):
     add_fp16(tmp_path)
     rep16 = verify(tmp_path, precision="fp16", seed=0, min_psnr=0.0)
     lines16 = [r.line() for r in rep16.stages + rep16.end_to_end]
-    print(f"[{family} full, LR tile {tile}] ORT fp16 (islands) vs fp32 reference\n  " + "\n  ".join(lines16))
+    print(
+        f"[{family} full, LR tile {tile}] ORT fp16 (islands) vs fp32 reference\n  "
+        + "\n  ".join(lines16)
+    )
     out = os.environ.get("DD_FULL_PRESET_LOG")
     if out:
-        with open(out, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"family": family, "tile": tile, "fp32": rep.to_record(), "fp16": rep16.to_record()}) + "\n")
+        with Path(out).open("a", encoding="utf-8") as fh:
+            fh.write(
+                json.dumps(
+                    {
+                        "family": family,
+                        "tile": tile,
+                        "fp32": rep.to_record(),
+                        "fp16": rep16.to_record(),
+                    }
+                )
+                + "\n"
+            )

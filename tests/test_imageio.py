@@ -576,7 +576,9 @@ def test_write_into_unwritable_folder_reports_writable_fix(
     def denied(*args: object, **kwargs: object) -> None:  # root ignores chmod, so simulate it
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(imageio.tempfile, "mkstemp", denied)
+    import deltadiff.runtime.atomic as atomic
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", denied)
     with pytest.raises(ImageError, match="Permission denied.*choose a writable output folder"):
         write_image(tmp_path / "out.png", np.zeros((2, 2, 3), np.float32))
     assert list(tmp_path.iterdir()) == []

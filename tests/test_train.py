@@ -26,8 +26,18 @@ def hr_folder(tmp_path_factory) -> Path:
 
 
 def _opts(data: Path, out: Path, iters: int) -> TrainOptions:
-    return TrainOptions(data=data, out=out, preset="deltadiff-pixel-small", iters=iters, batch=2, crop=32,
-                        save_every=2, log_every=2, warmup=2, threads=1)
+    return TrainOptions(
+        data=data,
+        out=out,
+        preset="deltadiff-pixel-small",
+        iters=iters,
+        batch=2,
+        crop=32,
+        save_every=2,
+        log_every=2,
+        warmup=2,
+        threads=1,
+    )
 
 
 def test_training_writes_upstream_layouts_that_load_like_official_files(hr_folder, tmp_path):

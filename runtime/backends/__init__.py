@@ -15,7 +15,7 @@ import numpy as np
 from deltadiff.errors import BackendError
 from deltadiff.runtime.manifest import Manifest, TensorSpec
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "onnxruntime-cuda", "tensorrt")
 
 
 class Backend(Protocol):
@@ -64,6 +64,12 @@ def open_backend(
         from deltadiff.runtime.backends.ort import OrtBackend
 
         return OrtBackend(model_dir, manifest, precision=precision, threads=threads)
+    if name == "onnxruntime-cuda":
+        from deltadiff.runtime.backends.ort import OrtBackend
+
+        return OrtBackend(
+            model_dir, manifest, precision=precision, threads=threads, providers=["cuda"]
+        )
     if name == "tensorrt":
         from deltadiff.runtime.backends.trt import TrtBackend
 

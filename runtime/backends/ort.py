@@ -42,6 +42,12 @@ class OrtBackend:
         self.manifest = manifest
         self.precision = precision
         self.threads = threads
+        if providers == ["cuda"]:
+            if "CUDAExecutionProvider" not in self.ort.get_available_providers():
+                raise BackendError(
+                    "onnxruntime has no CUDAExecutionProvider here; install onnxruntime-gpu and use a CUDA GPU"
+                )
+            providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
         self.providers = providers or ["CPUExecutionProvider"]
         self._sessions: dict[str, Any] = {}
 

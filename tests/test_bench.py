@@ -1,0 +1,667 @@
+"""``dd-run bench``: statistics, MAC counts, report schema and Markdown cells, regression
+comparison, the CLI (skips, --compare, no torch) and the ORT-vs-torch script's --small path.
+
+No timing asserts on this shared machine: the comparison tests pad every backend call with a
+fixed sleep (so scheduler noise from other jobs is small next to it), use a tolerant floor, and
+slow the "regressed" run by three times its own medians, far outside any rule."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deltadiff.benchmarks.flops import count_macs
+from deltadiff.benchmarks.harness import (
+    BenchOptions,
+    CaseResult,
+    CaseSpec,
+    Stats,
+    plan_cases,
+    run_bench,
+)
+from deltadiff.benchmarks.report import (
+    compare_reports,
+    load_report,
+    stage_columns,
+    validate_report,
+)
+from deltadiff.errors import DeltaDiffError
+
+from .test_runtime_no_torch import BLOCK
+
+PIXEL = "deltadiff-pixel"
+STAGED = ["encode", "step_3", "step_2", "step_1", "step_0", "decode"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _opts(model: Path, **kw) -> BenchOptions:
+    base = dict(
+        models=(model,),
+        threads=1,
+        warmup=0,
+        min_runs=3,
+        min_seconds=0.0,
+        peak=False,
+        reference=False,
+        plots=False,
+        command="pytest",
+    )
+    base.update(kw)
+    return BenchOptions(**base)
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics and the case grid
+
+
+def test_stats_on_known_timings():
+    s = Stats.from_times([i / 1000 for i in range(1, 11)])  # 1..10 ms
+    assert s.n == 10
+    assert s.min == pytest.approx(0.001) and s.max == pytest.approx(0.010)
+    assert s.median == pytest.approx(0.0055)
+    assert s.mean == pytest.approx(0.0055)
+    assert s.p90 == pytest.approx(0.0091)  # linear interpolation between 9 and 10
+    assert s.p95 == pytest.approx(0.00955)
+    assert s.p99 == pytest.approx(0.00991)
+    assert s.stdev == pytest.approx(0.0030276504, rel=1e-6)  # sample stdev (ddof 1)
+    assert s.cov == pytest.approx(0.5504819, rel=1e-6)
+    one = Stats.from_times([0.5])
+    assert one.median == 0.5 and one.cov == 0.0
+
+
+def test_cov_over_threshold_sets_the_warning_flag():
+    res = CaseResult(
+        model="m@16x16", spec=CaseSpec("onnxruntime", "fp32", "unrolled", 1), out_hw=(64, 64)
+    )
+    res.stage_order = ["unrolled"]
+    res.samples = {"unrolled": [0.010, 0.010, 0.030], "e2e": [0.010, 0.010, 0.030]}
+    d = res.to_dict()
+    assert d["cov_warning"] and d["noisy_stages"] == ["unrolled"]
+    res.cov_warn = 2.0
+    assert not res.to_dict()["cov_warning"]
+    assert d["throughput"]["images_per_s"] == pytest.approx(100.0)
+    assert d["throughput"]["megapixels_per_s"] == pytest.approx(64 * 64 / 1e6 / 0.010)
+
+
+def test_plan_cases_normalises_torch_and_drops_duplicates():
+    opts = BenchOptions(
+        models=(Path(),),
+        backends=("onnxruntime", "torch", "torch-autocast"),
+        precisions=("fp32", "fp16"),
+        modes=("staged", "unrolled"),
+    )
+    names = [c.name for c in plan_cases(opts)]
+    assert names == [
+        "onnxruntime/fp32/staged/b1",
+        "onnxruntime/fp32/unrolled/b1",
+        "onnxruntime/fp16/staged/b1",
+        "onnxruntime/fp16/unrolled/b1",
+        "torch/fp32/eager/b1",
+        "torch-autocast/fp16/eager/b1",
+    ]
+
+
+def test_bad_options_name_the_option():
+    with pytest.raises(DeltaDiffError, match="unknown backend 'tensorrtx'"):
+        BenchOptions(models=(Path(),), backends=("tensorrtx",)).check()
+    with pytest.raises(DeltaDiffError, match="--min-runs"):
+        BenchOptions(models=(Path(),), min_runs=0).check()
+
+
+# ---------------------------------------------------------------------------------------------
+# MAC counter
+
+
+def test_mac_counter_matches_an_independent_torch_count(exported):
+    import torch
+
+    from deltadiff.model.pipeline import Pipeline
+    from deltadiff.model.swin_unet import WindowAttention
+
+    pipe = Pipeline.from_preset("deltadiff-pixel-small", seed=0)
+    tot = {"conv": 0, "linear": 0, "attn": 0}
+
+    def conv(m, i, o):
+        tot["conv"] += o.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    def linear(m, i, o):
+        tot["linear"] += o.numel() * m.in_features
+
+    def attn(m, i, o):
+        bw, n, c = i[0].shape  # q @ k^T and attn @ v: 2 * Bw * N * N * C
+        tot["attn"] += 2 * bw * n * n * c
+
+    for mod in pipe.modules():
+        if isinstance(mod, torch.nn.Conv2d):
+            mod.register_forward_hook(conv)
+        elif isinstance(mod, torch.nn.Linear):
+            mod.register_forward_hook(linear)
+        elif isinstance(mod, WindowAttention):
+            mod.register_forward_hook(attn)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        pipe.step(x, x, x, torch.tensor([3]), 0.5, 0.0, 1.0, 0.0)
+    assert tot["attn"] > 0 and tot["linear"] > 0
+
+    model = exported(PIXEL)
+    step = count_macs(model / "step.onnx", batch=1)
+    assert step.uncounted == ()
+    assert step.total == sum(tot.values())
+    assert set(step.by_op) == {"Conv", "Gemm", "MatMul"}
+    # batch 2 doubles everything except the timestep-embedding Gemms (t is (1,))
+    step2 = count_macs(model / "step.onnx", batch=2)
+    assert step2.total == 2 * step.total - step.by_op["Gemm"]
+    # the unrolled graph = encoder + 4 steps, with the timestep embeddings constant-folded
+    enc = count_macs(model / "encoder.onnx", batch=1)
+    un = count_macs(model / "unrolled.onnx", batch=1)
+    assert un.total == enc.total + 4 * (step.total - step.by_op["Gemm"])
+
+
+def test_mac_counter_conv_transpose_gemm_matmul_einsum():
+    from onnx import TensorProto, helper, numpy_helper
+
+    def model(nodes, inputs, inits=()):
+        g = helper.make_graph(
+            nodes,
+            "g",
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            list(inits),
+        )
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+    w = numpy_helper.from_array(np.zeros((8, 4, 3, 3), np.float32), "w")
+    ct = model(
+        [helper.make_node("ConvTranspose", ["x", "w"], ["y"], strides=[2, 2])],
+        [("x", ["batch", 8, 4, 4])],
+        [w],
+    )
+    assert count_macs(ct, batch=2).total == 2 * 8 * 4 * 4 * 4 * 9
+    gm = model(
+        [helper.make_node("Gemm", ["a", "b"], ["y"], transA=1)], [("a", [7, 3]), ("b", [7, 5])]
+    )
+    assert count_macs(gm).total == 3 * 5 * 7
+    mm = model(
+        [helper.make_node("MatMul", ["a", "b"], ["y"])], [("a", [2, 1, 3, 4]), ("b", [5, 4, 6])]
+    )
+    assert count_macs(mm).total == 2 * 5 * 3 * 6 * 4
+    es = model(
+        [helper.make_node("Einsum", ["a", "b"], ["y"], equation="...ij,...jk->...ik")],
+        [("a", [2, 3, 4]), ("b", [2, 4, 5])],
+    )
+    assert count_macs(es).total == 2 * 3 * 4 * 5
+    gn = model(  # GroupNormalization (opset 21) has no onnx shape inference: still counted through
+        [
+            helper.make_node("GroupNormalization", ["x", "s", "s"], ["g"], num_groups=2),
+            helper.make_node("Conv", ["g", "w2"], ["y"], kernel_shape=[1, 1]),
+        ],
+        [("x", ["batch", 4, 5, 5]), ("s", [4])],
+        [numpy_helper.from_array(np.zeros((6, 4, 1, 1), np.float32), "w2")],
+    )
+    assert count_macs(gn, batch=3).total == 3 * 6 * 5 * 5 * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# one real run: onnxruntime staged + unrolled, torch eager, reference, peak, quality, plots
+
+
+@pytest.fixture(scope="module")
+def bench_run(exported, tmp_path_factory):
+    model = exported(PIXEL)
+    root = tmp_path_factory.mktemp("bench")
+    data = root / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):  # HR 64x64 -> LR 16x16: one tile each
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(data / f"img{i}.png")
+    opts = _opts(
+        model,
+        backends=("onnxruntime", "torch"),
+        modes=("staged", "unrolled"),
+        warmup=1,
+        peak=True,
+        peak_seconds=0.1,
+        reference=True,
+        plots=True,
+        dataset=data,
+        out=root / "out",
+        label="ci",
+    )
+    report = run_bench(opts)
+    return report, root / "out"
+
+
+def test_report_json_validates_against_the_schema(bench_run):
+    report, out = bench_run
+    d = json.loads((out / "bench-ci.json").read_text())
+    validate_report(d)
+    assert d["schema_version"] == 1
+    env = d["environment"]
+    assert env["cpu"]["logical_cores"] >= 1 and env["versions"]["onnxruntime"]
+    assert env["command"] == "pytest" and env["label"] == "ci"
+    assert {c["status"] for c in d["cases"]} == {"ok"}
+    bad = json.loads(json.dumps(d))
+    bad["cases"][0]["e2e"]["median"] = -1.0
+    with pytest.raises(Exception, match="minimum"):
+        validate_report(bad)
+
+
+def test_report_numbers_are_consistent(bench_run):
+    report, _ = bench_run
+    d = report.to_dict()
+    by = {(c["backend"], c["mode"]): c for c in d["cases"]}
+    staged, unrolled, torch_c = (
+        by[("onnxruntime", "staged")],
+        by[("onnxruntime", "unrolled")],
+        by[("torch", "eager")],
+    )
+    assert list(staged["stages"]) == STAGED and list(unrolled["stages"]) == ["unrolled"]
+    assert list(torch_c["stages"]) == STAGED
+    for c in (staged, unrolled, torch_c):
+        assert c["runs"] >= 3 and len(c["samples"]["e2e"]) == c["runs"]
+        e = c["e2e"]
+        assert e["min"] <= e["median"] <= e["p90"] <= e["p95"] <= e["p99"] <= e["max"]
+        assert c["throughput"]["images_per_s"] == pytest.approx(1 / e["median"])
+        assert c["memory"]["rss_peak_mb"] >= c["memory"]["rss_baseline_mb"] > 0
+        assert c["memory"]["gpu_used_peak_mb"] is None  # no GPU here
+        assert c["ttfr"]["total_s"] > 0
+        assert c["flops"]["gmacs"] > 0 and c["flops"]["achieved_over_peak"] > 0
+    # fidelity: torch eager is the reference itself; ORT FP32 is close to it
+    assert torch_c["fidelity"]["psnr_inf"] and torch_c["fidelity"]["max_abs"] == 0.0
+    assert staged["fidelity"]["psnr_db"] > 60 and unrolled["fidelity"]["psnr_db"] > 60
+    # staged and unrolled run the same MACs up to the folded timestep embeddings
+    assert staged["flops"]["macs"] == pytest.approx(unrolled["flops"]["macs"], rel=1e-3)
+    assert set(d["peaks"]) == {"onnxruntime-cpu", "torch-cpu"}
+    assert d["models"][0]["reference"]["status"] == "ok"
+
+
+def _md_rows(md: str, model: str) -> tuple[list[str], dict[tuple[str, str], list[str]]]:
+    sec = md.split(f"## {model}", 1)[1]
+    lines = [ln for ln in sec.splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for ln in lines[2:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        if len(cells) != len(header):
+            break
+        rows[(cells[0], cells[2])] = cells
+    return header, rows
+
+
+def test_markdown_has_every_backend_stage_cell(bench_run):
+    report, out = bench_run
+    md = (out / "bench-ci.md").read_text()
+    header, rows = _md_rows(md, "deltadiff-pixel-small@16x16")
+    assert header[4 : 4 + 7] == [*STAGED, "unrolled"]
+    assert set(rows) == {("onnxruntime", "staged"), ("onnxruntime", "unrolled"), ("torch", "eager")}
+    for (backend, mode), cells in rows.items():
+        got = dict(zip(header, cells, strict=True))
+        for stage in [*STAGED, "unrolled"]:
+            applies = (stage == "unrolled") == (mode == "unrolled")
+            if applies:
+                assert float(got[stage]) > 0, (backend, mode, stage)
+            else:
+                assert got[stage] == "n/a", (backend, mode, stage)
+        for col in (
+            "e2e median",
+            "e2e p90",
+            "e2e p99",
+            "img/s",
+            "MP/s",
+            "TTFR (s)",
+            "GMACs",
+            "peak RSS (MB)",
+        ):
+            assert float(got[col]) > 0, (backend, mode, col)
+        assert got["CoV"].endswith("%") or "⚠" in got["CoV"]
+        assert got["achieved/peak"].endswith("%")
+    assert rows[("torch", "eager")][header.index("PSNR vs ref (dB)")] == "inf"
+    assert "![per-stage latency](bench-ci-stages.png)" in md
+
+
+def test_quality_section_and_plots(bench_run):
+    report, out = bench_run
+    d = report.to_dict()
+    q = d["models"][0]["quality"]
+    names = [s["upscaler"] for s in q["upscalers"]]
+    assert names == ["bicubic", "onnxruntime/fp32"]
+    assert q["n_images"] == 2
+    skipped = {s["upscaler"]: s["reason"] for s in d["models"][0]["quality_skipped"]}
+    assert "torch/fp32" in skipped
+    md = (out / "bench-ci.md").read_text()
+    assert "### Quality on" in md and "| onnxruntime/fp32 |" in md
+    for kind in ("stages", "fidelity"):
+        png = out / f"bench-ci-{kind}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "bench-ci-tiles.png").exists()
+    assert any(
+        "one tile size" in n for n in json.loads((out / "bench-ci.json").read_text())["notes"]
+    )
+
+
+def test_cases_that_cannot_run_here_are_skipped_with_reasons(exported, tmp_path):
+    opts = _opts(
+        exported(PIXEL),
+        backends=("onnxruntime", "onnxruntime-cuda", "tensorrt", "torch-autocast"),
+        precisions=("fp32", "fp16"),
+        modes=("unrolled",),
+        batches=(1, 8),
+        out=tmp_path,
+    )
+    report = run_bench(opts)
+    status = {c.spec.name: (c.status, c.reason) for c in report.cases}
+    assert status.pop("onnxruntime/fp32/unrolled/b1") == ("ok", None)
+    assert all(st == "skipped" and why for st, why in status.values()), status
+    assert "outside the model's batch range [1, 4]" in status["onnxruntime/fp32/unrolled/b8"][1]
+    assert "no fp16 unrolled graph" in status["onnxruntime/fp16/unrolled/b1"][1]
+    assert "CUDAExecutionProvider" in status["onnxruntime-cuda/fp32/unrolled/b1"][1]
+    assert "torch-autocast (fp16) needs CUDA" in status["torch-autocast/fp16/eager/b1"][1]
+    validate_report(load_report(tmp_path / "bench.json"))
+    md = (tmp_path / "bench.md").read_text()
+    for name, (_, why) in status.items():
+        backend, precision, mode, b = name.split("/")
+        assert f"- {backend} / {precision} / {mode} / {b}: skipped: {why}" in md
+
+
+# ---------------------------------------------------------------------------------------------
+# comparison
+
+
+def _fake_report(cells: dict[str, tuple[float, float]]) -> dict:
+    """{stage: (median, cov)} -> a minimal report dict with one ok case."""
+    stages = {s: {"median": m, "cov": c} for s, (m, c) in cells.items() if s != "e2e"}
+    return {
+        "cases": [
+            {
+                "id": "m@16x16/onnxruntime/fp32/staged/b1",
+                "status": "ok",
+                "stages": stages,
+                "e2e": {"median": cells["e2e"][0], "cov": cells["e2e"][1]},
+            }
+        ]
+    }
+
+
+def test_regression_rule_on_synthetic_reports():
+    old = _fake_report({"step_3": (0.010, 0.02), "e2e": (0.040, 0.02)})
+    same = compare_reports(_fake_report({"step_3": (0.0105, 0.02), "e2e": (0.040, 0.02)}), old)
+    assert not same.regressions
+    c = same.cells[0]
+    assert c.ratio == pytest.approx(1.05)
+    assert c.threshold == pytest.approx(1.10)  # floor wins: 3 * sqrt(2) * 0.02 = 0.085 < 0.10
+    slow = compare_reports(_fake_report({"step_3": (0.012, 0.02), "e2e": (0.040, 0.02)}), old)
+    assert [(r.stage, round(r.ratio, 3)) for r in slow.regressions] == [("step_3", 1.2)]
+    noisy = compare_reports(_fake_report({"step_3": (0.012, 0.10), "e2e": (0.040, 0.10)}), old)
+    assert not noisy.regressions  # 1 + 3 * sqrt(0.02^2 + 0.1^2) = 1.306 > 1.2
+    assert noisy.cells[0].threshold == pytest.approx(1 + 3 * math.hypot(0.02, 0.10))
+    faster = compare_reports(_fake_report({"step_3": (0.005, 0.02), "e2e": (0.040, 0.02)}), old)
+    assert faster.cells[0].faster and not faster.regressions
+
+
+class _Sleepy:
+    """A backend wrapper that sleeps before each graph call: a fixed pad, plus per-graph extra."""
+
+    def __init__(self, inner, pad: float, extra: dict[str, float] | None = None) -> None:
+        self.inner, self.pad, self.extra = inner, pad, extra or {}
+        self.name, self.precision = inner.name, inner.precision
+
+    def run(self, graph, feeds):
+        time.sleep(self.pad + self.extra.get(graph, 0.0))
+        return self.inner.run(graph, feeds)
+
+    def input_names(self, graph):
+        return self.inner.input_names(graph)
+
+    def close(self):
+        self.inner.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def test_same_bench_twice_flags_nothing_and_a_slowed_backend_is_flagged(exported, tmp_path):
+    from deltadiff.benchmarks.cli import bench_main
+
+    model = exported(PIXEL)
+    pad = 0.02
+    kw = dict(modes=("staged",), min_runs=5, regression_floor=0.5)
+    first = run_bench(
+        _opts(model, out=tmp_path / "a", **kw), wrap_backend=lambda b: _Sleepy(b, pad)
+    )
+    old_json = Path(first.files["json"])
+    again = run_bench(
+        _opts(model, out=tmp_path / "b", compare=old_json, **kw),
+        wrap_backend=lambda b: _Sleepy(b, pad),
+    )
+    cmp = again.comparison
+    assert cmp["n_cells"] == 7 and cmp["n_regressions"] == 0, cmp
+    for c in cmp["cells"]:
+        assert 0.6 < c["ratio"] < 1.5, c
+    validate_report(load_report(again.files["json"]))
+
+    # slow every call by 3x its own median in the first run: every cell must be flagged
+    med = {s: st["median"] for s, st in first.to_dict()["cases"][0]["stages"].items()}
+    extra = {
+        "encoder": 3 * med["encode"],
+        "decoder": 3 * med["decode"],
+        "step": 3 * max(med[s] for s in STAGED[1:5]),
+    }
+    sink = io.StringIO()
+    code = bench_main(
+        _opts(
+            model,
+            out=tmp_path / "c",
+            compare=old_json,
+            fail_on_regression=True,
+            **{**kw, "min_runs": 3},
+        ),
+        out=sink,
+        err=sink,
+        wrap_backend=lambda b: _Sleepy(b, pad, extra),
+    )
+    assert code == 1, sink.getvalue()[-2000:]
+    assert "REGRESSION" in sink.getvalue() and "regression(s) against" in sink.getvalue()
+    slowed = load_report(tmp_path / "c" / "bench.json")["comparison"]
+    flagged = {c["stage"] for c in slowed["cells"] if c["regression"]}
+    assert flagged == {*STAGED, "e2e"}, slowed["cells"]
+    md = (tmp_path / "c" / "bench.md").read_text()
+    assert "**REGRESSION**" in md and "## Comparison with an earlier report" in md
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _dd_run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["dd-run", *args], capture_output=True, text=True, timeout=600, env=env or ENV
+    )
+
+
+def test_dd_run_bench_help():
+    r = _dd_run("bench", "--help")
+    assert r.returncode == 0, r.stderr
+    for opt in (
+        "--model",
+        "--backend",
+        "--min-runs",
+        "--min-seconds",
+        "--compare",
+        "--label",
+        "--dataset",
+    ):
+        assert opt in r.stdout
+
+
+def test_dd_run_bench_skips_tensorrt_with_a_reason_and_writes_the_report(exported, tmp_path):
+    model = str(exported(PIXEL))
+    common = [
+        "--model",
+        model,
+        "--backend",
+        "onnxruntime",
+        "--backend",
+        "tensorrt",
+        "--mode",
+        "unrolled",
+        "--threads",
+        "1",
+        "--warmup",
+        "0",
+        "--min-runs",
+        "2",
+        "--min-seconds",
+        "0",
+        "--no-peak",
+        "--no-reference",
+        "--no-plots",
+        "--label",
+        "ci",
+    ]
+    r = _dd_run("bench", *common, "--out", str(tmp_path / "one"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "tensorrt/fp32/unrolled/b1" in r.stderr and "skipped" in r.stderr
+    d = load_report(tmp_path / "one" / "bench-ci.json")
+    validate_report(d)
+    trt = next(c for c in d["cases"] if c["backend"] == "tensorrt")
+    assert trt["status"] == "skipped" and trt["reason"]
+    md = (tmp_path / "one" / "bench-ci.md").read_text()
+    assert f"tensorrt / fp32 / unrolled / b1: skipped: {trt['reason']}" in md
+    # --compare against it: ratios printed, exit 0 without --fail-on-regression
+    r2 = _dd_run(
+        "bench",
+        *common,
+        "--out",
+        str(tmp_path / "two"),
+        "--compare",
+        str(tmp_path / "one" / "bench-ci.json"),
+    )
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "compare vs" in r2.stdout and "onnxruntime/fp32/unrolled/b1" in r2.stdout
+    cmp = load_report(tmp_path / "two" / "bench-ci.json")["comparison"]
+    assert cmp["n_cells"] == 2
+
+
+def test_dd_run_bench_errors_are_one_line(tmp_path):
+    r = _dd_run("bench", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = _dd_run(
+        "bench", "--model", str(tmp_path), "--backend", "nope", "--out", str(tmp_path / "o")
+    )
+    assert (
+        r.returncode == 1 and "unknown backend 'nope'" in r.stderr and "Traceback" not in r.stderr
+    )
+
+
+def test_dd_run_bench_works_without_torch(exported, tmp_path):
+    model = str(exported(PIXEL))
+    code = (
+        "import sys\nfrom deltadiff.runtime.cli import app\n"
+        f"sys.argv=['dd-run','bench','--model',{model!r},'--backend','onnxruntime','--backend','torch',"
+        f"'--threads','1','--warmup','0','--min-runs','2','--min-seconds','0','--no-plots','--out',{str(tmp_path)!r}]\n"
+        "try:\n    app()\nexcept SystemExit as e:\n    sys.exit(e.code)\n"
+        "finally:\n    assert 'torch' not in sys.modules\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", BLOCK + code], capture_output=True, text=True, timeout=600, env=ENV
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = load_report(tmp_path / "bench.json")
+    torch_case = next(c for c in d["cases"] if c["backend"] == "torch")
+    assert torch_case["status"] == "skipped" and "torch is not installed" in torch_case["reason"]
+    ort = next(c for c in d["cases"] if c["backend"] == "onnxruntime")
+    assert ort["status"] == "ok" and ort["fidelity"]["psnr_db"] is None
+    assert "torch is not installed" in ort["fidelity"]["reason"]
+    assert d["environment"]["versions"]["torch"]  # installed, only blocked: still recorded
+
+
+def test_stage_columns_keep_every_stage():
+    model = {"stages": STAGED}
+    assert stage_columns(model, []) == [*STAGED, "unrolled"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the ORT-vs-torch script
+
+
+def test_ort_vs_torch_script_small_path_reuses_the_cache(exported, tmp_path, capsys):
+    from deltadiff.benchmarks import bench_ort_vs_torch as script
+
+    cache = tmp_path / "cache"
+    cached = script.model_dir(cache, "deltadiff-pixel-small", 16)
+    shutil.copytree(exported(PIXEL), cached)
+    stamp = (cached / "manifest.json").stat().st_mtime_ns
+    code = script.main(
+        [
+            "--small",
+            "--presets",
+            PIXEL,
+            "--cache",
+            str(cache),
+            "--out",
+            str(tmp_path / "out"),
+            "--threads",
+            "1",
+            "--warmup",
+            "0",
+            "--min-runs",
+            "2",
+            "--no-peak",
+        ]
+    )
+    assert code == 0
+    assert (cached / "manifest.json").stat().st_mtime_ns == stamp  # reused, not re-exported
+    text = capsys.readouterr().out
+    assert "speed-up" in text
+    rows = {
+        ln.split()[0] + " " + ln.split()[1]: ln
+        for ln in text.splitlines()
+        if ln.startswith(("torch ", "onnxruntime "))
+    }
+    assert set(rows) == {"torch eager", "onnxruntime staged", "onnxruntime unrolled"}
+    assert rows["torch eager"].rstrip().endswith("1.00x")
+    d = load_report(tmp_path / "out" / "bench.json")
+    validate_report(d)
+    assert [c["status"] for c in d["cases"]] == ["ok", "ok", "ok"]
+
+
+@pytest.mark.slow
+def test_ort_vs_torch_script_exports_when_the_cache_is_empty(tmp_path):
+    from deltadiff.benchmarks import bench_ort_vs_torch as script
+
+    code = script.main(
+        [
+            "--small",
+            "--presets",
+            PIXEL,
+            "--cache",
+            str(tmp_path / "cache"),
+            "--out",
+            str(tmp_path / "out"),
+            "--threads",
+            "1",
+            "--warmup",
+            "0",
+            "--min-runs",
+            "2",
+            "--no-peak",
+        ]
+    )
+    assert code == 0
+    assert (
+        script.model_dir(tmp_path / "cache", "deltadiff-pixel-small", 16) / "manifest.json"
+    ).exists()
