@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from deltadiff.benchmarks.lpips import LPIPS
+from deltadiff.benchmarks.lpips import LPIPS, default_lpips_weights
 from deltadiff.errors import DeltaDiffError, ImageError
 from deltadiff.runtime.atomic import write_text_atomic
 from deltadiff.runtime.resize import imresize_matlab
@@ -582,3 +583,80 @@ def write_report(report: QualityReport, out_dir: Path, stem: str = "quality") ->
         ) from None
     log.info("wrote %s and %s", json_path, md_path)
     return json_path, md_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m deltadiff.benchmarks.quality``: score model dirs (any runtime backend) and
+    bicubic on a dataset; optionally the PyTorch reference of each model too."""
+    import argparse
+
+    from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler, default_model_dir
+
+    ap = argparse.ArgumentParser(
+        prog="python -m deltadiff.benchmarks.quality", description=main.__doc__
+    )
+    ap.add_argument("--dataset", type=Path, required=True, help="gt/ + lq/ pairs, or HR images")
+    ap.add_argument(
+        "--model", type=Path, action="append", help="model dir (default: the bundled one)"
+    )
+    ap.add_argument("--backend", default="onnxruntime")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--mode", default="staged")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument(
+        "--torch-reference", action="store_true", help="also score the PyTorch reference"
+    )
+    ap.add_argument("--lpips-weights", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=Path("quality-results"))
+    ap.add_argument("--stem", default="quality")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        pairs = load_dataset(args.dataset)
+        weights = args.lpips_weights or default_lpips_weights()
+        lp = LPIPS(weights) if weights else None
+        ups: dict[str, Upscaler] = {}
+        opened = []
+        for d in args.model or [default_model_dir()]:
+            up = Upscaler(
+                d,
+                UpscaleOptions(
+                    backend=args.backend,
+                    precision=args.precision,
+                    mode=args.mode,
+                    threads=args.threads,
+                ),
+            )
+            opened.append(up)
+            ups[f"{up.m.name}/{args.backend}/{args.precision}"] = up.upscale
+            if args.torch_reference:
+                ups[f"{up.m.name}/torch-reference"] = _torch_upscaler(d)
+        rep = evaluate(pairs, ups, lpips=lp, dataset=args.dataset.name)
+        for up in opened:
+            up.close()
+        js, md = write_report(rep, args.out, args.stem)
+    except DeltaDiffError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    sys.stdout.write(rep.to_markdown().split("\n\n## ")[0] + f"\n\nwrote {js} and {md}\n")
+    return 0
+
+
+def _torch_upscaler(model_dir: Path) -> Upscaler:
+    import torch
+
+    from deltadiff.export.verify import reference_pipeline
+    from deltadiff.runtime.manifest import load_manifest
+
+    pipe = reference_pipeline(load_manifest(model_dir), model_dir=model_dir)
+
+    def up(lr: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = pipe.upscale(torch.from_numpy(lr).permute(2, 0, 1)[None].contiguous(), seed=0)
+        return out[0].permute(1, 2, 0).numpy()
+
+    return up
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -99,7 +99,7 @@ def reference_pipeline(
         cfg,
         paths["unet_weights"],
         paths["vq_weights"],
-        seed=int(src.get("seed", 0)),
+        seed=int(src.get("seed") or 0),
         ema=bool(src.get("ema", False)),
     )
 

@@ -46,7 +46,11 @@ def _stderr():  # noqa: ANN202 - rich Console
 
 
 def fail(exc: BaseException) -> None:
-    _stderr().print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    _stderr().print(
+        f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True
+    )
     raise typer.Exit(1)
 
 
@@ -131,11 +135,14 @@ def upscale(
             bar.update(task, advance=1, name=src.name)
 
         summary = run_job(up, pairs, overwrite=overwrite, on_file=on_file)
+    from rich.markup import escape
+
     out = Console(stderr=True, highlight=False, soft_wrap=True)
     for src, why in summary.failed:
-        out.print(f"[red]failed[/]  {why}" if str(src) in why else f"[red]failed[/]  {src}: {why}")
+        msg = why if str(src) in why else f"{src}: {why}"
+        out.print(f"[red]failed[/]  {escape(msg)}")
     for _src, why in summary.skipped:
-        out.print(f"[yellow]skipped[/] {why}")
+        out.print(f"[yellow]skipped[/] {escape(why)}")
     out.print(
         f"{len(summary.done)} upscaled, {len(summary.skipped)} skipped, {len(summary.failed)} failed "
         f"in {summary.seconds:.1f} s (model {up.m.name}, {backend}/{precision}, {mode})"

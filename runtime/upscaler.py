@@ -69,6 +69,11 @@ class Upscaler:
         self.opts = opts = opts or UpscaleOptions()
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.m: Manifest = load_manifest(self.model_dir)
+        if opts.precision not in self.m.precisions():
+            raise DeltaDiffError(
+                f"--precision {opts.precision}: this model has {', '.join(self.m.precisions())} graphs"
+                + ("; add FP16 graphs with dd-export fp16" if opts.precision == "fp16" else "")
+            )
         th, tw = self.m.tile
         if opts.tile is not None and (opts.tile, opts.tile) != (th, tw):
             raise DeltaDiffError(

@@ -1,0 +1,72 @@
+"""The bundled demo model: present in the package, verified, not a bicubic pass-through, better
+than bicubic (slow: the whole validation set through onnxruntime)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deltadiff.benchmarks.quality import bicubic_upscaler, load_dataset, psnr_y
+from deltadiff.runtime.compare import psnr
+from deltadiff.runtime.manifest import load_manifest
+from deltadiff.runtime.upscaler import Upscaler, default_model_dir
+
+from .conftest import DATA, REPO, need_shared
+
+EXAMPLE = REPO / "examples" / "astronaut_lr.png"
+WEIGHTS = REPO / "weights" / "demo-pixel"
+
+
+def _rgb(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+
+
+def test_bundled_model_is_packaged_and_verified():
+    d = default_model_dir()
+    m = load_manifest(d)  # checks every graph's sha256
+    assert m.family == "deltadiff-pixel" and m.name == "demo-pixel"
+    byb = m.verification["by_backend"]
+    assert byb["onnxruntime/fp32"]["passed"] and byb["onnxruntime/fp32"]["psnr_db"] >= 60
+    assert byb["onnxruntime/fp16"]["passed"] and byb["onnxruntime/fp16"]["psnr_db"] >= 40
+    assert sum(g.bytes for g in m.graphs.values()) < 20e6  # a few MB
+
+
+def test_default_upscale_differs_from_bicubic_and_beats_it_on_the_example():
+    from skimage import data
+
+    lr = _rgb(EXAMPLE)
+    with Upscaler() as up:
+        sr = up.upscale(lr)
+    bic = bicubic_upscaler(lr)
+    assert sr.shape == bic.shape == (512, 512, 3)
+    assert psnr(bic, sr, data_range=1.0) < 40.0 and float(np.abs(sr - bic).mean()) > 2e-3
+    hr = data.astronaut().astype(np.float32) / 255.0
+    assert psnr_y(sr, hr) > psnr_y(bic, hr)
+
+
+def test_bundled_weights_load_like_an_official_checkpoint():
+    import torch
+
+    from deltadiff.model.checkpoint import canonicalize, read_weights
+    from deltadiff.model.pipeline import Pipeline
+
+    pipe = Pipeline.from_yaml(WEIGHTS / "config.yaml")
+    st = canonicalize(read_weights(WEIGHTS / "demo-pixel.safetensors"))
+    sd = pipe.unet.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in st.items())
+    raw = torch.load(WEIGHTS / "demo-pixel.pth", weights_only=True)
+    assert set(raw) >= {"iters_start", "state_dict"}
+
+
+@pytest.mark.slow
+def test_bundled_model_beats_bicubic_on_the_validation_set_through_onnxruntime():
+    pairs = load_dataset(need_shared(DATA / "val-bicubic-x4"))
+    gains = []
+    with Upscaler() as up:
+        for p in pairs:
+            lr = p.lr.astype(np.float32) / 255.0
+            gains.append(psnr_y(up.upscale(lr), p.hr) - psnr_y(bicubic_upscaler(lr), p.hr))
+    assert float(np.mean(gains)) >= 0.5, gains
