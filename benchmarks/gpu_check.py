@@ -44,7 +44,16 @@ def trt_flavour(wheels: Path | None, want: str | None) -> tuple[str, str]:
         log.warning("no TensorRT importable (%s)", exc)
     if wheels is None:
         raise SystemExit("no TensorRT here and no --wheels DIR to install TensorRT-RTX from")
-    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels), "tensorrt-rtx-cu13"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-index",
+        "--find-links",
+        str(wheels),
+        "tensorrt-rtx-cu13",
+    ]
     log.info("installing TensorRT-RTX offline: %s", " ".join(cmd))
     subprocess.run(cmd, check=True)
     trt, flavour = import_trt("tensorrt_rtx")
@@ -79,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     summary["gpu"] = dev.label() if dev else None
     if dev is None or not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU visible (cuda-python / torch)")
-    torch.backends.cuda.matmul.allow_tf32 = False  # FP32 means FP32 for the reference and its timing
+    torch.backends.cuda.matmul.allow_tf32 = (
+        False  # FP32 means FP32 for the reference and its timing
+    )
     torch.backends.cudnn.allow_tf32 = False
     flavour, version = trt_flavour(args.wheels, args.flavour)
     summary["tensorrt"] = f"{flavour} {version}"
@@ -88,19 +99,45 @@ def main(argv: list[str] | None = None) -> int:
     model = args.work / f"{args.preset}-tile64"
     if not (model / "manifest.json").exists():
         pipe = Pipeline.from_preset(args.preset, seed=0)
-        export_onnx(pipe, model, ExportOptions(TileShape(64, 64), max_batch=4),
-                    source={"kind": "preset", "preset": args.preset, "seed": 0, "unet_weights": None, "vq_weights": None})
+        export_onnx(
+            pipe,
+            model,
+            ExportOptions(TileShape(64, 64), max_batch=4),
+            source={
+                "kind": "preset",
+                "preset": args.preset,
+                "seed": 0,
+                "unet_weights": None,
+                "vq_weights": None,
+            },
+        )
         del pipe
     if "step.fp16" not in json.loads((model / "manifest.json").read_text())["graphs"]:
         add_fp16(model)
     targets = ("current",) if flavour == "tensorrt_rtx" else ()
-    _, built = build_engines(model, EngineOptions(precision="fp16", flavour=flavour, batch_opt=1, batch_max=4,
-                                                  targets=targets))
-    summary["engines"] = [{k: e[k] for k in ("graph", "file", "bytes", "targets", "build_seconds") if k in e} for e in built]
-    rep = verify(model, backend="tensorrt", precision="fp16", seed=0, min_psnr=40.0, modes=("staged", "unrolled"))
-    summary["fidelity"] = {r.name: {"psnr_db": r.psnr, "max_abs": r.max_abs, "passed": r.passed}
-                           for r in rep.stages + rep.end_to_end}
-    log.info("TensorRT FP16 vs FP32 reference: %.1f dB (%s)", rep.psnr, "PASS" if rep.passed else "FAIL")
+    _, built = build_engines(
+        model,
+        EngineOptions(precision="fp16", flavour=flavour, batch_opt=1, batch_max=4, targets=targets),
+    )
+    summary["engines"] = [
+        {k: e[k] for k in ("graph", "file", "bytes", "targets", "build_seconds") if k in e}
+        for e in built
+    ]
+    rep = verify(
+        model,
+        backend="tensorrt",
+        precision="fp16",
+        seed=0,
+        min_psnr=40.0,
+        modes=("staged", "unrolled"),
+    )
+    summary["fidelity"] = {
+        r.name: {"psnr_db": r.psnr, "max_abs": r.max_abs, "passed": r.passed}
+        for r in rep.stages + rep.end_to_end
+    }
+    log.info(
+        "TensorRT FP16 vs FP32 reference: %.1f dB (%s)", rep.psnr, "PASS" if rep.passed else "FAIL"
+    )
 
     opts = BenchOptions(
         models=(model,),
@@ -125,8 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         amp = medians.get(("torch-autocast", "fp16", "eager", b))
         trt = min((v for k, v in medians.items() if k[0] == "tensorrt" and k[3] == b), default=None)
         if eager and amp and trt:
-            summary[f"batch{b}"] = {"torch_fp32_ms": eager * 1e3, "torch_amp_ms": amp * 1e3, "trt_fp16_ms": trt * 1e3,
-                                    "speedup_vs_fp32": eager / trt, "speedup_vs_amp": amp / trt}
+            summary[f"batch{b}"] = {
+                "torch_fp32_ms": eager * 1e3,
+                "torch_amp_ms": amp * 1e3,
+                "trt_fp16_ms": trt * 1e3,
+                "speedup_vs_fp32": eager / trt,
+                "speedup_vs_amp": amp / trt,
+            }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(json.dumps(summary, indent=1, default=str))

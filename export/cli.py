@@ -94,7 +94,12 @@ def build_reference(
         if family is not None and family != cfg.family:
             raise DeltaDiffError(f"--family {family} contradicts preset {preset} ({cfg.family})")
     if schedule is not None:
-        lo, hi = (float(v) for v in schedule.split(","))
+        try:
+            lo, hi = (float(v) for v in schedule.split(","))
+        except ValueError:
+            raise DeltaDiffError(
+                f"--schedule {schedule!r}: give MIN_NOISE_LEVEL,ETAS_END, e.g. 0.01,0.99"
+            ) from None
         cfg = cfg.replace(
             schedule=dataclasses.replace(cfg.schedule, min_noise_level=lo, etas_end=hi)
         )
@@ -175,10 +180,11 @@ def onnx(
         )
         for k, g in m.graphs.items():
             typer.echo(f"{k:<10} {out / g.file}  {g.bytes / 1e6:.1f} MB")
-        if verify:
-            _verify_and_print(out, "onnxruntime", "fp32", None, 0, 1, None, 0)
+        ok = _verify_and_print(out, "onnxruntime", "fp32", None, 0, 1, None, 0) if verify else True
     except DeltaDiffError as exc:
         fail(exc)
+    if not ok:
+        raise typer.Exit(1)
 
 
 def _verify_and_print(
@@ -325,7 +331,10 @@ def build_engine(
             raise DeltaDiffError(
                 f"--precision {precision}: choose fp16 or fp32 (INT8 needs calibrate)"
             )
-        parts = [int(b) for b in batch.split(",")]
+        try:
+            parts = [int(b) for b in batch.split(",")]
+        except ValueError:
+            raise DeltaDiffError(f"--batch {batch!r}: give OPT or OPT,MAX as integers") from None
         if precision == "fp16" and "step.fp16" not in load_manifest(model).graphs:
             from deltadiff.export.onnx_export import add_fp16
 

@@ -8,11 +8,14 @@ computation, so staged and unrolled outputs agree to float rounding of the same 
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from deltadiff.model.schedule import StepTable
+from deltadiff.runtime.manifest import coef_vector
 
 
 def _rename_subgraph_refs(node: onnx.NodeProto, mapping: dict[str, str]) -> None:
@@ -92,8 +95,7 @@ def compose_unrolled(
         pre = f"r{r.t}/"
         t_name, c_name = f"{pre}t", f"{pre}coef"
         inits[t_name] = numpy_helper.from_array(np.array([r.t], dtype=np.int64), t_name)
-        coef = np.array([r.in_scale, r.a, r.b, r.c, r.s], dtype=np.float32)
-        inits[c_name] = numpy_helper.from_array(coef, c_name)
+        inits[c_name] = numpy_helper.from_array(coef_vector(asdict(r)), c_name)
         bind = {"x": x, "y": y, "cond": cond, "t": t_name, "coef": c_name}
         if "noise" in step_inputs:
             if r.s != 0.0:

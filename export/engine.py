@@ -94,6 +94,8 @@ def build_engine(
     config.builder_optimization_level = int(opts.opt_level)
     if not opts.tf32 and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)
+    if flavour == "tensorrt_rtx" and hasattr(trt.BuilderFlag, "REQUIRE_USER_ALLOCATION"):
+        config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)  # needed for CUDA stream capture
     if flavour == "tensorrt_rtx" and opts.targets:
         config.num_compute_capabilities = len(opts.targets)
         for i, t in enumerate(opts.targets):
@@ -153,7 +155,10 @@ def build_engines(
             "full TensorRT builds engines on the GPU it targets and no CUDA GPU is visible; "
             "use --flavour tensorrt_rtx to build ahead of time without a GPU"
         )
-    targets = list(opts.targets) or (list(RTX_DEFAULT_TARGETS) if flavour == "tensorrt_rtx" else [])
+    build_targets = list(opts.targets) or (
+        list(RTX_DEFAULT_TARGETS) if flavour == "tensorrt_rtx" else []
+    )
+    targets = list(build_targets)  # as recorded: "current" becomes this GPU's sm
     if "current" in [t.lower() for t in targets]:
         if dev is None:
             raise EngineError(
@@ -221,7 +226,7 @@ def build_engines(
         plan, tc_new = build_engine(
             model_dir / rec.file,
             inputs=rec.inputs,
-            opts=opts,
+            opts=replace(opts, targets=tuple(build_targets)),
             batch=(1, opts.batch_opt, hi),
             flavour=flavour,
             timing_cache=tc,
@@ -242,6 +247,6 @@ def build_engines(
         }
         engines = [e for e in engines if e is not old] + [new]
         built.append(new)
-    m2 = replace(m, engines=engines)
-    save_manifest(model_dir, m2)
-    return m2, built
+        m = replace(m, engines=engines)
+        save_manifest(model_dir, m)  # after each engine: the manifest always vouches for the files
+    return m, built

@@ -112,9 +112,13 @@ def convert_to_fp16(
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    for n in m.graph.node:  # names must be unique and non-empty for island bookkeeping
-        if not n.name:
-            n.name = f"{n.op_type}_{id(n)}"
+    seen_names: set[str] = set()
+    for i, n in enumerate(
+        m.graph.node
+    ):  # names must be unique and non-empty for island bookkeeping
+        if not n.name or n.name in seen_names:
+            n.name = f"{n.op_type}__{i}"
+        seen_names.add(n.name)
     # Keep the exporter's value_info: ONNX cannot infer GroupNormalization-21 outputs on its own.
     m = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
     g = m.graph

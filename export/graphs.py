@@ -18,8 +18,6 @@ from torch import nn
 
 from deltadiff.model.pipeline import Pipeline
 
-COEF_FIELDS = ("in_scale", "a", "b", "c", "s")
-
 
 @dataclass(frozen=True)
 class TileShape:

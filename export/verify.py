@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,13 @@ from deltadiff.model.pipeline import Pipeline
 from deltadiff.runtime.backends import open_backend
 from deltadiff.runtime.compare import CompareResult, compare
 from deltadiff.runtime.executor import Executor
-from deltadiff.runtime.manifest import Manifest, load_manifest, save_manifest, sha256_file
+from deltadiff.runtime.manifest import (
+    Manifest,
+    coef_vector,
+    load_manifest,
+    save_manifest,
+    sha256_file,
+)
 from deltadiff.runtime.noise import noise_field
 
 log = logging.getLogger(__name__)
@@ -170,7 +176,6 @@ def verify(
         image = pipe.decode(x).numpy()
 
     with open_backend(backend, model_dir, m, precision=precision, threads=threads) as be:
-        ex = Executor(m, be)
         graphs = {k.split(".")[0] for k, g in m.graphs.items() if g.precision == precision}
         if "encoder" in graphs:
             enc = be.run("encoder", {"lr": lr, **noise})
@@ -183,7 +188,7 @@ def verify(
                     "y": ref["y"],
                     "cond": ref["cond"],
                     "t": np.array([r.t], np.int64),
-                    "coef": np.array([r.in_scale, r.a, r.b, r.c, r.s], np.float32),
+                    "coef": coef_vector(asdict(r)),
                 }
                 if "noise" in be.input_names("step"):
                     feeds["noise"] = noise.get(f"n_{r.t}", np.zeros_like(x_in))

@@ -113,6 +113,12 @@ def canonicalize(
             if isinstance(obj.get(k), Mapping):
                 obj = obj[k]
                 break
+        else:
+            log.warning(
+                "%s has no EMA entry (%s); using its weights as they are",
+                source,
+                "/".join(EMA_KEYS),
+            )
     for k in WRAPPER_KEYS:
         inner = obj.get(k)
         if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()):

@@ -45,6 +45,12 @@ TOL = {
 Results = list[CompareResult]
 
 
+def _npz(path: Path) -> dict[str, np.ndarray]:
+    """All arrays of an .npz, with the file closed again."""
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
 def _t(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
 
@@ -84,7 +90,7 @@ def _load_vq(case: Path, data: dict) -> VQModel:
 
 
 def check_bicubic(case: Path, npz: Path) -> Results:
-    g = np.load(npz)
+    g = _npz(npz)
     gold = (
         (load_yaml(case / "config.yaml").get("golden") or {})
         if (case / "config.yaml").exists()
@@ -146,7 +152,7 @@ def check_deltadiff_unet(case: Path, data: dict) -> Results:
     up4 = BicubicUp4("matlab")
     sc = case / "single_call.npz"
     if sc.exists():
-        g = np.load(sc)
+        g = _npz(sc)
         with torch.no_grad():
             if "lr_hwc" in g:
                 lq_up = up4(_hwc_to_nchw(g["lr_hwc"]) * 2 - 1).numpy()
@@ -171,7 +177,7 @@ def check_deltadiff_unet(case: Path, data: dict) -> Results:
                 )
     lp = case / "loop_4step.npz"
     if lp.exists():
-        g = np.load(lp)
+        g = _npz(lp)
         if "etas" in g:
             res.append(
                 compare(
@@ -234,7 +240,7 @@ def check_resshift_unet(case: Path, data: dict) -> Results:
     uc = case / "unet_call.npz"
     if uc.exists():
         unet = _load_unet(case, data)
-        g = np.load(uc)
+        g = _npz(uc)
         with torch.no_grad():
             out = unet(_t(g["x_in"]), _t(g["t"]), _t(g["lq"])).numpy()
             res.append(compare(g["output"], out, name="unet_call output", atol=TOL["unet"]))
@@ -245,9 +251,9 @@ def check_resshift_unet(case: Path, data: dict) -> Results:
                 )
     sm = case / "swin_masks.npz"
     if sm.exists():
-        g = np.load(sm)
+        g = _npz(sm)
         ws = ucfg.window_size
-        for key in sorted(g.files):
+        for key in sorted(g):
             m = re.fullmatch(r"mask_(\d+)x(\d+)", key)
             if not m:
                 continue
@@ -259,7 +265,7 @@ def check_resshift_unet(case: Path, data: dict) -> Results:
 
 def check_vq(case: Path, data: dict) -> Results:
     vq = _load_vq(case, data)
-    g = np.load(case / "vq_golden.npz")
+    g = _npz(case / "vq_golden.npz")
     res: Results = []
     with torch.no_grad():
         z = vq.encode(_t(g["image"]))
@@ -300,7 +306,7 @@ def check_resshift_step(case: Path, data: dict) -> Results:
     cfg = from_upstream_yaml(case / "config.yaml", family="resshift-v3")
     unet = _load_unet(case, data)
     vq = _load_vq(case, data)
-    g = np.load(case / "step_golden.npz")
+    g = _npz(case / "step_golden.npz")
     table = make_step_table(cfg.schedule, "posterior-noise")
     res: Results = []
     # schedule arrays (float64) vs the step table
@@ -414,9 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("folder", type=Path, help="folder laid out like shared/golden")
     args = ap.parse_args(argv)
-    torch.set_grad_enabled(False)
     try:
-        results = check_folder(args.folder)
+        with torch.no_grad():
+            results = check_folder(args.folder)
     except DeltaDiffError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

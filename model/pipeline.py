@@ -18,7 +18,6 @@ import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -229,11 +228,6 @@ class Pipeline(nn.Module):
             return max(64, self.cfg.lr_multiple)
         return max(8, self.cfg.lr_multiple)
 
-    def noise_shape(self, lr_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Shape of the state for an (already padded) LR batch shape."""
-        B, _, h, w = lr_shape
-        return (B, 3, h, w) if self.cfg.latent else (B, 3, 4 * h, 4 * w)
-
     def make_noise(
         self, shape: tuple[int, ...], seed: int, source: str = "numpy"
     ) -> dict[str, torch.Tensor]:
@@ -298,7 +292,3 @@ def _reflect_pad_t(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
     ih = torch.from_numpy(reflect_index(h, h + ph)).to(x.device)
     iw = torch.from_numpy(reflect_index(w, w + pw)).to(x.device)
     return x.index_select(2, ih).index_select(3, iw)
-
-
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from deltadiff.errors import ConfigError
-from deltadiff.model.checkpoint import canonicalize, read_weights, save_trainer_checkpoint
+from deltadiff.model.checkpoint import save_trainer_checkpoint
 from deltadiff.model.config import ModelConfig, preset, to_upstream_yaml_dict
 from deltadiff.model.pipeline import Pipeline, randomize_
 from deltadiff.model.resize import BicubicUp4
 from deltadiff.model.swin_unet import SwinUNet
-from deltadiff.runtime.atomic import atomic_path
+from deltadiff.runtime.atomic import atomic_path, write_text_atomic
 from deltadiff.runtime.resize import imresize_matlab
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,10 @@ def load_hr_images(folder: Path, min_side: int) -> list[np.ndarray]:
     """All RGB images of a folder as uint8 HWC arrays (images smaller than a crop are skipped)."""
     from PIL import Image
 
+    if not folder.is_dir():
+        raise ConfigError(
+            f"training data folder {folder} does not exist; pass --data DIR of HR images"
+        )
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     imgs = []
     for p in files:
@@ -116,44 +120,20 @@ def lr_at(it: int, o: TrainOptions) -> float:
     return o.lr_min + 0.5 * (o.lr - o.lr_min) * (1 + math.cos(math.pi * min(1.0, p)))
 
 
-def load_pairs(folder: Path) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(gt, lq) uint8 pairs from a folder with gt/ and lq/ subfolders matched by file name."""
-    from PIL import Image
-
-    pairs = []
-    for g in sorted((folder / "gt").iterdir()):
-        lq = folder / "lq" / g.name
-        if lq.exists():
-            with Image.open(g) as a, Image.open(lq) as b:
-                pairs.append((np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB"))))
-    return pairs
-
-
-def psnr_y(a: np.ndarray, b: np.ndarray, border: int = 4) -> float:
-    """PSNR on the Y channel (BT.601, 16-235), border crop; inputs uint8 HWC RGB."""
-
-    def y(im: np.ndarray) -> np.ndarray:
-        im = im.astype(np.float64)
-        return 16.0 + (65.481 * im[..., 0] + 128.553 * im[..., 1] + 24.966 * im[..., 2]) / 255.0
-
-    ya, yb = y(a), y(b)
-    if border:
-        ya, yb = ya[border:-border, border:-border], yb[border:-border, border:-border]
-    mse = float(np.mean((ya - yb) ** 2))
-    return 10 * math.log10(255.0**2 / mse) if mse else math.inf
-
-
 @torch.no_grad()
-def validate(pipe: Pipeline, pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
+def validate(pipe: Pipeline, pairs: list) -> float:
+    """Mean PSNR-Y (4-px border) of the reference pipeline on (HR, LR) pairs of the evaluator."""
+    from deltadiff.benchmarks.quality import psnr_y
+
     vals = []
-    for gt, lq in pairs:
-        lr = torch.from_numpy(lq.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    for p in pairs:
+        lr = torch.from_numpy(p.lr.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
         sr = pipe.upscale(lr)[0].permute(1, 2, 0).numpy()
-        sr8 = np.clip(np.round(sr * 255.0), 0, 255).astype(np.uint8)
-        vals.append(psnr_y(gt, sr8))
+        vals.append(psnr_y(sr, p.hr))
     return float(np.mean(vals))
 
 
+@torch.enable_grad()
 def train(o: TrainOptions, *, resume: bool = False, progress: bool = True) -> Path:
     """Train; returns the path of the final EMA checkpoint."""
     cfg: ModelConfig = preset(o.preset)
@@ -196,12 +176,13 @@ def train(o: TrainOptions, *, resume: bool = False, progress: bool = True) -> Pa
         in_scale[r.t] = r.in_scale
     up4 = BicubicUp4("matlab")
     sampler = CropSampler(load_hr_images(o.data, o.crop), o.crop, o.quantize_lr, rng)
-    pairs = load_pairs(o.val) if o.val else []
-    (out / "config.yaml").write_text(_yaml_dump(to_upstream_yaml_dict(cfg)), encoding="utf-8")
-    (out / "options.json").write_text(
-        json.dumps(asdict(o), default=str, indent=1), encoding="utf-8"
-    )
-    logf = (out / "log.jsonl").open("a", encoding="utf-8")
+    pairs = []
+    if o.val:
+        from deltadiff.benchmarks.quality import load_dataset
+
+        pairs = load_dataset(o.val)
+    write_text_atomic(out / "config.yaml", _yaml_dump(to_upstream_yaml_dict(cfg)))
+    write_text_atomic(out / "options.json", json.dumps(asdict(o), default=str, indent=1))
 
     from rich.progress import (
         BarColumn,
@@ -221,8 +202,11 @@ def train(o: TrainOptions, *, resume: bool = False, progress: bool = True) -> Pa
         TimeRemainingColumn(),
     ]
     t0 = time.time()
-    run_loss = 0.0
-    with Progress(*cols, disable=not progress) as bar:
+    run_loss, run_n = 0.0, 0
+    with (
+        (out / "log.jsonl").open("a", encoding="utf-8") as logf,
+        Progress(*cols, disable=not progress) as bar,
+    ):
         task = bar.add_task("train", total=o.iters, completed=start, loss=float("nan"))
         net.train()
         for it in range(start, o.iters):
@@ -249,16 +233,17 @@ def train(o: TrainOptions, *, resume: bool = False, progress: bool = True) -> Pa
                     else:
                         ema[k].copy_(v)
             run_loss += float(loss.detach())
+            run_n += 1
             bar.update(task, advance=1, loss=float(loss.detach()))
             done = it + 1
             if done % o.log_every == 0 or done == o.iters:
                 rec = {
                     "iter": done,
-                    "loss": run_loss / o.log_every,
+                    "loss": run_loss / max(1, run_n),
                     "lr": lr_at(it, o),
                     "elapsed_s": round(time.time() - t0, 1),
                 }
-                run_loss = 0.0
+                run_loss, run_n = 0.0, 0
                 if pairs and (done % o.save_every == 0 or done == o.iters):
                     ema_net = SwinUNet(cfg.unet)
                     ema_net.load_state_dict(ema)
@@ -284,7 +269,6 @@ def train(o: TrainOptions, *, resume: bool = False, progress: bool = True) -> Pa
                         "torch_rng": torch.get_rng_state(),
                     },
                 )
-    logf.close()
     return out / "ema_ckpts" / f"ema_model_{o.iters}.pth"
 
 
@@ -297,7 +281,3 @@ def _yaml_dump(d: dict) -> str:
     import yaml
 
     return yaml.safe_dump(d, sort_keys=False)
-
-
-def ema_state(path: Path) -> dict[str, torch.Tensor]:
-    return canonicalize(read_weights(path))

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from deltadiff.errors import VerificationError
+
 
 @dataclass(frozen=True)
 class CompareResult:
@@ -84,7 +86,9 @@ def compare(
     r = np.asarray(ref, dtype=np.float64)
     o = np.asarray(out, dtype=np.float64)
     if r.shape != o.shape:
-        raise ValueError(f"{name}: shape {o.shape} does not match the reference {r.shape}")
+        raise VerificationError(
+            f"{name}: output shape {o.shape} does not match the reference {r.shape}"
+        )
     finite = bool(np.isfinite(o).all())
     if not finite or r.size == 0:
         nan = math.nan

@@ -15,7 +15,7 @@ import numpy as np
 
 from deltadiff.errors import BackendError
 from deltadiff.runtime.backends import Backend
-from deltadiff.runtime.manifest import Manifest
+from deltadiff.runtime.manifest import Manifest, coef_vector
 
 MODES = ("staged", "unrolled")
 DEFAULT_MODE = "staged"
@@ -30,9 +30,6 @@ class Executor:
         self.backend = backend
         self.mode = mode
         self.rows = manifest.step_table["rows"]
-
-    def coef(self, row: dict) -> np.ndarray:
-        return np.array([row["in_scale"], row["a"], row["b"], row["c"], row["s"]], dtype=np.float32)
 
     def run(
         self,
@@ -74,7 +71,7 @@ class Executor:
                 "y": y,
                 "cond": cond,
                 "t": np.array([int(r["t"])], dtype=np.int64),
-                "coef": self.coef(r),
+                "coef": coef_vector(r),
             }
             if "noise" in step_inputs:
                 name = f"n_{int(r['t'])}"

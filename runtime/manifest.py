@@ -148,6 +148,21 @@ class Manifest:
                         f"{where}: step_table.rows[{i}].{k} is missing or not a number; {REBUILD_HINT}"
                     )
         _field(st, "s_prior", (int, float), f"{where}: step_table")
+        _field(st, "rule", str, f"{where}: step_table")
+        engines = d.get("engines", [])
+        if not isinstance(engines, list) or not all(
+            isinstance(e, dict)
+            and isinstance(e.get("graph"), str)
+            and isinstance(e.get("file"), str)
+            for e in engines
+        ):
+            raise ManifestError(
+                f"{where}: 'engines' must be a list of engine records; rebuild with dd-export build-engine"
+            )
+        if not isinstance(d.get("verification", {}), dict):
+            raise ManifestError(
+                f"{where}: 'verification' must be an object; re-run dd-export verify"
+            )
         tile = _pair(_field(d, "tile", list, where), "tile", where)
         batch = _pair(_field(d, "batch", list, where), "batch", where)
         fam = _field(d, "family", str, where)
@@ -165,11 +180,18 @@ class Manifest:
             exporter=_field(d, "exporter", dict, where),
             source=_field(d, "source", dict, where),
             model_config=_field(d, "model_config", dict, where),
-            engines=list(d.get("engines", [])),
+            engines=list(engines),
             verification=dict(d.get("verification", {})),
             created=str(d.get("created", "")),
             schema_version=ver,
         )
+
+
+def coef_vector(row: dict[str, Any]) -> Any:
+    """A step-table row as the step graph's ``coef`` input: [in_scale, a, b, c, s] float32."""
+    import numpy as np
+
+    return np.array([row["in_scale"], row["a"], row["b"], row["c"], row["s"]], dtype=np.float32)
 
 
 def _field(d: dict, key: str, typ: type | tuple[type, ...], where: str) -> Any:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from deltadiff._deps import require
 from deltadiff.errors import EngineError, MissingDependencyError
 
 log = logging.getLogger(__name__)
@@ -105,14 +106,19 @@ class Device:
         return f"{self.name} ({self.sm})"
 
 
+def cudart() -> ModuleType:
+    """cuda-python's runtime API (the one place it is imported)."""
+    return require("cuda.bindings.runtime", "trt")
+
+
 def current_device(index: int = 0) -> Device | None:
     """The CUDA device through cuda-python, or None when there is no GPU / driver / cuda-python."""
     try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
+        rt = cudart()
+    except MissingDependencyError:
         return None
     try:
-        err, prop = cudart.cudaGetDeviceProperties(index)
+        err, prop = rt.cudaGetDeviceProperties(index)
     except Exception:  # noqa: BLE001 - no driver
         return None
     if int(err) != 0:

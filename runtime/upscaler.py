@@ -19,7 +19,7 @@ import numpy as np
 
 from deltadiff.errors import DeltaDiffError, ImageError
 from deltadiff.runtime.backends import open_backend
-from deltadiff.runtime.executor import DEFAULT_MODE, Executor
+from deltadiff.runtime.executor import DEFAULT_MODE, MODES, Executor
 from deltadiff.runtime.imageio import (
     find_images,
     output_path,
@@ -68,7 +68,9 @@ class Upscaler:
     ) -> None:
         self.opts = opts = opts or UpscaleOptions()
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
-        self.m: Manifest = load_manifest(self.model_dir)
+        if opts.mode not in MODES:
+            raise DeltaDiffError(f"--mode {opts.mode!r}: choose one of {', '.join(MODES)}")
+        self.m: Manifest = load_manifest(self.model_dir, check_hashes=False)
         if opts.precision not in self.m.precisions():
             raise DeltaDiffError(
                 f"--precision {opts.precision}: this model has {', '.join(self.m.precisions())} graphs"

@@ -195,13 +195,22 @@ def test_unparsable_graph_names_the_node(tmp_path):
 
     node = helper.make_node("FancyOp", ["x"], ["y"], name="my_bad_node", domain="com.example")
     g = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
     )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.example", 1)])
+    m = helper.make_model(
+        g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.example", 1)]
+    )
     p = tmp_path / "bad.onnx"
     onnx.save(m, str(p))
     with pytest.raises(EngineError, match="my_bad_node") as e:
-        build_engine(p, inputs=(TensorSpec("x", (1, 3), "float32"),), opts=EngineOptions(),
-                     batch=(1, 1, 1), flavour="tensorrt_rtx")
+        build_engine(
+            p,
+            inputs=(TensorSpec("x", (1, 3), "float32"),),
+            opts=EngineOptions(),
+            batch=(1, 1, 1),
+            flavour="tensorrt_rtx",
+        )
     assert "\n" not in str(e.value)

@@ -68,7 +68,12 @@ def open_backend(
         from deltadiff.runtime.backends.ort import OrtBackend
 
         return OrtBackend(
-            model_dir, manifest, precision=precision, threads=threads, providers=["cuda"]
+            model_dir,
+            manifest,
+            precision=precision,
+            threads=threads,
+            providers=["cuda"],
+            device=device,
         )
     if name == "tensorrt":
         from deltadiff.runtime.backends.trt import TrtBackend

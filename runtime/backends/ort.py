@@ -28,6 +28,7 @@ class OrtBackend:
         precision: str = "fp32",
         threads: int = 0,
         providers: list[str] | None = None,
+        device: int = 0,
     ) -> None:
         global _logged
         self.ort = require("onnxruntime", "ort")
@@ -47,7 +48,7 @@ class OrtBackend:
                 raise BackendError(
                     "onnxruntime has no CUDAExecutionProvider here; install onnxruntime-gpu and use a CUDA GPU"
                 )
-            providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+            providers = [("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"]
         self.providers = providers or ["CPUExecutionProvider"]
         self._sessions: dict[str, Any] = {}
 

@@ -1,10 +1,13 @@
 """TensorRT backend: cuda-python device memory, pinned host buffers, one stream,
 ``set_tensor_address`` + ``execute_async_v3``; the whole encode -> four rows -> decode sequence
-for a batch size is captured once as a CUDA graph and replayed.
+for a (mode, batch) is captured once as a CUDA graph and replayed.
 
 The staged chain stays on the device: the encoder writes x / y / cond, the step engine ping-pongs
 the state between two buffers with each row's ``t`` / ``coef`` (and noise) in their own device
-buffers, the decoder writes the image; only the LR (+ noise) goes up and the image comes down.
+buffers (uploaded once), the decoder writes the image; only the LR (+ noise) goes up and the image
+comes down. Each chain owns its execution contexts, so every captured graph has fixed shapes and
+addresses. If a chain cannot be captured (``is_stream_capturable`` false, or capture fails) it is
+enqueued normally and a warning says so once.
 
 Status: written against the TensorRT 10/11 and TensorRT-RTX Python APIs and cuda-python 12/13;
 NOT yet run on a GPU (the development machine has none). ``benchmarks/gpu_check.py`` exercises it.
@@ -14,39 +17,30 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from deltadiff.errors import BackendError, EngineError, MissingDependencyError
+from deltadiff.errors import BackendError, EngineError
 from deltadiff.runtime.backends import check_feeds
-from deltadiff.runtime.manifest import Manifest, verify_file
-from deltadiff.runtime.trt_compat import check_engine_record, current_device, import_trt, trt_logger
+from deltadiff.runtime.manifest import Manifest, coef_vector, verify_file
+from deltadiff.runtime.trt_compat import (
+    check_engine_record,
+    cudart,
+    current_device,
+    import_trt,
+    trt_logger,
+)
 
 log = logging.getLogger(__name__)
 
 
-def _cudart() -> Any:
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart  # cuda-python < 12.6
-        except ImportError:
-            raise MissingDependencyError(
-                "cuda-python is not installed; pip install 'deltadiff-trt[trt]'"
-            ) from None
-    return cudart
-
-
 def _check(res: Any, what: str) -> Any:
-    """cuda-python returns (err, *values); raise on error, return the values."""
+    """cuda-python returns (err, *values); raise on error, return the value(s)."""
     err, *vals = res if isinstance(res, tuple) else (res,)
     if int(err) != 0:
-        cudart = _cudart()
-        _, name = cudart.cudaGetErrorName(err)
+        _, name = cudart().cudaGetErrorName(err)
         raise BackendError(
             f"CUDA {what} failed: {name.decode() if isinstance(name, bytes) else name}"
         )
@@ -55,28 +49,46 @@ def _check(res: Any, what: str) -> Any:
     return vals[0] if len(vals) == 1 else tuple(vals)
 
 
-@dataclass
-class DeviceBuffer:
-    ptr: int
-    nbytes: int
+class _Memory:
+    """Device and pinned host allocations of one backend, freed together."""
+
+    def __init__(self) -> None:
+        self.rt = cudart()
+        self.device: list[int] = []
+        self.host: list[int] = []
+
+    def dev(self, nbytes: int) -> int:
+        ptr = int(_check(self.rt.cudaMalloc(max(1, nbytes)), "cudaMalloc"))
+        self.device.append(ptr)
+        return ptr
+
+    def pinned(self, shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, np.ndarray]:
+        n = int(np.prod(shape))
+        nbytes = max(1, n * dtype.itemsize)
+        ptr = int(_check(self.rt.cudaMallocHost(nbytes), "cudaMallocHost"))
+        self.host.append(ptr)
+        raw = (ctypes.c_byte * nbytes).from_address(ptr)
+        return ptr, np.frombuffer(raw, dtype=dtype, count=n).reshape(shape)
+
+    def free(self) -> None:
+        for p in self.device:
+            self.rt.cudaFree(p)
+        for p in self.host:
+            self.rt.cudaFreeHost(p)
+        self.device.clear()
+        self.host.clear()
 
 
 class _Engine:
-    """One deserialized engine + execution context, with its I/O names and dtypes."""
+    """One deserialized engine; hands out execution contexts; knows its I/O names and dtypes."""
 
     def __init__(self, trt: Any, runtime: Any, path: Path) -> None:
+        self.trt = trt
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
             raise EngineError(
                 f"TensorRT could not deserialize {path.name}; rebuild it with dd-export build-engine"
             )
-        if hasattr(self.engine, "create_runtime_config"):  # TensorRT-RTX / TRT 10.11+: JIT + caches
-            cfg = self.engine.create_runtime_config()
-            self.context = self.engine.create_execution_context(cfg)
-        else:
-            self.context = self.engine.create_execution_context()
-        if self.context is None:
-            raise EngineError(f"TensorRT could not create an execution context for {path.name}")
         self.inputs: list[str] = []
         self.outputs: list[str] = []
         self.dtypes: dict[str, np.dtype] = {}
@@ -85,21 +97,171 @@ class _Engine:
             mode = self.engine.get_tensor_mode(name)
             (self.inputs if mode == trt.TensorIOMode.INPUT else self.outputs).append(name)
             self.dtypes[name] = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+        self.path = path
 
-    def run(
-        self, addresses: dict[str, int], shapes: dict[str, tuple[int, ...]], stream: int
-    ) -> None:
+    def context(self) -> Any:
+        if hasattr(self.engine, "create_runtime_config"):  # TensorRT-RTX / TRT 10.11+
+            ctx = self.engine.create_execution_context(self.engine.create_runtime_config())
+        else:
+            ctx = self.engine.create_execution_context()
+        if ctx is None:
+            raise EngineError(
+                f"TensorRT could not create an execution context for {self.path.name}"
+            )
+        return ctx
+
+    def set_shapes(
+        self, ctx: Any, shapes: dict[str, tuple[int, ...]]
+    ) -> dict[str, tuple[int, ...]]:
+        """Set input shapes; return every output's shape as TensorRT resolves it."""
         for name in self.inputs:
-            if not self.context.set_input_shape(name, shapes[name]):
-                raise BackendError(f"TensorRT rejected shape {shapes[name]} for input {name}")
-        for name in self.inputs + self.outputs:
-            if not self.context.set_tensor_address(name, addresses[name]):
-                raise BackendError(f"TensorRT rejected the address of {name}")
-        if not self.context.execute_async_v3(stream):
-            raise BackendError("TensorRT execute_async_v3 failed (see the TensorRT errors above)")
+            if not ctx.set_input_shape(name, shapes[name]):
+                raise BackendError(
+                    f"{self.path.name}: TensorRT rejected shape {shapes[name]} for input {name}"
+                )
+        return {o: tuple(ctx.get_tensor_shape(o)) for o in self.outputs}
 
-    def output_shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.context.get_tensor_shape(name))
+    def enqueue(self, ctx: Any, addresses: dict[str, int], stream: int) -> None:
+        for name in self.inputs + self.outputs:
+            if not ctx.set_tensor_address(name, addresses[name]):
+                raise BackendError(f"{self.path.name}: TensorRT rejected the address of {name}")
+        if not ctx.execute_async_v3(stream):
+            raise BackendError(
+                f"{self.path.name}: execute_async_v3 failed (see the TensorRT errors above)"
+            )
+
+
+class _Chain:
+    """The device-resident sequence for one (mode, batch): own contexts, buffers and constants."""
+
+    def __init__(self, be: TrtBackend, mode: str, B: int) -> None:
+        m = be.m
+        self.be, self.mode, self.B = be, mode, B
+        mem, f32 = be.mem, np.dtype(np.float32)
+        th, tw = m.tile
+        sh, sw = m.state_hw()
+        self.state = (B, 3, sh, sw)
+        lr_shape = (B, 3, th, tw)
+        self.noise_names = list(m.noise_names)
+        self.host_in = {"lr": mem.pinned(lr_shape, f32)}
+        for n in self.noise_names:
+            self.host_in[n] = mem.pinned(self.state, f32)
+        self.dev_in = {k: mem.dev(a.nbytes) for k, (_, a) in self.host_in.items()}
+        self.launches: list[tuple[_Engine, Any, dict[str, int]]] = []
+        if mode == "unrolled":
+            eng = be.engine("unrolled")
+            ctx = eng.context()
+            outs = eng.set_shapes(
+                ctx, {"lr": lr_shape, **{n: self.state for n in self.noise_names}}
+            )
+            img = mem.dev(int(np.prod(outs["image"])) * eng.dtypes["image"].itemsize)
+            self.launches.append((eng, ctx, {**self.dev_in, "image": img}))
+        else:
+            enc, step, dec = be.engine("encoder"), be.engine("step"), be.engine("decoder")
+            ectx, sctx, dctx = enc.context(), step.context(), dec.context()
+            e_in = {"lr": lr_shape, **({"n_prior": self.state} if "n_prior" in enc.inputs else {})}
+            e_out = enc.set_shapes(ectx, e_in)
+            buf = {k: mem.dev(int(np.prod(s)) * enc.dtypes[k].itemsize) for k, s in e_out.items()}
+            x_b = mem.dev(int(np.prod(e_out["x"])) * 4)  # ping-pong partner of buf["x"]
+            zeros = mem.dev(int(np.prod(self.state)) * 4)
+            _check(be.rt.cudaMemset(zeros, 0, int(np.prod(self.state)) * 4), "cudaMemset")
+            self.launches.append((enc, ectx, {**{k: self.dev_in[k] for k in e_in}, **buf}))
+            s_in = {
+                "x": e_out["x"],
+                "y": e_out["y"],
+                "cond": e_out["cond"],
+                "t": (1,),
+                "coef": (5,),
+            }
+            if "noise" in step.inputs:
+                s_in["noise"] = self.state
+            step.set_shapes(sctx, s_in)
+            xa, xb = buf["x"], x_b
+            for r in m.step_table["rows"]:
+                t = int(r["t"])
+                addr = {
+                    "x": xa,
+                    "y": buf["y"],
+                    "cond": buf["cond"],
+                    "x_next": xb,
+                    "t": be.const(np.array([t], np.int64)),
+                    "coef": be.const(coef_vector(r)),
+                }
+                if "noise" in step.inputs:
+                    addr["noise"] = self.dev_in.get(f"n_{t}", zeros)
+                self.launches.append((step, sctx, addr))
+                xa, xb = xb, xa
+            d_out = dec.set_shapes(dctx, {"x": e_out["x"]})
+            img = mem.dev(int(np.prod(d_out["image"])) * dec.dtypes["image"].itemsize)
+            self.launches.append((dec, dctx, {"x": xa, "image": img}))
+        self.image_dev = img
+        last = self.launches[-1][0]
+        out_shape = (B, 3, m.scale * th, m.scale * tw)
+        self.host_out = mem.pinned(out_shape, last.dtypes["image"])
+        self.graph_exec: Any = None
+        self.capturable = True
+
+    def enqueue(self) -> None:
+        be = self.be
+        for k, (hptr, arr) in self.host_in.items():
+            be.copy(self.dev_in[k], hptr, arr.nbytes, to_device=True)
+        for eng, ctx, addr in self.launches:
+            eng.enqueue(ctx, addr, be.stream_handle)
+        be.copy(self.host_out[0], self.image_dev, self.host_out[1].nbytes, to_device=False)
+
+    def capture(self) -> None:
+        """Warm up (lazy init / JIT happen outside the capture), then capture the chain once."""
+        be, rt = self.be, self.be.rt
+        self.enqueue()
+        be.sync()
+        for _eng, ctx, _ in self.launches:
+            if hasattr(ctx, "is_stream_capturable") and not ctx.is_stream_capturable(
+                be.stream_handle
+            ):
+                self.capturable = False
+        if not self.capturable:
+            log.warning(
+                "TensorRT says this engine cannot be stream-captured; running without a CUDA graph"
+            )
+            return
+        _check(
+            rt.cudaStreamBeginCapture(
+                be.stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+            ),
+            "cudaStreamBeginCapture",
+        )
+        try:
+            self.enqueue()
+        except Exception:
+            rt.cudaStreamEndCapture(be.stream)  # unchecked: keep the original error
+            self.capturable = False
+            log.warning("CUDA graph capture failed; running without a CUDA graph", exc_info=True)
+            be.sync()
+            return
+        graph = _check(rt.cudaStreamEndCapture(be.stream), "cudaStreamEndCapture")
+        try:
+            self.graph_exec = _check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        finally:
+            rt.cudaGraphDestroy(graph)
+
+    def run(self, lr: np.ndarray, noise: dict[str, np.ndarray]) -> np.ndarray:
+        be = self.be
+        self.host_in["lr"][1][...] = lr
+        for n in self.noise_names:
+            self.host_in[n][1][...] = noise[n]
+        if self.graph_exec is None and self.capturable and be.cuda_graph:
+            self.capture()
+        if self.graph_exec is not None:
+            _check(be.rt.cudaGraphLaunch(self.graph_exec, be.stream), "cudaGraphLaunch")
+        else:
+            self.enqueue()
+        be.sync()
+        return self.host_out[1].astype(np.float32, copy=True)
+
+    def close(self) -> None:
+        if self.graph_exec is not None:
+            self.be.rt.cudaGraphExecDestroy(self.graph_exec)
+            self.graph_exec = None
 
 
 class TrtBackend:
@@ -119,28 +281,28 @@ class TrtBackend:
         self.m = manifest
         self.precision = precision
         self.cuda_graph = cuda_graph
-        self.trt, self.flavour = import_trt(flavour or self._recorded_flavour())
-        self.cudart = _cudart()
-        if current_device(device) is None:
+        self.rt = cudart()
+        self.device = current_device(device)
+        if self.device is None:
             raise EngineError(
                 "no CUDA GPU is visible (or no driver); TensorRT engines need one: use --backend onnxruntime"
             )
-        _check(self.cudart.cudaSetDevice(device), "cudaSetDevice")
-        self.device = current_device(device)
+        self.trt, self.flavour = import_trt(flavour or self._recorded_flavour())
+        _check(self.rt.cudaSetDevice(device), "cudaSetDevice")
         self.runtime = self.trt.Runtime(trt_logger(self.flavour))
-        self.stream = _check(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self.stream = _check(self.rt.cudaStreamCreate(), "cudaStreamCreate")
         self.stream_handle = int(self.stream)
+        self.mem = _Memory()
         self._engines: dict[str, _Engine] = {}
-        self._dev: dict[tuple[str, int], DeviceBuffer] = {}  # (tensor key, nbytes) -> buffer
-        self._host: dict[tuple[str, int], tuple[int, np.ndarray]] = {}
-        self._graphs: dict[tuple[str, int], Any] = {}  # (mode, batch) -> cudaGraphExec
+        self._contexts: dict[str, Any] = {}
+        self._chains: dict[tuple[str, int], _Chain] = {}
+        self._consts: dict[bytes, int] = {}
+        self._single: dict[tuple[str, str, tuple[int, ...]], tuple[int, np.ndarray, int]] = {}
 
     # ------------------------------------------------------------------ engines
     def _recorded_flavour(self) -> str | None:
         flavours = {e["flavour"] for e in self.m.engines if e.get("precision") == self.precision}
-        if len(flavours) == 1:
-            return flavours.pop()
-        return None
+        return flavours.pop() if len(flavours) == 1 else None
 
     def engine(self, graph: str) -> _Engine:
         if graph in self._engines:
@@ -152,229 +314,128 @@ class TrtBackend:
             and e.get("precision") == self.precision
             and e.get("flavour") == self.flavour
         ]
-        fix = f"run dd-export build-engine --model {self.model_dir} --precision {self.precision}"
         if not recs:
             raise EngineError(
-                f"no {self.precision} {graph} engine for {self.flavour} in {self.model_dir}; {fix}"
+                f"no {self.precision} {graph} engine for {self.flavour} in {self.model_dir}; "
+                f"run dd-export build-engine --model {self.model_dir} --precision {self.precision}"
             )
         rec = recs[-1]
-        graph_rec = self.m.graph(graph, self.precision)
         check_engine_record(
             rec,
-            graph_sha256=graph_rec.sha256,
+            graph_sha256=self.m.graph(graph, self.precision).sha256,
             flavour=self.flavour,
             version=str(self.trt.__version__),
             device=self.device,
             model_dir=str(self.model_dir),
         )
-        path = verify_file(self.model_dir, rec["file"], rec["sha256"], what=f"engine {graph}")
-        eng = _Engine(self.trt, self.runtime, path)
+        eng = _Engine(
+            self.trt,
+            self.runtime,
+            verify_file(self.model_dir, rec["file"], rec["sha256"], what=f"engine {graph}"),
+        )
         self._engines[graph] = eng
         return eng
 
     def input_names(self, graph: str) -> list[str]:
         return [s.name for s in self.m.graph(graph, self.precision).inputs]
 
-    # ------------------------------------------------------------------ memory
-    def _device(self, key: str, nbytes: int) -> DeviceBuffer:
-        buf = self._dev.get((key, nbytes))
-        if buf is None:
-            ptr = _check(self.cudart.cudaMalloc(max(1, nbytes)), "cudaMalloc")
-            buf = DeviceBuffer(int(ptr), nbytes)
-            self._dev[(key, nbytes)] = buf
-        return buf
-
-    def _pinned(self, key: str, shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, np.ndarray]:
-        nbytes = int(np.prod(shape)) * dtype.itemsize
-        hit = self._host.get((key, nbytes))
-        if hit is None or hit[1].shape != tuple(shape) or hit[1].dtype != dtype:
-            ptr = int(_check(self.cudart.cudaMallocHost(max(1, nbytes)), "cudaMallocHost"))
-            raw = (ctypes.c_byte * max(1, nbytes)).from_address(ptr)
-            arr = np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
-            hit = (ptr, arr)
-            self._host[(key, nbytes)] = hit
-        return hit
-
-    def _h2d(self, dst: int, src: int, nbytes: int) -> None:
-        _check(
-            self.cudart.cudaMemcpyAsync(
-                dst, src, nbytes, self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream
-            ),
-            "cudaMemcpyAsync H2D",
+    # ------------------------------------------------------------------ memory helpers
+    def copy(self, dst: int, src: int, nbytes: int, *, to_device: bool) -> None:
+        kind = (
+            self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+            if to_device
+            else self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
         )
-
-    def _d2h(self, dst: int, src: int, nbytes: int) -> None:
-        _check(
-            self.cudart.cudaMemcpyAsync(
-                dst, src, nbytes, self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream
-            ),
-            "cudaMemcpyAsync D2H",
-        )
+        _check(self.rt.cudaMemcpyAsync(dst, src, nbytes, kind, self.stream), "cudaMemcpyAsync")
 
     def sync(self) -> None:
-        _check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        _check(self.rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
 
-    # ------------------------------------------------------------------ one graph
+    def const(self, value: np.ndarray) -> int:
+        """A device copy of a small constant, uploaded once (outside any capture)."""
+        key = value.dtype.str.encode() + value.tobytes()
+        if key not in self._consts:
+            ptr = self.mem.dev(value.nbytes)
+            hptr, harr = self.mem.pinned(value.shape, value.dtype)
+            harr[...] = value
+            self.copy(ptr, hptr, value.nbytes, to_device=True)
+            self.sync()
+            self._consts[key] = ptr
+        return self._consts[key]
+
+    # ------------------------------------------------------------------ one graph call
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One engine call with host arrays (verification, per-stage benchmarks)."""
         rec = self.m.graph(graph, self.precision)
         feeds = {s.name: feeds[s.name] for s in rec.inputs if s.name in feeds}
         check_feeds(graph, rec.inputs, feeds)
         eng = self.engine(graph)
-        addr, shapes = {}, {}
+        ctx = self._contexts.get(graph) or self._contexts.setdefault(graph, eng.context())
+        shapes = {n: tuple(feeds[n].shape) for n in eng.inputs}
+        out_shapes = eng.set_shapes(ctx, shapes)
+        addr: dict[str, int] = {}
         for name in eng.inputs:
             a = np.ascontiguousarray(feeds[name], dtype=eng.dtypes[name])
-            hptr, harr = self._pinned(f"{graph}:{name}", a.shape, a.dtype)
+            hptr, harr, dptr = self._buffer(graph, name, a.shape, a.dtype)
             harr[...] = a
-            buf = self._device(f"{graph}:{name}", a.nbytes)
-            self._h2d(buf.ptr, hptr, a.nbytes)
-            addr[name], shapes[name] = buf.ptr, a.shape
-        B = next(iter(feeds.values())).shape[0]
-        out_shapes = {
-            o.name: tuple(B if isinstance(d, str) else d for d in o.shape) for o in rec.outputs
-        }
-        host_out = {}
+            self.copy(dptr, hptr, a.nbytes, to_device=True)
+            addr[name] = dptr
+        outs = {}
         for name in eng.outputs:
-            shape = out_shapes[name]
-            nbytes = int(np.prod(shape)) * eng.dtypes[name].itemsize
-            addr[name] = self._device(f"{graph}:{name}", nbytes).ptr
-        eng.run(addr, shapes, self.stream_handle)
-        for name in eng.outputs:
-            shape = out_shapes[name]
-            hptr, harr = self._pinned(f"{graph}:{name}:out", shape, eng.dtypes[name])
-            self._d2h(hptr, addr[name], harr.nbytes)
-            host_out[name] = harr
+            outs[name] = self._buffer(graph, name, out_shapes[name], eng.dtypes[name])
+            addr[name] = outs[name][2]
+        eng.enqueue(ctx, addr, self.stream_handle)
+        for _name, (hptr, harr, dptr) in outs.items():
+            self.copy(hptr, dptr, harr.nbytes, to_device=False)
         self.sync()
-        return {k: v.copy() for k, v in host_out.items()}
+        return {
+            k: v[1].astype(np.float32) if v[1].dtype == np.float16 else v[1].copy()
+            for k, v in outs.items()
+        }
+
+    def _buffer(
+        self, graph: str, name: str, shape: tuple[int, ...], dtype: np.dtype
+    ) -> tuple[int, np.ndarray, int]:
+        key = (graph, name, tuple(shape))
+        if key not in self._single:
+            hptr, harr = self.mem.pinned(tuple(shape), np.dtype(dtype))
+            self._single[key] = (hptr, harr, self.mem.dev(harr.nbytes))
+        return self._single[key]
 
     # ------------------------------------------------------------------ the whole sequence
-    def _sequence(
-        self, mode: str, B: int, noise_names: list[str]
-    ) -> tuple[dict[str, np.ndarray], np.ndarray, Any]:
-        """Enqueue the whole chain for batch B on the stream; returns (pinned inputs, pinned image, launcher)."""
-        th, tw = self.m.tile
-        sh, sw = self.m.state_hw()
-        f32 = np.dtype(np.float32)
-        state = (B, 3, sh, sw)
-        cond_shape = (B, 3, th, tw) if self.m.latent else state
-        img_shape = (B, 3, self.m.scale * th, self.m.scale * tw)
-        pinned = {"lr": self._pinned("seq:lr", (B, 3, th, tw), f32)}
-        for n in noise_names:
-            pinned[n] = self._pinned(f"seq:{n}", state, f32)
-        img = self._pinned("seq:image", img_shape, f32)
-        dev = {k: self._device(f"seq:{k}:{B}", v[1].nbytes).ptr for k, v in pinned.items()}
-        image_dev = self._device(f"seq:image:{B}", img[1].nbytes).ptr
-        nb = int(np.prod(state)) * 4
-        # row constants and a zero noise buffer live on the device before any capture starts
-        consts = {}
-        if mode == "staged":
-            for r in self.m.step_table["rows"]:
-                t = int(r["t"])
-                consts[f"t{t}"] = self._row_const(f"t{t}", np.array([t], np.int64))
-                coef = np.array([r["in_scale"], r["a"], r["b"], r["c"], r["s"]], np.float32)
-                consts[f"c{t}"] = self._row_const(f"c{t}", coef)
-        zeros = self._device(f"seq:zeros:{B}", nb).ptr
-        _check(self.cudart.cudaMemset(zeros, 0, nb), "cudaMemset")
-
-        def enqueue() -> None:
-            for k, (hptr, harr) in pinned.items():
-                self._h2d(dev[k], hptr, harr.nbytes)
-            if mode == "unrolled":
-                eng = self.engine("unrolled")
-                addr = {"lr": dev["lr"], "image": image_dev, **{n: dev[n] for n in noise_names}}
-                shapes = {"lr": (B, 3, th, tw), **{n: state for n in noise_names}}
-                eng.run(addr, shapes, self.stream_handle)
-            else:
-                enc, step, dec = self.engine("encoder"), self.engine("step"), self.engine("decoder")
-                xa, xb = self._device(f"seq:xa:{B}", nb).ptr, self._device(f"seq:xb:{B}", nb).ptr
-                y = self._device(f"seq:y:{B}", nb).ptr
-                cond = self._device(f"seq:cond:{B}", int(np.prod(cond_shape)) * 4).ptr
-                eaddr = {"lr": dev["lr"], "x": xa, "y": y, "cond": cond}
-                eshapes = {"lr": (B, 3, th, tw)}
-                if "n_prior" in enc.inputs:
-                    eaddr["n_prior"], eshapes["n_prior"] = dev["n_prior"], state
-                enc.run(eaddr, eshapes, self.stream_handle)
-                for r in self.m.step_table["rows"]:
-                    t = int(r["t"])
-                    addr = {
-                        "x": xa,
-                        "y": y,
-                        "cond": cond,
-                        "x_next": xb,
-                        "t": consts[f"t{t}"],
-                        "coef": consts[f"c{t}"],
-                    }
-                    shapes = {"x": state, "y": state, "cond": cond_shape, "t": (1,), "coef": (5,)}
-                    if "noise" in step.inputs:
-                        key = f"n_{t}"
-                        addr["noise"] = dev.get(key, zeros)
-                        shapes["noise"] = state
-                    step.run(
-                        addr,
-                        {k: v for k, v in shapes.items() if k in step.inputs},
-                        self.stream_handle,
-                    )
-                    xa, xb = xb, xa
-                dec.run({"x": xa, "image": image_dev}, {"x": state}, self.stream_handle)
-            self._d2h(img[0], image_dev, img[1].nbytes)
-
-        return {k: v[1] for k, v in pinned.items()}, img[1], enqueue
-
-    def _row_const(self, key: str, value: np.ndarray) -> int:
-        buf = self._device(f"const:{key}", value.nbytes)
-        hptr, harr = self._pinned(f"const:{key}", value.shape, value.dtype)
-        harr[...] = value
-        self._h2d(buf.ptr, hptr, value.nbytes)
-        self.sync()
-        return buf.ptr
-
     def run_sequence(self, mode: str, lr: np.ndarray, noise: dict[str, np.ndarray]) -> np.ndarray:
-        """LR batch -> image batch, the whole chain on the device; CUDA-graph replay after the first call."""
+        """LR batch -> image batch, the chain on the device; a CUDA-graph replay after the first call."""
         B = lr.shape[0]
-        names = [n for n in self.m.noise_names if n in noise]
-        inputs, image, enqueue = self._sequence(mode, B, names)
-        inputs["lr"][...] = lr
-        for n in names:
-            inputs[n][...] = noise[n]
-        key = (mode, B)
-        if not self.cuda_graph:
-            enqueue()
-        elif key in self._graphs:
-            _check(self.cudart.cudaGraphLaunch(self._graphs[key], self.stream), "cudaGraphLaunch")
-        else:
-            enqueue()  # warm-up: lazy init / JIT happens outside the capture
-            self.sync()
-            mode_g = self.cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-            _check(
-                self.cudart.cudaStreamBeginCapture(self.stream, mode_g), "cudaStreamBeginCapture"
+        lo, hi = self.m.batch
+        if not lo <= B <= hi:
+            raise BackendError(f"batch {B} is outside the engines' range [{lo}, {hi}]")
+        th, tw = self.m.tile
+        if lr.shape != (B, 3, th, tw) or lr.dtype != np.float32:
+            raise BackendError(
+                f"LR batch has shape {lr.shape} {lr.dtype}, expected ({B}, 3, {th}, {tw}) float32"
             )
-            try:
-                enqueue()
-            finally:
-                graph = _check(
-                    self.cudart.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture"
+        for n in self.m.noise_names:
+            if n not in noise or noise[n].shape != (B, 3, *self.m.state_hw()):
+                raise BackendError(
+                    f"noise input {n} missing or mis-shaped (expected {(B, 3, *self.m.state_hw())})"
                 )
-            gexec = _check(self.cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
-            self._graphs[key] = gexec
-            _check(self.cudart.cudaGraphLaunch(gexec, self.stream), "cudaGraphLaunch")
-        self.sync()
-        return image.copy()
+        key = (mode, B)
+        if key not in self._chains:
+            self._chains[key] = _Chain(self, mode, B)
+        return self._chains[key].run(lr, noise)
 
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:
-        cudart = self.cudart
-        for g in self._graphs.values():
-            cudart.cudaGraphExecDestroy(g)
-        for buf in self._dev.values():
-            cudart.cudaFree(buf.ptr)
-        for ptr, _ in self._host.values():
-            cudart.cudaFreeHost(ptr)
-        self._graphs.clear()
-        self._dev.clear()
-        self._host.clear()
+        for c in self._chains.values():
+            c.close()
+        self._chains.clear()
+        self._contexts.clear()
         self._engines.clear()
+        self.mem.free()
+        self._consts.clear()
+        self._single.clear()
         if self.stream is not None:
-            cudart.cudaStreamDestroy(self.stream)
+            self.rt.cudaStreamDestroy(self.stream)
             self.stream = None
 
     def __enter__(self) -> TrtBackend:
