@@ -57,7 +57,7 @@ def ensure_export(cache: Path, preset: str, tile: int) -> Path:
     except ManifestError:
         pass
     from deltadiff.export.graphs import TileShape
-    from deltadiff.export.onnx_export import ExportOptions, export_onnx
+    from deltadiff.export.onnx_export import ExportOptions, export_onnx, preset_source
     from deltadiff.model.pipeline import Pipeline
 
     tmp = out.with_name(out.name + ".partial")
@@ -67,13 +67,7 @@ def ensure_export(cache: Path, preset: str, tile: int) -> Path:
         pipe,
         tmp,
         ExportOptions(TileShape(tile, tile), max_batch=1),
-        source={
-            "kind": "preset",
-            "preset": preset,
-            "seed": SEED,
-            "unet_weights": None,
-            "vq_weights": None,
-        },
+        source=preset_source(preset, SEED),
     )
     del pipe
     shutil.rmtree(out, ignore_errors=True)

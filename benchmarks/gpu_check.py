@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from deltadiff.benchmarks.harness import BenchOptions, run_bench
     from deltadiff.export.engine import EngineOptions, build_engines
     from deltadiff.export.graphs import TileShape
-    from deltadiff.export.onnx_export import ExportOptions, add_fp16, export_onnx
+    from deltadiff.export.onnx_export import ExportOptions, add_fp16, export_onnx, preset_source
     from deltadiff.export.verify import verify
     from deltadiff.model.pipeline import Pipeline
     from deltadiff.runtime.trt_compat import current_device
@@ -103,13 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             pipe,
             model,
             ExportOptions(TileShape(64, 64), max_batch=4),
-            source={
-                "kind": "preset",
-                "preset": args.preset,
-                "seed": 0,
-                "unet_weights": None,
-                "vq_weights": None,
-            },
+            source=preset_source(args.preset, 0),
         )
         del pipe
     if "step.fp16" not in json.loads((model / "manifest.json").read_text())["graphs"]:

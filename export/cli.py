@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -427,11 +426,9 @@ def golden(
 
 
 def main() -> None:
-    try:
-        app()
-    except DeltaDiffError as exc:  # pragma: no cover - commands catch their own
-        sys.stderr.write(f"error: {exc}\n")
-        sys.exit(1)
+    from deltadiff.runtime.cli import run_app
+
+    run_app(app)
 
 
 if __name__ == "__main__":

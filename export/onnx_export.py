@@ -191,6 +191,38 @@ def build_graphs(pipe: Pipeline, opts: ExportOptions) -> dict[str, Any]:
     return {k: v for k, v in models.items() if k in opts.graphs}
 
 
+def write_graph(
+    out: Path, name: str, model: Any, precision: str, islands: dict[str, int] | None = None
+) -> GraphRecord:
+    """Save ``<name>.onnx`` (fp32) or ``<name>.<precision>.onnx`` atomically; return its record."""
+    onnx = require("onnx")
+    path = out / (f"{name}.onnx" if precision == "fp32" else f"{name}.{precision}.onnx")
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
+    ins, outs = io_specs(model)
+    log.info("wrote %s (%.1f MB, %d nodes)", path, path.stat().st_size / 1e6, len(model.graph.node))
+    return GraphRecord(
+        file=path.name,
+        sha256=sha256_file(path),
+        bytes=path.stat().st_size,
+        precision=precision,
+        inputs=ins,
+        outputs=outs,
+        fp32_islands=tuple(f"{k}:{v}" for k, v in sorted((islands or {}).items())),
+    )
+
+
+def preset_source(preset: str, seed: int = 0) -> dict[str, Any]:
+    """The manifest ``source`` record of a preset with random weights (verify rebuilds it)."""
+    return {
+        "kind": "preset",
+        "preset": preset,
+        "seed": seed,
+        "unet_weights": None,
+        "vq_weights": None,
+    }
+
+
 def versions() -> dict[str, str]:
     out = {"deltadiff-trt": deltadiff.__version__, "torch": torch.__version__.split("+")[0]}
     for mod in ("onnx", "onnxslim", "onnxruntime"):
@@ -207,7 +239,6 @@ def export_onnx(
     source: dict[str, Any],
 ) -> Manifest:
     """Export all graphs into ``out_dir`` and write ``manifest.json``. Returns the manifest."""
-    onnx = require("onnx")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mult = pipe.cfg.lr_multiple
@@ -217,21 +248,7 @@ def export_onnx(
             f"{pipe.cfg.family}; choose --tile as a multiple of {mult}"
         )
     models = build_graphs(pipe, opts)
-    records: dict[str, GraphRecord] = {}
-    for name, m in models.items():
-        path = out / f"{name}.onnx"
-        with atomic_path(path) as tmp:
-            onnx.save(m, str(tmp))
-        ins, outs = io_specs(m)
-        records[name] = GraphRecord(
-            file=path.name,
-            sha256=sha256_file(path),
-            bytes=path.stat().st_size,
-            precision="fp32",
-            inputs=ins,
-            outputs=outs,
-        )
-        log.info("wrote %s (%.1f MB, %d nodes)", path, path.stat().st_size / 1e6, len(m.graph.node))
+    records = {name: write_graph(out, name, m, "fp32") for name, m in models.items()}
     manifest = Manifest(
         name=pipe.cfg.name or pipe.cfg.family,
         family=pipe.cfg.family,
@@ -293,20 +310,7 @@ def add_fp16(model_dir: str | Path, *, slim: bool = True) -> Manifest:
         }
     graphs = dict(m.graphs)
     for name, model in models.items():
-        path = out / f"{name}.fp16.onnx"
-        with atomic_path(path) as tmp:
-            onnx.save(model, str(tmp))
-        ins, outs = io_specs(model)
-        graphs[f"{name}.fp16"] = GraphRecord(
-            file=path.name,
-            sha256=sha256_file(path),
-            bytes=path.stat().st_size,
-            precision="fp16",
-            inputs=ins,
-            outputs=outs,
-            fp32_islands=tuple(f"{k}:{v}" for k, v in sorted(islands[name].items())),
-        )
-        log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
+        graphs[f"{name}.fp16"] = write_graph(out, name, model, "fp16", islands[name])
     m2 = replace(m, graphs=graphs)
     save_manifest(out, m2)
     return m2

@@ -298,12 +298,17 @@ def bench(
         raise typer.Exit(code)
 
 
-def main() -> None:
+def run_app(typer_app: typer.Typer) -> None:
+    """Entry point of both CLIs: a DeltaDiffError that escapes a command is one line, exit 1."""
     try:
-        app()
+        typer_app()
     except DeltaDiffError as exc:  # pragma: no cover - commands catch their own
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(1)
+
+
+def main() -> None:
+    run_app(app)
 
 
 if __name__ == "__main__":

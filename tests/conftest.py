@@ -48,7 +48,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
     def get(family: str) -> Path:
         if family not in cache:
             from deltadiff.export.graphs import TileShape
-            from deltadiff.export.onnx_export import ExportOptions, export_onnx
+            from deltadiff.export.onnx_export import ExportOptions, export_onnx, preset_source
             from deltadiff.model.pipeline import Pipeline
 
             preset, tile = SMALL[family]
@@ -58,13 +58,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
                 pipe,
                 out,
                 ExportOptions(TileShape(tile, tile), max_batch=4),
-                source={
-                    "kind": "preset",
-                    "preset": preset,
-                    "seed": 0,
-                    "unet_weights": None,
-                    "vq_weights": None,
-                },
+                source=preset_source(preset, 0),
             )
             cache[family] = out
         return cache[family]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from deltadiff.export.graphs import TileShape
-from deltadiff.export.onnx_export import ExportOptions, add_fp16, export_onnx
+from deltadiff.export.onnx_export import ExportOptions, add_fp16, export_onnx, preset_source
 from deltadiff.export.verify import verify
 from deltadiff.model.pipeline import Pipeline
 
@@ -26,13 +26,7 @@ def test_full_preset_ort_fp32_matches_reference(family, tmp_path):
         pipe,
         tmp_path,
         ExportOptions(TileShape(tile, tile), max_batch=2),
-        source={
-            "kind": "preset",
-            "preset": family,
-            "seed": 0,
-            "unet_weights": None,
-            "vq_weights": None,
-        },
+        source=preset_source(family, 0),
     )
     del pipe
     rep = verify(tmp_path, seed=0)

@@ -66,7 +66,7 @@ def _image(h: int, w: int) -> np.ndarray:
 def whole_and_tiled(tmp_path_factory):
     """The same random-weight pixel model exported at 48x48 (whole image) and 16x16 (tiles)."""
     from deltadiff.export.graphs import TileShape
-    from deltadiff.export.onnx_export import ExportOptions, export_onnx
+    from deltadiff.export.onnx_export import ExportOptions, export_onnx, preset_source
     from deltadiff.model.pipeline import Pipeline
 
     pipe = Pipeline.from_preset("deltadiff-pixel-small", seed=0)
@@ -77,7 +77,7 @@ def whole_and_tiled(tmp_path_factory):
             pipe,
             d,
             ExportOptions(TileShape(tile, tile), graphs=("encoder", "step", "decoder")),
-            source={"kind": "preset", "preset": "deltadiff-pixel-small", "seed": 0},
+            source=preset_source("deltadiff-pixel-small", 0),
         )
         out[tile] = d
     return out
