@@ -369,16 +369,24 @@ def train(
         Path, typer.Option("-o", "--out", help="Run directory (checkpoints, log, config).")
     ],
     preset: Annotated[str, typer.Option(help="deltadiff-pixel preset to train.")] = "demo-pixel",
-    iters: Annotated[int, typer.Option()] = 6000,
+    iters: Annotated[int, typer.Option()] = 5000,
     batch: Annotated[int, typer.Option()] = 8,
-    crop: Annotated[int, typer.Option(help="HR crop side (multiple of 16).")] = 128,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 2e-4,
+    crop: Annotated[int, typer.Option(help="HR crop side (multiple of 16).")] = 96,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 2.5e-4,
     seed: Annotated[int, typer.Option()] = 123456,
     val: Annotated[
         Path | None, typer.Option(help="gt/ + lq/ folder, PSNR-Y logged (never trained on).")
     ] = None,
     save_every: Annotated[int, typer.Option()] = 500,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: default).")] = 0,
+    rollout: Annotated[
+        float,
+        typer.Option(help="Probability of training rows t<3 on the model's own chain states."),
+    ] = 0.0,
+    rollout_rule: Annotated[str, typer.Option(help="Step rule of that chain.")] = "posterior",
+    stop_at: Annotated[
+        int | None, typer.Option(help="Stop at this iteration (the schedule spans --iters).")
+    ] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue from OUT/train_state.pth if present.")
     ] = True,
@@ -402,6 +410,9 @@ def train(
             val=val,
             save_every=save_every,
             threads=threads,
+            rollout=rollout,
+            rollout_rule=rollout_rule,
+            stop_at=stop_at,
         )
         final = run_train(opts, resume=resume, progress=True)
         typer.echo(f"EMA weights: {final}")

@@ -31,6 +31,7 @@ from deltadiff.model.checkpoint import save_trainer_checkpoint
 from deltadiff.model.config import ModelConfig, preset, to_upstream_yaml_dict
 from deltadiff.model.pipeline import Pipeline, randomize_
 from deltadiff.model.resize import BicubicUp4
+from deltadiff.model.schedule import StepTable, make_step_table
 from deltadiff.model.swin_unet import SwinUNet
 from deltadiff.runtime.atomic import atomic_path, write_text_atomic
 from deltadiff.runtime.resize import imresize_matlab
@@ -45,10 +46,10 @@ class TrainOptions:
     data: Path
     out: Path
     preset: str = "demo-pixel"
-    iters: int = 6000
+    iters: int = 5000
     batch: int = 8
-    crop: int = 128  # HR crop side (multiple of 16)
-    lr: float = 2e-4
+    crop: int = 96  # HR crop side (multiple of 16)
+    lr: float = 2.5e-4
     lr_min: float = 2e-5
     warmup: int = 200
     weight_decay: float = 0.0
@@ -59,6 +60,14 @@ class TrainOptions:
     log_every: int = 50
     val: Path | None = None  # folder with gt/ and lq/ (only logged, never trained on)
     threads: int = 0  # 0: torch default
+    # Exposure-bias fix (not in the DeltaDiff code): with this probability a batch's states for
+    # t < 3 come from the model's own chain, rolled out from x_3 = lq_up with ``rollout_rule``
+    # (no gradient), so the later rows learn to refine their real inputs, not only the marginals.
+    rollout: float = 0.0
+    rollout_rule: str = "posterior"
+    stop_at: int | None = (
+        None  # stop (after saving) at this iteration; the LR schedule still spans iters
+    )
 
 
 def load_hr_images(folder: Path, min_side: int) -> list[np.ndarray]:
@@ -111,6 +120,22 @@ class CropSampler:
             gts.append(patch.transpose(2, 0, 1))
             lqs.append(lq.transpose(2, 0, 1).astype(np.float32))
         return np.stack(gts), np.stack(lqs)
+
+
+@torch.no_grad()
+def rollout(net: SwinUNet, table: StepTable, lq_up: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Per sample, the state entering row t[i] when the chain runs from x_3 = lq_up (no noise)."""
+    x = lq_up
+    out = lq_up.clone()
+    B = x.shape[0]
+    for r in table.rows:
+        sel = t == r.t
+        out[sel] = x[sel]
+        if r.t <= int(t.min()):
+            break
+        x0 = net(r.in_scale * x, torch.full((B,), r.t, dtype=torch.int64), lq_up)
+        x = r.a * x + r.b * x0 + r.c * lq_up
+    return out
 
 
 def lr_at(it: int, o: TrainOptions) -> float:
@@ -170,6 +195,7 @@ def train(o: TrainOptions, *, resume: bool = False, progress: bool = True) -> Pa
         torch.set_rng_state(st["torch_rng"])
         log.info("resumed from %s at iteration %d", state_path, start)
     table = Pipeline(cfg, net).table
+    roll_table = make_step_table(cfg.schedule, o.rollout_rule)
     eta = torch.tensor(table.eta, dtype=torch.float32)
     in_scale = torch.tensor([0.0] * len(table.eta), dtype=torch.float32)
     for r in table.rows:
@@ -209,7 +235,7 @@ def train(o: TrainOptions, *, resume: bool = False, progress: bool = True) -> Pa
     ):
         task = bar.add_task("train", total=o.iters, completed=start, loss=float("nan"))
         net.train()
-        for it in range(start, o.iters):
+        for it in range(start, min(o.iters, o.stop_at or o.iters)):
             gt_np, lq_np = sampler.batch(o.batch)
             gt = torch.from_numpy(gt_np) * 2 - 1
             with torch.no_grad():
@@ -217,6 +243,12 @@ def train(o: TrainOptions, *, resume: bool = False, progress: bool = True) -> Pa
                 t = torch.from_numpy(rng.integers(0, len(eta), size=o.batch)).long()
                 e = eta[t][:, None, None, None]
                 x_t = (1 - e) * gt + e * lq_up
+                if o.rollout and rng.random() < o.rollout and int(t.min()) < len(eta) - 1:
+                    x_t = torch.where(
+                        (t < len(eta) - 1)[:, None, None, None],
+                        rollout(net, roll_table, lq_up, t),
+                        x_t,
+                    )
                 x_in = in_scale[t][:, None, None, None] * x_t
             for g in opt.param_groups:
                 g["lr"] = lr_at(it, o)
@@ -252,7 +284,7 @@ def train(o: TrainOptions, *, resume: bool = False, progress: bool = True) -> Pa
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
                 log.info("%s", rec)
-            if done % o.save_every == 0 or done == o.iters:
+            if done % o.save_every == 0 or done in (o.iters, o.stop_at):
                 save_trainer_checkpoint(out / "ckpts" / f"model_{done}.pth", net.state_dict(), done)
                 _save(
                     out / "ema_ckpts" / f"ema_model_{done}.pth",
@@ -269,7 +301,7 @@ def train(o: TrainOptions, *, resume: bool = False, progress: bool = True) -> Pa
                         "torch_rng": torch.get_rng_state(),
                     },
                 )
-    return out / "ema_ckpts" / f"ema_model_{o.iters}.pth"
+    return out / "ema_ckpts" / f"ema_model_{min(o.iters, o.stop_at or o.iters)}.pth"
 
 
 def _save(path: Path, obj: object) -> None:
