@@ -8,12 +8,14 @@ Regression rule (``compare_reports``), per cell = (case, stage median) and the e
     ratio      = new median / old median
     combined   = sqrt(cov_old**2 + cov_new**2)          (cov = stdev / mean of each run)
     threshold  = 1 + max(floor, k * combined)           (defaults: floor 0.10, k 3)
-    regression = ratio > threshold;   faster = ratio < 1 / threshold
+    regression = ratio > threshold and |new - old| > share * old end-to-end median
+    faster     = ratio < 1 / threshold and |new - old| > share * old end-to-end median
 
 CoV measures how much one run's samples spread; two runs on a noisy machine differ by about the
 combined spread (load and clocks drift between runs, so it is deliberately not divided by
 sqrt(n)); k = 3 is a three-sigma band. The floor keeps a very quiet machine from flagging
-shifts under 10 %.
+shifts under 10 %. ``share`` (default 0.02) ignores stages too small to matter: a 1 ms encode
+that takes 4 ms in the next run is scheduler jitter when the pipeline takes 2 s.
 """
 
 from __future__ import annotations
@@ -110,7 +112,9 @@ class Comparison:
     old_date: str | None = None
     old_label: str | None = None
     old_host: str | None = None
-    rule: str = field(default="ratio > 1 + max(floor, k * sqrt(cov_old^2 + cov_new^2))")
+    rule: str = field(
+        default="ratio > 1 + max(floor, k * sqrt(cov_old^2 + cov_new^2)) and |new - old| > 2% of e2e"
+    )
 
     @property
     def regressions(self) -> list[CellComparison]:
@@ -145,7 +149,12 @@ def _cells(d: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
 
 
 def compare_reports(
-    new: dict[str, Any], old: dict[str, Any], *, floor: float = 0.10, k: float = 3.0
+    new: dict[str, Any],
+    old: dict[str, Any],
+    *,
+    floor: float = 0.10,
+    k: float = 3.0,
+    share: float = 0.02,
 ) -> Comparison:
     """Per-cell ratio new/old of the medians, flagged by the rule in the module docstring."""
     a, b = _cells(old), _cells(new)
@@ -159,6 +168,8 @@ def compare_reports(
         ratio = n["median"] / o["median"]
         comb = math.sqrt(o["cov"] ** 2 + n["cov"] ** 2)
         thr = 1.0 + max(floor, k * comb)
+        e2e_old = a.get((key[0], E2E), o)["median"]
+        material = abs(n["median"] - o["median"]) > share * e2e_old
         cells.append(
             CellComparison(
                 key[0],
@@ -168,8 +179,8 @@ def compare_reports(
                 ratio,
                 comb,
                 thr,
-                ratio > thr,
-                ratio < 1.0 / thr,
+                ratio > thr and material,
+                ratio < 1.0 / thr and material,
             )
         )
     env = old.get("environment") or {}
@@ -549,7 +560,8 @@ def _case_style(cases: list[dict[str, Any]]) -> dict[str, tuple[Any, str]]:
 
 
 def plot_tiles(d: dict[str, Any], path: Path) -> bool:
-    """End-to-end median per image vs output tile size, when a family ran at several tiles."""
+    """End-to-end median per image vs output tile size, when a model (same name, i.e. the same
+    weights exported at several tiles) ran at several tiles."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
@@ -561,7 +573,7 @@ def plot_tiles(d: dict[str, Any], path: Path) -> bool:
         oh, ow = m["output_hw"]
         name = f"{c['backend']}/{c['precision']}/{c['mode']}/b{c['batch']}"
         per_image_ms = c["e2e"]["median"] * 1e3 / c["batch"]
-        series.setdefault((m["family"], name), []).append(
+        series.setdefault((m.get("name") or m["family"], name), []).append(
             (oh * ow / 1e6, per_image_ms, f"{oh}×{ow}")
         )
     series = {k: sorted(set(v)) for k, v in series.items() if len({x for x, _, _ in v}) >= 2}
@@ -574,7 +586,7 @@ def plot_tiles(d: dict[str, Any], path: Path) -> bool:
 
     cmap = colormaps["tab10" if cmap_n <= 10 else "tab20"]
     ticks: dict[float, str] = {}
-    for i, ((family, name), pts) in enumerate(sorted(series.items())):
+    for i, ((model, name), pts) in enumerate(sorted(series.items())):
         style = "-" if "/b1" in name else "--"
         ax.plot(
             [p[0] for p in pts],
@@ -582,12 +594,16 @@ def plot_tiles(d: dict[str, Any], path: Path) -> bool:
             marker="o",
             linestyle=style,
             color=cmap(i % cmap.N),
-            label=f"{family}: {name}",
+            label=f"{model}: {name}",
         )
         ticks.update({p[0]: p[2] for p in pts})
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xticks(sorted(ticks), [ticks[t] for t in sorted(ticks)])
+    kept: list[float] = []
+    for t in sorted(ticks):  # drop labels that would overlap (areas closer than 1.5x)
+        if not kept or t / kept[-1] >= 1.5:
+            kept.append(t)
+    ax.set_xticks(kept, [ticks[t] for t in kept])
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(ScalarFormatter())
@@ -710,7 +726,7 @@ def write_report(
                         plot_names[title] = p.name
                     elif kind == "tiles":
                         notes.append(
-                            "latency vs tile size not plotted: every family ran at one tile size"
+                            "latency vs tile size not plotted: every model ran at one tile size"
                         )
                     else:
                         notes.append(f"{title} not plotted: no case with the numbers it needs")

@@ -157,6 +157,10 @@ def onnx(
     verify: Annotated[
         bool, typer.Option(help="Verify with onnxruntime against the reference.")
     ] = True,
+    name: Annotated[
+        str | None,
+        typer.Option(help="Model name in the manifest and reports (default: preset or YAML stem)."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Export encoder / step / decoder / unrolled ONNX graphs and manifest.json."""
@@ -170,6 +174,10 @@ def onnx(
         pipe, source = build_reference(
             preset, config, unet_weights, vq_weights, family, schedule, step_rule, seed, ema
         )
+        if name:
+            from deltadiff.model.pipeline import Pipeline
+
+            pipe = Pipeline(pipe.cfg.replace(name=name), pipe.unet, pipe.vq)
         h, w = _pairs(tile, "tile")
         m = export_onnx(
             pipe,

@@ -298,6 +298,27 @@ def bench(
         raise typer.Exit(code)
 
 
+@app.command("bench-compare")
+def bench_compare(
+    new: Annotated[Path, typer.Argument(help="The newer bench JSON.")],
+    old: Annotated[Path, typer.Argument(help="The older bench JSON.")],
+    fail_on_regression: Annotated[
+        bool, typer.Option(help="Exit 1 when a cell is flagged as a regression.")
+    ] = False,
+) -> None:
+    """Compare two existing bench reports cell by cell (new/old median ratios), without running."""
+    from deltadiff.benchmarks.report import compare_reports, comparison_lines, load_report
+
+    try:
+        cmp = compare_reports(load_report(new), load_report(old)).to_dict()
+    except DeltaDiffError as exc:
+        fail(exc)
+    for line in comparison_lines({**cmp, "old_path": str(old)}):
+        typer.echo(line)
+    if fail_on_regression and cmp["n_regressions"]:
+        raise typer.Exit(1)
+
+
 def run_app(typer_app: typer.Typer) -> None:
     """Entry point of both CLIs: a DeltaDiffError that escapes a command is one line, exit 1."""
     try:

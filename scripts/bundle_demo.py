@@ -1,7 +1,7 @@
 """Bundle the trained demo model: weights in the upstream trainer layout + safetensors under
 weights/demo-pixel/, exported graphs + manifest under runtime/models/demo-pixel/ (package data).
 
-    python scripts/bundle_demo.py --run runs/demo --iters 6000 [--rule x0] [--tile 128]
+    python scripts/bundle_demo.py --run runs/demo --iters 3500 --rule posterior --tile 68
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ def main() -> None:
     ap.add_argument("--run", type=Path, required=True, help="trainer run directory")
     ap.add_argument("--iters", type=int, required=True, help="which EMA checkpoint")
     ap.add_argument(
-        "--rule", default="x0", help="step rule baked into the bundle (x0 | pixel-renoise)"
+        "--rule",
+        default="x0",
+        help="step rule baked into the bundle (posterior | x0 | pixel-renoise)",
     )
     ap.add_argument("--tile", type=int, default=128)
     ap.add_argument("--max-batch", type=int, default=4)

@@ -409,6 +409,33 @@ def test_regression_rule_on_synthetic_reports():
     assert faster.cells[0].faster and not faster.regressions
 
 
+def test_tiny_stages_are_not_flagged_for_jitter():
+    # a 1 ms stage taking 4 ms in a 2 s pipeline: large ratio, immaterial shift (< 2 % of e2e)
+    old = _fake_report({"encode": (0.001, 0.05), "e2e": (2.0, 0.05)})
+    new = _fake_report({"encode": (0.004, 0.05), "e2e": (2.0, 0.05)})
+    assert not compare_reports(new, old).regressions
+    new = _fake_report({"encode": (0.100, 0.05), "e2e": (2.1, 0.05)})  # 99 ms more: material
+    assert [r.stage for r in compare_reports(new, old).regressions] == ["encode"]
+
+
+def test_bench_compare_command_compares_two_saved_reports(tmp_path):
+    from typer.testing import CliRunner
+
+    from deltadiff.runtime.cli import app
+
+    old = _fake_report({"step_3": (0.010, 0.02), "e2e": (0.040, 0.02)})
+    new = _fake_report({"step_3": (0.020, 0.02), "e2e": (0.050, 0.02)})
+    for name, d in (("old", old), ("new", new)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"schema_version": 1, **d}))
+    args = ["bench-compare", str(tmp_path / "new.json"), str(tmp_path / "old.json")]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0 and "2 regression(s)" in r.output, r.output
+    r = CliRunner().invoke(app, [*args, "--fail-on-regression"])
+    assert r.exit_code == 1
+    r = CliRunner().invoke(app, ["bench-compare", str(tmp_path / "new.json"), str(tmp_path / "x")])
+    assert r.exit_code == 1 and "file not found" in r.output
+
+
 class _Sleepy:
     """A backend wrapper that sleeps before each graph call: a fixed pad, plus per-graph extra."""
 

@@ -70,3 +70,34 @@ def test_bundled_model_beats_bicubic_on_the_validation_set_through_onnxruntime()
             lr = p.lr.astype(np.float32) / 255.0
             gains.append(psnr_y(up.upscale(lr), p.hr) - psnr_y(bicubic_upscaler(lr), p.hr))
     assert float(np.mean(gains)) >= 0.5, gains
+
+
+def test_tiling_keeps_the_demo_models_quality(tmp_path):
+    """Tiles change the output (GroupNorm statistics are per tile) but not its quality: one
+    validation image upscaled whole (64x64 LR export) and as 3x3 tiles of 32x32 LR."""
+    from deltadiff.export.graphs import TileShape
+    from deltadiff.export.onnx_export import ExportOptions, export_onnx, preset_source
+    from deltadiff.model.pipeline import Pipeline
+    from deltadiff.runtime.upscaler import UpscaleOptions
+
+    pair = load_dataset(need_shared(DATA / "val-bicubic-x4"))[0]
+    lr = pair.lr.astype(np.float32) / 255.0
+    assert lr.shape[:2] == (64, 64)
+    rule = load_manifest(default_model_dir(), check_hashes=False).source["step_rule"]
+    base = Pipeline.from_yaml(WEIGHTS / "config.yaml")
+    pipe = Pipeline(base.cfg.replace(step_rule=rule), base.unet)
+    out = {}
+    for tile in (64, 32):
+        d = tmp_path / f"tile{tile}"
+        export_onnx(
+            pipe,
+            d,
+            ExportOptions(TileShape(tile, tile), graphs=("encoder", "step", "decoder")),
+            source=preset_source("demo-pixel", 0),
+        )
+        with Upscaler(d, UpscaleOptions(overlap=8)) as up:
+            out[tile] = up.upscale(lr)
+    whole, tiled = psnr_y(out[64], pair.hr), psnr_y(out[32], pair.hr)
+    bic = psnr_y(bicubic_upscaler(lr), pair.hr)
+    assert abs(whole - tiled) <= 0.3 and tiled > bic, (whole, tiled, bic)
+    assert psnr(out[64], out[32], data_range=1.0) >= 25.0

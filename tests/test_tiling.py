@@ -64,14 +64,15 @@ def _image(h: int, w: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def whole_and_tiled(tmp_path_factory):
-    """The same random-weight pixel model exported at 48x48 (whole image) and 16x16 (tiles)."""
+    """A random-weight pixel model exported for 16x16 LR tiles (the network's own tiled-vs-whole
+    behaviour is tested on the trained demo model in test_demo_model.py)."""
     from deltadiff.export.graphs import TileShape
     from deltadiff.export.onnx_export import ExportOptions, export_onnx, preset_source
     from deltadiff.model.pipeline import Pipeline
 
     pipe = Pipeline.from_preset("deltadiff-pixel-small", seed=0)
     out = {}
-    for tile in (48, 16):
+    for tile in (16,):
         d = tmp_path_factory.mktemp(f"tile{tile}")
         export_onnx(
             pipe,
@@ -83,12 +84,30 @@ def whole_and_tiled(tmp_path_factory):
     return out
 
 
-def test_tiled_matches_whole_image_within_40db(whole_and_tiled):
-    img = _image(48, 48)
-    whole = Upscaler(whole_and_tiled[48]).upscale(img)
-    tiled = Upscaler(whole_and_tiled[16], UpscaleOptions(overlap=6)).upscale(img)
-    assert whole.shape == tiled.shape == (192, 192, 3)
-    assert psnr(whole, tiled, data_range=1.0) >= 40.0
+class _LocalOperator:
+    """Stand-in executor: MATLAB bicubic x4 plus a pointwise nonlinearity, tile by tile. Its
+    output at a pixel depends only on a few LR neighbours, so it isolates the tiling machinery
+    (padding, tile placement, blending, cropping) from the network."""
+
+    def run(self, lr: np.ndarray, feeds=None) -> np.ndarray:
+        from deltadiff.runtime.resize import imresize_matlab
+
+        out = [imresize_matlab(t.transpose(1, 2, 0), 4).transpose(2, 0, 1) for t in lr]
+        y = np.stack(out)
+        return y + 0.1 * np.sin(6.0 * y)
+
+
+@pytest.mark.parametrize(("size", "overlap"), [((48, 48), 6), ((37, 61), 4), ((10, 12), 4)])
+def test_tiling_reassembles_a_local_operator_within_40db(whole_and_tiled, size, overlap):
+    img = _image(*size)
+    up = Upscaler(whole_and_tiled[16], UpscaleOptions(overlap=overlap))
+    up.executor = _LocalOperator()
+    tiled = up.upscale(img)
+    whole = np.clip(_LocalOperator().run(img.transpose(2, 0, 1)[None])[0].transpose(1, 2, 0), 0, 1)
+    assert tiled.shape == whole.shape == (4 * size[0], 4 * size[1], 3)
+    # bicubic needs 2 LR pixels of context; tile edges that are image edges are reflect-padded
+    # by the runner but edge-replicated by the reference, so compare away from the border
+    assert psnr(whole[8:-8, 8:-8], tiled[8:-8, 8:-8], data_range=1.0) >= 40.0
 
 
 def _seam_ratio(out: np.ndarray, cuts: list[int]) -> float:

@@ -11,7 +11,7 @@ import numpy as np
 from deltadiff._deps import require
 from deltadiff.errors import BackendError
 from deltadiff.runtime.backends import check_feeds
-from deltadiff.runtime.manifest import Manifest
+from deltadiff.runtime.manifest import Manifest, verify_file
 
 log = logging.getLogger(__name__)
 _logged = False
@@ -62,7 +62,8 @@ class OrtBackend:
             if self.threads:
                 so.intra_op_num_threads = self.threads
                 so.inter_op_num_threads = 1
-            path = self.model_dir / rec.file
+            # The hash is checked here, once per graph actually loaded (not at manifest load).
+            path = verify_file(self.model_dir, rec.file, rec.sha256, what=f"graph {rec.file}")
             try:
                 s = self.ort.InferenceSession(str(path), so, providers=self.providers)
             except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
