@@ -60,6 +60,21 @@ def load_rules() -> list[IslandRule]:
     ]
 
 
+def _walk(start: list[Any], step: Any, until: Any) -> list[str]:
+    """Breadth-first node names from ``start`` along ``step(node)``, stopping at ``until`` op types."""
+    seen: set[str] = set()
+    names: list[str] = []
+    q = deque(start)
+    while q:
+        n = q.popleft()
+        if n.name in seen or n.op_type in until:
+            continue
+        seen.add(n.name)
+        names.append(n.name)
+        q.extend(step(n))
+    return names
+
+
 def select_islands(model: Any, graph_name: str, rules: list[IslandRule]) -> dict[str, list[str]]:
     """rule name -> names of the nodes it keeps in FP32."""
     g = model.graph
@@ -78,26 +93,17 @@ def select_islands(model: Any, graph_name: str, rules: list[IslandRule]) -> dict
         if r.op_types:
             chosen += [n.name for n in g.node if n.op_type in r.op_types]
         if r.from_input and any(i.name == r.from_input for i in g.input):
-            seen: set[str] = set()
-            q = deque(consumers[r.from_input])
-            while q:
-                n = q.popleft()
-                if n.name in seen or n.op_type in r.until:
-                    continue
-                seen.add(n.name)
-                chosen.append(n.name)
-                for o in n.output:
-                    q.extend(consumers[o])
+            chosen += _walk(
+                consumers[r.from_input],
+                lambda n: [c for o in n.output for c in consumers[o]],
+                r.until,
+            )
         if r.to_output and any(o.name == r.to_output for o in g.output):
-            seen = set()
-            q = deque([producer[r.to_output]] if r.to_output in producer else [])
-            while q:
-                n = q.popleft()
-                if n.name in seen or n.op_type in r.until:
-                    continue
-                seen.add(n.name)
-                chosen.append(n.name)
-                q.extend(producer[i] for i in n.input if i in producer)
+            chosen += _walk(
+                [producer[r.to_output]] if r.to_output in producer else [],
+                lambda n: [producer[i] for i in n.input if i in producer],
+                r.until,
+            )
         if chosen:
             out[r.name] = chosen
     return out
