@@ -72,33 +72,58 @@ def test_bundled_model_beats_bicubic_on_the_validation_set_through_onnxruntime()
     assert float(np.mean(gains)) >= 0.5, gains
 
 
-def test_tiling_keeps_the_demo_models_quality(tmp_path):
-    """Tiles change the output (GroupNorm statistics are per tile) but not its quality: one
-    validation image upscaled whole (64x64 LR export) and as 3x3 tiles of 32x32 LR."""
+@pytest.fixture(scope="module")
+def demo_at_tiles(tmp_path_factory):
+    """The bundled weights exported (encoder/step/decoder) at 64, 48 and 32 LR tiles."""
     from deltadiff.export.graphs import TileShape
     from deltadiff.export.onnx_export import ExportOptions, export_onnx, preset_source
     from deltadiff.model.pipeline import Pipeline
-    from deltadiff.runtime.upscaler import UpscaleOptions
 
-    pair = load_dataset(need_shared(DATA / "val-bicubic-x4"))[0]
-    lr = pair.lr.astype(np.float32) / 255.0
-    assert lr.shape[:2] == (64, 64)
     rule = load_manifest(default_model_dir(), check_hashes=False).source["step_rule"]
     base = Pipeline.from_yaml(WEIGHTS / "config.yaml")
     pipe = Pipeline(base.cfg.replace(step_rule=rule), base.unet)
     out = {}
-    for tile in (64, 32):
-        d = tmp_path / f"tile{tile}"
+    for tile in (64, 48, 32):
+        out[tile] = tmp_path_factory.mktemp(f"demo{tile}")
         export_onnx(
             pipe,
-            d,
+            out[tile],
             ExportOptions(TileShape(tile, tile), graphs=("encoder", "step", "decoder")),
             source=preset_source("demo-pixel", 0),
         )
-        with Upscaler(d, UpscaleOptions(overlap=8)) as up:
-            out[tile] = up.upscale(lr)
-    whole, tiled = psnr_y(out[64], pair.hr), psnr_y(out[32], pair.hr)
+    return out
+
+
+def _upscale(model_dir: Path, lr: np.ndarray, overlap: int = 8) -> np.ndarray:
+    from deltadiff.runtime.upscaler import UpscaleOptions
+
+    with Upscaler(model_dir, UpscaleOptions(overlap=overlap)) as up:
+        return up.upscale(lr)
+
+
+def test_tiled_matches_whole_image_within_40db_on_the_trained_model(demo_at_tiles):
+    """A 64x64 image upscaled whole and as 2x2 tiles of 48x48 LR. GroupNorm statistics are per
+    tile, so agreement falls as tiles shrink relative to the image (measured on this image:
+    48 -> 43.9 dB, 40 -> 40.2 dB, 32 -> 37.1 dB; README, tiling)."""
+    from skimage import data
+    from skimage.transform import resize
+
+    lr = np.clip(resize(data.astronaut(), (64, 64), anti_aliasing=True), 0, 1).astype(np.float32)
+    whole = _upscale(demo_at_tiles[64], lr)
+    tiled = _upscale(demo_at_tiles[48], lr)
+    assert whole.shape == tiled.shape == (256, 256, 3)
+    assert psnr(whole, tiled, data_range=1.0) >= 40.0
+
+
+def test_tiling_keeps_the_demo_models_quality(demo_at_tiles):
+    """Small tiles change the output more, but not its quality: a validation image upscaled whole
+    and as 3x3 tiles of 32x32 LR, both scored against its ground truth."""
+    pair = load_dataset(need_shared(DATA / "val-bicubic-x4"))[0]
+    lr = pair.lr.astype(np.float32) / 255.0
+    assert lr.shape[:2] == (64, 64)
+    whole = psnr_y(_upscale(demo_at_tiles[64], lr), pair.hr)
+    tiled_img = _upscale(demo_at_tiles[32], lr)
+    tiled = psnr_y(tiled_img, pair.hr)
     bic = psnr_y(bicubic_upscaler(lr), pair.hr)
     print(f"PSNR-Y whole {whole:.3f} tiled {tiled:.3f} bicubic {bic:.3f}")
     assert abs(whole - tiled) <= 0.3 and tiled > bic, (whole, tiled, bic)
-    assert psnr(out[64], out[32], data_range=1.0) >= 25.0
