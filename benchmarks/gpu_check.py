@@ -88,9 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     summary["gpu"] = dev.label() if dev else None
     if dev is None or not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU visible (cuda-python / torch)")
-    torch.backends.cuda.matmul.allow_tf32 = (
-        False  # FP32 means FP32 for the reference and its timing
-    )
+    # FP32 means FP32 for the reference and its timing
+    torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     flavour, version = trt_flavour(args.wheels, args.flavour)
     summary["tensorrt"] = f"{flavour} {version}"

@@ -611,12 +611,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stem", default="quality")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    ups: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+    opened: list[Upscaler] = []
     try:
         pairs = load_dataset(args.dataset)
         weights = args.lpips_weights or default_lpips_weights()
         lp = LPIPS(weights) if weights else None
-        ups: dict[str, Upscaler] = {}
-        opened = []
         for d in args.model or [default_model_dir()]:
             up = Upscaler(
                 d,
@@ -632,17 +632,18 @@ def main(argv: list[str] | None = None) -> int:
             if args.torch_reference:
                 ups[f"{up.m.name}/torch-reference"] = _torch_upscaler(d)
         rep = evaluate(pairs, ups, lpips=lp, dataset=args.dataset.name)
-        for up in opened:
-            up.close()
         js, md = write_report(rep, args.out, args.stem)
     except DeltaDiffError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
+    finally:
+        for up in opened:
+            up.close()
     sys.stdout.write(rep.to_markdown().split("\n\n## ")[0] + f"\n\nwrote {js} and {md}\n")
     return 0
 
 
-def _torch_upscaler(model_dir: Path) -> Upscaler:
+def _torch_upscaler(model_dir: Path) -> Callable[[np.ndarray], np.ndarray]:
     import torch
 
     from deltadiff.export.verify import reference_pipeline

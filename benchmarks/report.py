@@ -112,8 +112,9 @@ class Comparison:
     old_date: str | None = None
     old_label: str | None = None
     old_host: str | None = None
+    share: float = 0.02
     rule: str = field(
-        default="ratio > 1 + max(floor, k * sqrt(cov_old^2 + cov_new^2)) and |new - old| > 2% of e2e"
+        default="ratio > 1 + max(floor, k * sqrt(cov_old^2 + cov_new^2)) and |new - old| > share * e2e"
     )
 
     @property
@@ -125,6 +126,7 @@ class Comparison:
             "rule": self.rule,
             "floor": self.floor,
             "k": self.k,
+            "share": self.share,
             "old_date": self.old_date,
             "old_label": self.old_label,
             "old_host": self.old_host,
@@ -188,6 +190,7 @@ def compare_reports(
         cells=tuple(cells),
         floor=floor,
         k=k,
+        share=share,
         only_new=tuple(sorted({c for c, _ in b} - {c for c, _ in a})),
         only_old=tuple(sorted({c for c, _ in a} - {c for c, _ in b})),
         old_date=env.get("date"),
@@ -201,7 +204,7 @@ def comparison_lines(cmp: dict[str, Any]) -> list[str]:
     lines = [
         f"compare vs {cmp.get('old_path') or 'old report'} ({cmp.get('old_label') or cmp.get('old_host') or '?'},"
         f" {cmp.get('old_date') or '?'}): {cmp['n_cells']} cells, {cmp['n_regressions']} regression(s);"
-        f" rule {cmp['rule']} (floor {cmp['floor']:.0%}, k {cmp['k']:g})"
+        f" rule {cmp['rule']} (floor {cmp['floor']:.0%}, k {cmp['k']:g}, share {cmp.get('share', 0):.0%})"
     ]
     for c in cmp["cells"]:
         flag = "REGRESSION" if c["regression"] else ("faster" if c["faster"] else "ok")

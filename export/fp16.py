@@ -118,10 +118,9 @@ def convert_to_fp16(
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    # names must be unique and non-empty for island bookkeeping
     seen_names: set[str] = set()
-    for i, n in enumerate(
-        m.graph.node
-    ):  # names must be unique and non-empty for island bookkeeping
+    for i, n in enumerate(m.graph.node):
         if not n.name or n.name in seen_names:
             n.name = f"{n.op_type}__{i}"
         seen_names.add(n.name)

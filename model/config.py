@@ -135,10 +135,11 @@ class ScheduleConfig:
                 f"{self.kappa}, power {self.power}) is invalid: need 0 < min_noise_level, "
                 "0 < etas_end <= 1, kappa > 0, power > 0"
             )
-        if min(self.min_noise_level / self.kappa, self.min_noise_level) >= self.etas_end:
+        start = min(self.min_noise_level / self.kappa, self.min_noise_level)
+        if start >= self.etas_end:
             raise ConfigError(
-                f"schedule start {min(self.min_noise_level / self.kappa, self.min_noise_level)} is not "
-                f"below etas_end {self.etas_end}; give min_noise_level,etas_end with start < end"
+                f"schedule start {start} is not below etas_end {self.etas_end}; "
+                "give min_noise_level,etas_end with start < end"
             )
 
 

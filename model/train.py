@@ -65,9 +65,8 @@ class TrainOptions:
     # (no gradient), so the later rows learn to refine their real inputs, not only the marginals.
     rollout: float = 0.0
     rollout_rule: str = "posterior"
-    stop_at: int | None = (
-        None  # stop (after saving) at this iteration; the LR schedule still spans iters
-    )
+    # stop (after saving) at this iteration; the LR schedule still spans ``iters``
+    stop_at: int | None = None
 
 
 def load_hr_images(folder: Path, min_side: int) -> list[np.ndarray]:

@@ -63,7 +63,7 @@ def _image(h: int, w: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def whole_and_tiled(tmp_path_factory):
+def tile16_model(tmp_path_factory):
     """A random-weight pixel model exported for 16x16 LR tiles (the network's own tiled-vs-whole
     behaviour is tested on the trained demo model in test_demo_model.py)."""
     from deltadiff.export.graphs import TileShape
@@ -71,17 +71,14 @@ def whole_and_tiled(tmp_path_factory):
     from deltadiff.model.pipeline import Pipeline
 
     pipe = Pipeline.from_preset("deltadiff-pixel-small", seed=0)
-    out = {}
-    for tile in (16,):
-        d = tmp_path_factory.mktemp(f"tile{tile}")
-        export_onnx(
-            pipe,
-            d,
-            ExportOptions(TileShape(tile, tile), graphs=("encoder", "step", "decoder")),
-            source=preset_source("deltadiff-pixel-small", 0),
-        )
-        out[tile] = d
-    return out
+    d = tmp_path_factory.mktemp("tile16")
+    export_onnx(
+        pipe,
+        d,
+        ExportOptions(TileShape(16, 16), graphs=("encoder", "step", "decoder")),
+        source=preset_source("deltadiff-pixel-small", 0),
+    )
+    return d
 
 
 class _LocalOperator:
@@ -98,9 +95,9 @@ class _LocalOperator:
 
 
 @pytest.mark.parametrize(("size", "overlap"), [((48, 48), 6), ((37, 61), 4), ((10, 12), 4)])
-def test_tiling_reassembles_a_local_operator_within_40db(whole_and_tiled, size, overlap):
+def test_tiling_reassembles_a_local_operator_within_40db(tile16_model, size, overlap):
     img = _image(*size)
-    up = Upscaler(whole_and_tiled[16], UpscaleOptions(overlap=overlap))
+    up = Upscaler(tile16_model, UpscaleOptions(overlap=overlap))
     up.executor = _LocalOperator()
     tiled = up.upscale(img)
     whole = np.clip(_LocalOperator().run(img.transpose(2, 0, 1)[None])[0].transpose(1, 2, 0), 0, 1)
@@ -116,10 +113,10 @@ def _seam_ratio(out: np.ndarray, cuts: list[int]) -> float:
     return float(np.mean([g[c - 1] for c in cuts]) / np.median(g))
 
 
-def test_seams_visible_with_naive_cropping_and_gone_with_blending(whole_and_tiled):
+def test_seams_visible_with_naive_cropping_and_gone_with_blending(tile16_model):
     img = _image(48, 48)
-    crop = Upscaler(whole_and_tiled[16], UpscaleOptions(overlap=6, blend="crop")).upscale(img)
-    blend = Upscaler(whole_and_tiled[16], UpscaleOptions(overlap=6, blend="cosine")).upscale(img)
+    crop = Upscaler(tile16_model, UpscaleOptions(overlap=6, blend="crop")).upscale(img)
+    blend = Upscaler(tile16_model, UpscaleOptions(overlap=6, blend="cosine")).upscale(img)
     starts = tile_starts(48, 16, 6)  # LR
     cuts = [
         4 * (s + (p + 16 - s) // 2) for p, s in zip(starts, starts[1:], strict=False)
