@@ -80,7 +80,7 @@ def upscale(
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     recursive: Annotated[bool, typer.Option(help="Walk folders recursively.")] = True,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bars.")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logging.")] = False,
 ) -> None:
     """Upscale images x4. A failing file is reported and the rest go on; exit 1 if any failed."""
@@ -119,7 +119,7 @@ def upscale(
     with (
         up,
         Progress(
-            TextColumn("upscale"),
+            TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[name]}"),
@@ -129,12 +129,23 @@ def upscale(
             transient=True,
         ) as bar,
     ):
-        task = bar.add_task("upscale", total=len(pairs), name="")
+        task = bar.add_task("files", total=len(pairs), name="")
+        tiles = bar.add_task("tiles", total=1, name="", visible=False)
 
         def on_file(src: Path, status: str) -> None:
             bar.update(task, advance=1, name=src.name)
+            bar.update(tiles, visible=False)
 
-        summary = run_job(up, pairs, overwrite=overwrite, on_file=on_file)
+        def on_tile(src: Path, done: int, total: int) -> None:
+            if done == 0 and total > 1:  # a big image: say up front what it will run
+                th, tw = up.m.tile
+                if not quiet:
+                    bar.console.print(f"{src.name}: {total} tiles of {th}x{tw} LR", highlight=False)
+                bar.reset(tiles, total=total, name=f"tiles of {src.name}", visible=True)
+            elif total > 1:
+                bar.update(tiles, completed=done)
+
+        summary = run_job(up, pairs, overwrite=overwrite, on_file=on_file, on_tile=on_tile)
     from rich.markup import escape
 
     out = Console(stderr=True, highlight=False, soft_wrap=True)

@@ -34,6 +34,7 @@ from deltadiff.runtime.tiling import Blender, axis_weights, reflect_pad, tile_st
 log = logging.getLogger(__name__)
 
 BUNDLED_MODEL = "demo-pixel"
+TileProgress = Callable[[int, int], None]  # (tiles done, tiles in the image)
 
 
 def default_model_dir() -> Path:
@@ -113,8 +114,24 @@ class Upscaler:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def upscale(self, rgb: np.ndarray, *, seed: int | None = None) -> np.ndarray:
-        """(h, w, 3) float32 in [0, 1] -> (4h, 4w, 3) float32 in [0, 1]."""
+    def _tile_grid(self, h: int, w: int) -> tuple[list[int], list[int]]:
+        """Tile start offsets (rows, columns) for an h x w LR image (after padding to a tile)."""
+        th, tw = self.m.tile
+        H, W = max(h, th), max(w, tw)
+        return tile_starts(H, th, self.overlap), tile_starts(W, tw, self.overlap)
+
+    def tile_count(self, h: int, w: int) -> int:
+        """How many tiles an h x w LR image runs as."""
+        ys, xs = self._tile_grid(h, w)
+        return len(ys) * len(xs)
+
+    def upscale(
+        self, rgb: np.ndarray, *, seed: int | None = None, progress: TileProgress | None = None
+    ) -> np.ndarray:
+        """(h, w, 3) float32 in [0, 1] -> (4h, 4w, 3) float32 in [0, 1].
+
+        ``progress(done, total)`` is called with 0 before the first tile and after every batch.
+        """
         if rgb.ndim != 3 or rgb.shape[2] != 3:
             raise DeltaDiffError(f"expected an (h, w, 3) RGB array, got shape {rgb.shape}")
         h, w = rgb.shape[:2]
@@ -123,7 +140,7 @@ class Upscaler:
         lr = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)  # (3, h, w)
         lr = reflect_pad(lr, max(0, th - h), max(0, tw - w))
         H, W = lr.shape[1:]
-        ys, xs = tile_starts(H, th, self.overlap), tile_starts(W, tw, self.overlap)
+        ys, xs = self._tile_grid(h, w)
         wys = axis_weights(ys, th, s, self.opts.blend)
         wxs = axis_weights(xs, tw, s, self.opts.blend)
         noise = None
@@ -135,6 +152,8 @@ class Upscaler:
         ratio = self.m.state_hw((1, 1))[0]  # state pixels per LR pixel (1 latent, 4 pixel)
         jobs = [(iy, ix) for iy in range(len(ys)) for ix in range(len(xs))]
         out = Blender(3, s * H, s * W)
+        if progress:
+            progress(0, len(jobs))
         for b0 in range(0, len(jobs), self.opts.batch):
             chunk = jobs[b0 : b0 + self.opts.batch]
             batch = np.stack(
@@ -159,6 +178,8 @@ class Upscaler:
             sr = self.executor.run(batch, feeds)
             for (iy, ix), tile in zip(chunk, sr, strict=True):
                 out.add(tile, s * ys[iy], s * xs[ix], wys[iy], wxs[ix])
+            if progress:
+                progress(b0 + len(chunk), len(jobs))
         res = out.result()[:, : s * h, : s * w]
         return np.ascontiguousarray(res.transpose(1, 2, 0))
 
@@ -187,9 +208,11 @@ def plan_outputs(
     return [(src, output_path(src, rel, out, suffix=suffix, single=single)) for src, rel in found]
 
 
-def upscale_file(up: Upscaler, src: Path, dst: Path) -> None:
+def upscale_file(
+    up: Upscaler, src: Path, dst: Path, progress: TileProgress | None = None
+) -> None:
     img = read_image(src)
-    sr = up.upscale(img.rgb)
+    sr = up.upscale(img.rgb, progress=progress)
     alpha = upscale_alpha(img.alpha, up.m.scale) if img.alpha is not None else None
     write_image(
         dst,
@@ -208,8 +231,12 @@ def run_job(
     *,
     overwrite: bool = False,
     on_file: Callable[[Path, str], None] | None = None,
+    on_tile: Callable[[Path, int, int], None] | None = None,
 ) -> JobSummary:
-    """Upscale every (src, dst) pair; a failing file is recorded and the job goes on."""
+    """Upscale every (src, dst) pair; a failing file is recorded and the job goes on.
+
+    ``on_file(src, status)`` follows each file; ``on_tile(src, done, total)`` each batch of tiles.
+    """
     summary = JobSummary()
     t0 = time.perf_counter()
     seen: dict[Path, Path] = {}
@@ -226,7 +253,8 @@ def run_job(
                 status = "skipped"
             else:
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                upscale_file(up, src, dst)
+                tick = None if on_tile is None else (lambda d, n, _s=src: on_tile(_s, d, n))
+                upscale_file(up, src, dst, tick)
                 summary.done.append(dst)
         except DeltaDiffError as exc:
             summary.failed.append((src, str(exc)))
