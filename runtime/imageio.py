@@ -381,9 +381,7 @@ def cmyk_to_rgb(path: Path, im: Image.Image) -> tuple[Image.Image, bytes | None]
                 )
                 return rgb, _srgb_icc()
     else:
-        _warn_once(
-            "cmyk-plain", f"{path}: CMYK without an ICC profile; converted to RGB by Pillow"
-        )
+        _warn_once("cmyk-plain", f"{path}: CMYK without an ICC profile; converted to RGB by Pillow")
     return im.convert("RGB"), None
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from deltadiff.errors import DeltaDiffError, ImageError
+from deltadiff.options import DEFAULT_MODE, Backend, Mode, Precision, parse
 from deltadiff.runtime.backends import open_backend
-from deltadiff.runtime.executor import DEFAULT_MODE, MODES, Executor
+from deltadiff.runtime.executor import Executor
 from deltadiff.runtime.imageio import (
     find_images,
     output_path,
@@ -49,9 +50,9 @@ def default_model_dir() -> Path:
 
 @dataclass(frozen=True)
 class UpscaleOptions:
-    backend: str = "onnxruntime"
-    precision: str = "fp32"
-    mode: str = DEFAULT_MODE
+    backend: Backend = Backend.ONNXRUNTIME
+    precision: Precision = Precision.FP32
+    mode: Mode = DEFAULT_MODE
     threads: int = 0
     tile: int | None = None  # LR tile side; must match the exported tile
     overlap: int | None = None  # LR pixels; default tile // 8 (at least 4)
@@ -59,6 +60,12 @@ class UpscaleOptions:
     blend: str = "cosine"  # or "crop" (naive, for comparison)
     seed: int = 0  # noise seed (resshift-v3 only)
     device: int = 0
+
+    def __post_init__(self) -> None:
+        """Accept text for the typed options (CLI, callers): one line if a value is unknown."""
+        object.__setattr__(self, "backend", parse(Backend, self.backend, "--backend"))
+        object.__setattr__(self, "precision", parse(Precision, self.precision, "--precision"))
+        object.__setattr__(self, "mode", parse(Mode, self.mode, "--mode"))
 
 
 class Upscaler:
@@ -69,13 +76,14 @@ class Upscaler:
     ) -> None:
         self.opts = opts = opts or UpscaleOptions()
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
-        if opts.mode not in MODES:
-            raise DeltaDiffError(f"--mode {opts.mode!r}: choose one of {', '.join(MODES)}")
         self.m: Manifest = load_manifest(self.model_dir, check_hashes=False)
         if opts.precision not in self.m.precisions():
             raise DeltaDiffError(
                 f"--precision {opts.precision}: this model has {', '.join(self.m.precisions())} graphs"
-                + ("; add FP16 graphs with dd-export fp16" if opts.precision == "fp16" else "")
+                + {
+                    Precision.FP16: "; add FP16 graphs with dd-export fp16",
+                    Precision.INT8: "; add INT8 graphs with dd-export calibrate",
+                }.get(opts.precision, "")
             )
         th, tw = self.m.tile
         if opts.tile is not None and (opts.tile, opts.tile) != (th, tw):
@@ -208,9 +216,7 @@ def plan_outputs(
     return [(src, output_path(src, rel, out, suffix=suffix, single=single)) for src, rel in found]
 
 
-def upscale_file(
-    up: Upscaler, src: Path, dst: Path, progress: TileProgress | None = None
-) -> None:
+def upscale_file(up: Upscaler, src: Path, dst: Path, progress: TileProgress | None = None) -> None:
     img = read_image(src)
     sr = up.upscale(img.rgb, progress=progress)
     alpha = upscale_alpha(img.alpha, up.m.scale) if img.alpha is not None else None

@@ -155,7 +155,9 @@ def test_big_image_says_its_tile_count_and_quiet_silences_it(exported, tmp_path)
     rgb = (np.random.default_rng(1).random((64, 48, 3)) * 255).astype(np.uint8)
     Image.fromarray(rgb).save(tmp_path / "big.png")
     model = str(exported("deltadiff-pixel"))
-    r = dd_run("upscale", str(tmp_path / "big.png"), "-o", str(tmp_path / "o.png"), "--model", model)
+    r = dd_run(
+        "upscale", str(tmp_path / "big.png"), "-o", str(tmp_path / "o.png"), "--model", model
+    )
     assert r.returncode == 0, r.stderr
     assert "big.png: 20 tiles of 16x16 LR" in r.stderr
     r = dd_run(
