@@ -383,6 +383,8 @@ def cmd_model(args: argparse.Namespace) -> int:
         for line in (r.line() for r in rep.end_to_end):
             notes.append(f"verify: {line}")
         notes.append(f"verify TensorRT FP16 vs FP32 reference: {'PASS' if rep.passed else 'FAIL'}")
+        # what is done so far survives a timeout in the benchmark
+        _write(args.out, f"summary-{name}.json", json.dumps({"model": name, "notes": notes}))
     else:
         notes.append("TensorRT not measured (--no-trt: it did not pass the probe on this GPU)")
     report = run_bench(opts).to_dict()

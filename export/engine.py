@@ -80,6 +80,11 @@ def _set_targets(trt: Any, config: Any, targets: tuple[str, ...]) -> None:
         (n.lower() for n in dir(trt.ComputeCapability) if n.startswith("SM")),
         key=lambda n: int(n[2:]) if n[2:].isdigit() else 0,
     )
+    if any(t.lower() == "current" for t in targets) and len(targets) > 1:
+        raise EngineError(
+            f"--target current builds for this machine's GPU only; it cannot be combined with "
+            f"{', '.join(t for t in targets if t.lower() != 'current')} (TensorRT-RTX rule)"
+        )
     config.num_compute_capabilities = len(targets)
     for i, t in enumerate(targets):
         # "current": compile for the GPU of this machine (e.g. sm90, which is not an AOT target)

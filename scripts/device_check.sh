@@ -143,7 +143,9 @@ model() {  # engines -> verify -> bench (without TensorRT if the probe failed)
   local trt=()
   [[ -e "$STAGE/trt.ok" || $DRY == 1 ]] || trt=(--no-trt)
   if [[ $DRY == 1 && ! -e "$dir/manifest.json" ]]; then would "run the model step on $dir ($name)"; return; fi
-  gpu_check --out "$OUT" --work "$STAGE/work" model --model "$dir" --name "$name" "${trt[@]}" "$@"
+  gpu_check timeout "${DD_MODEL_TIMEOUT:-270}" --out "$OUT" --work "$STAGE/work" \
+    model --model "$dir" --name "$name" "${trt[@]}" "$@" \
+    || say "MODEL STEP FAILED or timed out for $name (summary-$name.json holds what was done)"
 }
 
 call() {
@@ -151,7 +153,7 @@ call() {
   stage_part "$k"
   if [[ "$k" == 1 ]]; then
     say "exporting the full preset $FULL_PRESET (+FP16) for the 'full' call"
-    gpu_check timeout "${DD_EXPORT_TIMEOUT:-420}" --out "$OUT" --work "$STAGE/work" \
+    gpu_check timeout "${DD_EXPORT_TIMEOUT:-300}" --out "$OUT" --work "$STAGE/work" \
       export --preset "$FULL_PRESET" --tile 64 \
       || say "EXPORT FAILED or timed out: the 'full' call will have no model (go on with call 2 now)"
   fi
@@ -172,7 +174,7 @@ full() {
   if [[ $DRY == 0 && ( ! -e "$dir/manifest.json" || ! -e "$STAGE/LAST" ) ]]; then
     say "FRESH MACHINE: the exported model or the wheels are gone; start again with 'call 1'"; exit 4
   fi
-  model "$dir" "$FULL_PRESET" --modes staged --batches 1,4 --min-runs 10
+  model "$dir" "$FULL_PRESET" --modes staged --batches 1,4 --min-runs 10 --min-seconds 1
 }
 
 case "$STEP" in

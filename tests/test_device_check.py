@@ -81,7 +81,11 @@ def test_gpu_check_runs_from_a_bare_checkout(tmp_path):
         "for k in [k for k in sys.modules if k.startswith('deltadiff')]: del sys.modules[k]\n"
         f"sys.argv = ['gpu_check.py', '--dry-run', '--work', {str(tmp_path)!r}, '--out', "
         f"{str(tmp_path)!r}, 'probe']\n"
-        f"runpy.run_path({str(REPO / 'benchmarks' / 'gpu_check.py')!r}, run_name='__main__')\n"
+        f"try:\n    runpy.run_path({str(REPO / 'benchmarks' / 'gpu_check.py')!r}, run_name='__main__')\n"
+        "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "import deltadiff.benchmarks.harness, deltadiff.export.engine, deltadiff.export.verify\n"
+        "import deltadiff.export.onnx_export, deltadiff.runtime.backends.trt\n"
+        "print('IMPORTED', deltadiff.export.engine.__file__)\n"
     )
     r = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path
@@ -89,6 +93,7 @@ def test_gpu_check_runs_from_a_bare_checkout(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "deltadiff imported from the checkout" in r.stderr
     assert '"step": "dry-run"' in r.stdout
+    assert f"IMPORTED {REPO / 'export' / 'engine.py'}" in r.stdout
 
 
 def test_probe_runs_a_tiny_network_on_the_simulated_gpu(tmp_path):
@@ -138,3 +143,33 @@ def test_headline_uses_the_cuda_graph_chain_not_the_per_stage_path():
     assert "m/tensorrt/fp32/staged/b1" in s["skipped"]
     md = gpu_check.summary_markdown(s, ["note"])
     assert "| 1 | 100.00 ms | 50.00 ms | 10.00 ms | 30.00 ms | 10.00× | 5.00× |" in md
+
+
+@pytest.mark.slow  # ~2 min on the 2-core machine (torch reference, verify, benchmark)
+def test_model_step_end_to_end_on_the_simulated_gpu(exported, tmp_path):
+    """The device call's model step, for real on the simulation: FP16 engines (target current),
+    verify vs the FP32 reference, one benchmark run (torch on the CPU here), the summary."""
+    import json
+    import shutil
+
+    from deltadiff.export.onnx_export import add_fp16
+
+    d = tmp_path / "pixel"
+    shutil.copytree(exported("deltadiff-pixel"), d)
+    add_fp16(d)
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--work", str(tmp_path / "w"), "model", "--model", str(d)]
+    argv += ["--name", "px", "--modes", "staged", "--batches", "1,2", "--min-runs", "2"]
+    argv += ["--min-seconds", "0"]
+    with install() as sim:
+        assert gpu_check.main(argv) == 0
+    s = json.loads((out / "summary-px.json").read_text())
+    for b in ("1", "2"):
+        h = s["batches"][b]["headline"]
+        assert h["trt_case"] == "tensorrt/fp16/staged" and h["trt_chain_ms"] > 0
+        assert h["torch_fp32_ms"] > 0 and h["speedup_vs_fp32"] > 0
+    assert any("verify TensorRT FP16 vs FP32 reference: PASS" in n for n in s["notes"])
+    assert "target current" in " ".join(s["notes"])
+    assert sim.cuda.launches > 0  # the chain was replayed from a captured graph
+    assert (out / "summary-px.md").read_text().startswith("# GPU check: px")
+    assert any(p.name.startswith("bench-gpu-px") and p.suffix == ".json" for p in out.iterdir())

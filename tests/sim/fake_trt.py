@@ -266,6 +266,8 @@ class _BuilderConfig:
     def set_compute_capability(self, cc: ComputeCapability, index: int) -> bool:
         if not 0 <= index < len(self.cc) or cc.name.lower() in self.sim.reject_targets:
             return False
+        if cc == ComputeCapability.CURRENT and (index != 0 or len(self.cc) != 1):
+            return False  # TensorRT-RTX: CURRENT only as the one and only target
         self.cc[index] = cc
         return True
 
