@@ -116,7 +116,7 @@ def build_engine(
     builder = trt.Builder(logger)
     network = builder.create_network(strongly_typed_flags(trt))
     config = builder.create_builder_config()
-    if builder is None or network is None or config is None:
+    if network is None or config is None:
         raise EngineError(
             f"TensorRT could not start a build of {onnx_path.name} (see its errors above)"
         )
