@@ -74,6 +74,33 @@ def _parse(trt: Any, network: Any, path: Path, logger: Any) -> None:
         )
 
 
+def _set_targets(trt: Any, config: Any, targets: tuple[str, ...]) -> None:
+    """TensorRT-RTX compute-capability targets; each one must be accepted (the setter's bool)."""
+    known = sorted(
+        (n.lower() for n in dir(trt.ComputeCapability) if n.startswith("SM")),
+        key=lambda n: int(n[2:]) if n[2:].isdigit() else 0,
+    )
+    if any(t.lower() == "current" for t in targets) and len(targets) > 1:
+        raise EngineError(
+            f"--target current builds for this machine's GPU only; it cannot be combined with "
+            f"{', '.join(t for t in targets if t.lower() != 'current')} (TensorRT-RTX rule)"
+        )
+    config.num_compute_capabilities = len(targets)
+    for i, t in enumerate(targets):
+        # "current": compile for the GPU of this machine (e.g. sm90, which is not an AOT target)
+        name = "CURRENT" if t.lower() == "current" else t.upper()
+        cc = getattr(trt.ComputeCapability, name, None)
+        if cc is None:
+            raise EngineError(
+                f"--target {t}: TensorRT-RTX {trt.__version__} knows {', '.join(known)} and current"
+            )
+        if not config.set_compute_capability(cc, i):
+            raise EngineError(
+                f"--target {t}: TensorRT-RTX {trt.__version__} rejected this compute capability "
+                f"(it builds for {', '.join(known)} and current, the GPU of this machine)"
+            )
+
+
 def build_engine(
     onnx_path: Path,
     *,
@@ -88,8 +115,12 @@ def build_engine(
     logger = trt_logger(flavour)
     builder = trt.Builder(logger)
     network = builder.create_network(strongly_typed_flags(trt))
-    _parse(trt, network, onnx_path, logger)
     config = builder.create_builder_config()
+    if network is None or config is None:
+        raise EngineError(
+            f"TensorRT could not start a build of {onnx_path.name} (see its errors above)"
+        )
+    _parse(trt, network, onnx_path, logger)
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_gb * (1 << 30)))
     config.builder_optimization_level = int(opts.opt_level)
     if not opts.tf32 and hasattr(trt.BuilderFlag, "TF32"):
@@ -97,27 +128,16 @@ def build_engine(
     if flavour == "tensorrt_rtx" and hasattr(trt.BuilderFlag, "REQUIRE_USER_ALLOCATION"):
         config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)  # needed for CUDA stream capture
     if flavour == "tensorrt_rtx" and opts.targets:
-        config.num_compute_capabilities = len(opts.targets)
-        for i, t in enumerate(opts.targets):
-            if (
-                t.lower() == "current"
-            ):  # compile for the GPU of this machine (e.g. sm90, not in the AOT list)
-                config.set_compute_capability(trt.ComputeCapability.CURRENT, i)
-                continue
-            cc = getattr(trt.ComputeCapability, t.upper(), None)
-            if cc is None:
-                raise EngineError(
-                    f"--target {t}: TensorRT-RTX {trt.__version__} knows "
-                    f"{', '.join(n.lower() for n in dir(trt.ComputeCapability) if n.startswith('SM'))}"
-                )
-            config.set_compute_capability(cc, i)
+        _set_targets(trt, config, opts.targets)
     cache = None
     if flavour != "tensorrt_rtx" and hasattr(config, "create_timing_cache"):  # no-ops in TRT-RTX
         cache = config.create_timing_cache(timing_cache or b"")
         if not config.set_timing_cache(cache, ignore_mismatch=False):
             log.warning("timing cache rejected (other GPU/TensorRT?); starting a new one")
             cache = config.create_timing_cache(b"")
-            config.set_timing_cache(cache, ignore_mismatch=True)
+            if not config.set_timing_cache(cache, ignore_mismatch=True):
+                log.warning("TensorRT rejected a new timing cache too; building without one")
+                cache = None
     profile = builder.create_optimization_profile()
     lo, opt, hi = batch
     names = {network.get_input(i).name for i in range(network.num_inputs)}

@@ -88,6 +88,38 @@ def trt_logger(flavour: str) -> Any:
     return lg
 
 
+def runtime_config(
+    trt: ModuleType, engine: Any, cache: Any | None
+) -> tuple[Any | None, Any | None]:
+    """``(IRuntimeConfig, runtime cache)`` for a new execution context; ``(None, None)`` where the
+    API has no runtime config (TensorRT < 10.11).
+
+    TensorRT-RTX compiles shape-specialised kernels just in time and, by default (LAZY), runs
+    fallback kernels until they are ready, so a CUDA graph captured after one warm-up could freeze
+    the fallback kernels. Here every context compiles them EAGERly (before the enqueue that first
+    meets a shape returns), and all contexts of one engine share one runtime cache (``cache``, made
+    by the first call and returned for the next), so what one context compiled the next reuses.
+    The library's own CUDA-graph capture stays off: the backend captures the whole chain itself.
+    """
+    if not hasattr(engine, "create_runtime_config"):
+        return None, None
+    cfg = engine.create_runtime_config()
+    if cfg is None:
+        raise EngineError("TensorRT could not create a runtime config for an engine")
+    strategy = getattr(trt, "DynamicShapesKernelSpecializationStrategy", None)
+    if strategy is not None and hasattr(cfg, "dynamic_shapes_kernel_specialization_strategy"):
+        cfg.dynamic_shapes_kernel_specialization_strategy = strategy.EAGER
+    graphs = getattr(trt, "CudaGraphStrategy", None)
+    if graphs is not None and hasattr(cfg, "cuda_graph_strategy"):
+        cfg.cuda_graph_strategy = graphs.DISABLED
+    if hasattr(cfg, "create_runtime_cache"):
+        if cache is None:
+            cache = cfg.create_runtime_cache()
+        if cache is None or not cfg.set_runtime_cache(cache):
+            raise EngineError("TensorRT rejected the shared runtime cache of an engine")
+    return cfg, cache
+
+
 def strongly_typed_flags(trt: ModuleType) -> int:
     """Network creation flags for a strongly typed network on every TensorRT version."""
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)

@@ -6,11 +6,18 @@ The staged chain stays on the device: the encoder writes x / y / cond, the step 
 the state between two buffers with each row's ``t`` / ``coef`` (and noise) in their own device
 buffers (uploaded once), the decoder writes the image; only the LR (+ noise) goes up and the image
 comes down. Each chain owns its execution contexts, so every captured graph has fixed shapes and
-addresses. If a chain cannot be captured (``is_stream_capturable`` false, or capture fails) it is
-enqueued normally and a warning says so once.
+addresses; all contexts of one engine share one TensorRT-RTX runtime cache and compile their
+shape-specialised kernels eagerly, in the warm-up before the capture (``trt_compat.runtime_config``).
+Buffers are sized from the engines' own dtypes and shapes, which must agree with the manifest.
+
+Capture is tried once per chain. If it cannot be done (``is_stream_capturable`` false, an error
+while enqueuing, an invalidated capture at ``cudaStreamEndCapture``, a failing
+``cudaGraphInstantiate``) the partial graph is destroyed, a warning says why, and that chain is
+enqueued normally from then on.
 
 Status: written against the TensorRT 10/11 and TensorRT-RTX Python APIs and cuda-python 12/13;
-NOT yet run on a GPU (the development machine has none). ``benchmarks/gpu_check.py`` exercises it.
+not yet run on a GPU. ``tests/test_trt_sim.py`` runs it on a CPU simulation of cuda-python and
+TensorRT (ONNX Runtime underneath); ``scripts/device_check.sh`` runs it on a GPU.
 """
 
 from __future__ import annotations
@@ -31,23 +38,30 @@ from deltadiff.runtime.trt_compat import (
     cudart,
     current_device,
     import_trt,
+    runtime_config,
     trt_logger,
 )
 
 log = logging.getLogger(__name__)
 
 
+def _err_name(err: Any) -> str:
+    _, name = cudart().cudaGetErrorName(err)
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
 def _check(res: Any, what: str) -> Any:
     """cuda-python returns (err, *values); raise on error, return the value(s)."""
     err, *vals = res if isinstance(res, tuple) else (res,)
     if int(err) != 0:
-        _, name = cudart().cudaGetErrorName(err)
-        raise BackendError(
-            f"CUDA {what} failed: {name.decode() if isinstance(name, bytes) else name}"
-        )
+        raise BackendError(f"CUDA {what} failed: {_err_name(err)}")
     if not vals:
         return None
     return vals[0] if len(vals) == 1 else tuple(vals)
+
+
+def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize
 
 
 class _Memory:
@@ -72,10 +86,10 @@ class _Memory:
         return ptr, np.frombuffer(raw, dtype=dtype, count=n).reshape(shape)
 
     def free(self) -> None:
-        for p in self.device:
-            self.rt.cudaFree(p)
-        for p in self.host:
-            self.rt.cudaFreeHost(p)
+        bad = [p for p in self.device if int(self.rt.cudaFree(p)[0]) != 0]
+        bad += [p for p in self.host if int(self.rt.cudaFreeHost(p)[0]) != 0]
+        if bad:
+            log.warning("CUDA could not free %d of the backend's buffers", len(bad))
         self.device.clear()
         self.host.clear()
 
@@ -97,12 +111,23 @@ class _Engine:
             name = self.engine.get_tensor_name(i)
             mode = self.engine.get_tensor_mode(name)
             (self.inputs if mode == trt.TensorIOMode.INPUT else self.outputs).append(name)
-            self.dtypes[name] = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+            dt = self.engine.get_tensor_dtype(name)
+            try:
+                self.dtypes[name] = np.dtype(trt.nptype(dt))
+            except (TypeError, KeyError, ValueError):
+                raise EngineError(
+                    f"{path.name}: tensor {name} has type {dt}, which the runtime cannot hold; "
+                    "rebuild the engine from the manifest's graphs"
+                ) from None
         self.path = path
+        self.runtime_cache: Any = None  # TensorRT-RTX: shared by every context of this engine
+        self._configs: list[Any] = []  # keep runtime configs alive as long as their contexts
 
     def context(self) -> Any:
-        if hasattr(self.engine, "create_runtime_config"):  # TensorRT-RTX / TRT 10.11+
-            ctx = self.engine.create_execution_context(self.engine.create_runtime_config())
+        cfg, self.runtime_cache = runtime_config(self.trt, self.engine, self.runtime_cache)
+        if cfg is not None:
+            self._configs.append(cfg)
+            ctx = self.engine.create_execution_context(cfg)
         else:
             ctx = self.engine.create_execution_context()
         if ctx is None:
@@ -120,7 +145,23 @@ class _Engine:
                 raise BackendError(
                     f"{self.path.name}: TensorRT rejected shape {shapes[name]} for input {name}"
                 )
-        return {o: tuple(ctx.get_tensor_shape(o)) for o in self.outputs}
+        outs = {o: tuple(int(d) for d in ctx.get_tensor_shape(o)) for o in self.outputs}
+        for o, shp in outs.items():
+            if any(d < 0 for d in shp):
+                raise BackendError(
+                    f"{self.path.name}: TensorRT left output {o} unresolved {shp} for inputs {shapes}"
+                )
+        return outs
+
+    def expect(self, what: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
+        """Buffers sized from the manifest must be the sizes TensorRT computes."""
+        for name, (engine_shape, manifest_shape) in what.items():
+            if tuple(engine_shape) != tuple(manifest_shape):
+                raise BackendError(
+                    f"{self.path.name}: TensorRT gives {name} the shape {tuple(engine_shape)} but "
+                    f"the manifest implies {tuple(manifest_shape)}; rebuild the engines from "
+                    "this model directory (dd-export build-engine)"
+                )
 
     def enqueue(self, ctx: Any, addresses: dict[str, int], stream: int) -> None:
         for name in self.inputs + self.outputs:
@@ -132,31 +173,40 @@ class _Engine:
             )
 
 
+def _same_dtype(pairs: list[tuple[_Engine, str, _Engine, str]]) -> None:
+    """Tensors handed from one engine to another on the device must have one dtype."""
+    for a, an, b, bn in pairs:
+        if a.dtypes[an] != b.dtypes[bn]:
+            raise BackendError(
+                f"{a.path.name} writes {an} as {a.dtypes[an]} but {b.path.name} reads {bn} as "
+                f"{b.dtypes[bn]}; build all engines of a model with one dd-export build-engine"
+            )
+
+
 class _Chain:
     """The device-resident sequence for one (mode, batch): own contexts, buffers and constants."""
 
     def __init__(self, be: TrtBackend, mode: str, B: int) -> None:
         m = be.m
         self.be, self.mode, self.B = be, mode, B
-        mem, f32 = be.mem, np.dtype(np.float32)
+        mem = be.mem
         th, tw = m.tile
         sh, sw = m.state_hw()
         self.state = (B, 3, sh, sw)
         lr_shape = (B, 3, th, tw)
+        out_shape = (B, 3, m.scale * th, m.scale * tw)
         self.noise_names = list(m.noise_names)
-        self.host_in = {"lr": mem.pinned(lr_shape, f32)}
-        for n in self.noise_names:
-            self.host_in[n] = mem.pinned(self.state, f32)
-        self.dev_in = {k: mem.dev(a.nbytes) for k, (_, a) in self.host_in.items()}
         self.launches: list[tuple[_Engine, Any, dict[str, int]]] = []
         if mode == "unrolled":
             eng = be.engine("unrolled")
             ctx = eng.context()
-            outs = eng.set_shapes(
-                ctx, {"lr": lr_shape, **{n: self.state for n in self.noise_names}}
-            )
-            img = mem.dev(int(np.prod(outs["image"])) * eng.dtypes["image"].itemsize)
+            in_shapes = {"lr": lr_shape, **{n: self.state for n in self.noise_names}}
+            outs = eng.set_shapes(ctx, in_shapes)
+            eng.expect({"image": (outs["image"], out_shape)})
+            self._inputs({n: (in_shapes[n], eng.dtypes[n]) for n in in_shapes})
+            img = mem.dev(_nbytes(outs["image"], eng.dtypes["image"]))
             self.launches.append((eng, ctx, {**self.dev_in, "image": img}))
+            last = eng
         else:
             enc, step, dec = be.engine("encoder"), be.engine("step"), be.engine("decoder")
             ectx, sctx, dctx = enc.context(), step.context(), dec.context()
@@ -165,10 +215,18 @@ class _Chain:
                 **({PRIOR_NOISE: self.state} if PRIOR_NOISE in enc.inputs else {}),
             }
             e_out = enc.set_shapes(ectx, e_in)
-            buf = {k: mem.dev(int(np.prod(s)) * enc.dtypes[k].itemsize) for k, s in e_out.items()}
-            x_b = mem.dev(int(np.prod(e_out["x"])) * 4)  # ping-pong partner of buf["x"]
-            zeros = mem.dev(int(np.prod(self.state)) * 4)
-            _check(be.rt.cudaMemset(zeros, 0, int(np.prod(self.state)) * 4), "cudaMemset")
+            enc.expect({"x": (e_out["x"], self.state)})
+            noisy = "noise" in step.inputs
+            hand_over = [(enc, k, step, k) for k in ("x", "y", "cond")]
+            hand_over += [(step, "x_next", step, "x"), (step, "x_next", dec, "x")]
+            _same_dtype(hand_over)
+            host = {k: (s, enc.dtypes[k]) for k, s in e_in.items()}
+            for n in self.noise_names:
+                if n != PRIOR_NOISE:
+                    host[n] = (self.state, step.dtypes["noise"])
+            self._inputs(host)
+            buf = {k: mem.dev(_nbytes(s, enc.dtypes[k])) for k, s in e_out.items()}
+            x_b = mem.dev(_nbytes(e_out["x"], step.dtypes["x"]))  # ping-pong partner of buf["x"]
             self.launches.append((enc, ectx, {**{k: self.dev_in[k] for k in e_in}, **buf}))
             s_in = {
                 "x": e_out["x"],
@@ -177,9 +235,14 @@ class _Chain:
                 "t": (1,),
                 "coef": (5,),
             }
-            if "noise" in step.inputs:
+            zeros = None
+            if noisy:
                 s_in["noise"] = self.state
-            step.set_shapes(sctx, s_in)
+                zbytes = _nbytes(self.state, step.dtypes["noise"])
+                zeros = mem.dev(zbytes)
+                _check(be.rt.cudaMemset(zeros, 0, zbytes), "cudaMemset")
+            s_out = step.set_shapes(sctx, s_in)
+            step.expect({"x_next": (s_out["x_next"], e_out["x"])})
             xa, xb = buf["x"], x_b
             for r in m.step_table.rows:
                 t = r.t
@@ -188,22 +251,27 @@ class _Chain:
                     "y": buf["y"],
                     "cond": buf["cond"],
                     "x_next": xb,
-                    "t": be.const(r.t_input()),
-                    "coef": be.const(r.coef()),
+                    "t": be.const(r.t_input().astype(step.dtypes["t"])),
+                    "coef": be.const(r.coef().astype(step.dtypes["coef"])),
                 }
-                if "noise" in step.inputs:
+                if noisy:
                     addr["noise"] = self.dev_in.get(noise_name(t), zeros)
                 self.launches.append((step, sctx, addr))
                 xa, xb = xb, xa
             d_out = dec.set_shapes(dctx, {"x": e_out["x"]})
-            img = mem.dev(int(np.prod(d_out["image"])) * dec.dtypes["image"].itemsize)
+            dec.expect({"image": (d_out["image"], out_shape)})
+            img = mem.dev(_nbytes(d_out["image"], dec.dtypes["image"]))
             self.launches.append((dec, dctx, {"x": xa, "image": img}))
+            last = dec
         self.image_dev = img
-        last = self.launches[-1][0]
-        out_shape = (B, 3, m.scale * th, m.scale * tw)
         self.host_out = mem.pinned(out_shape, last.dtypes["image"])
         self.graph_exec: Any = None
-        self.capturable = True
+        self.graph_state = "untried"  # -> "captured" | "eager" (one attempt per chain)
+
+    def _inputs(self, spec: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+        """Pinned host + device buffers of the chain's inputs, in the consuming engine's dtype."""
+        self.host_in = {k: self.be.mem.pinned(s, dt) for k, (s, dt) in spec.items()}
+        self.dev_in = {k: self.be.mem.dev(a.nbytes) for k, (_, a) in self.host_in.items()}
 
     def enqueue(self) -> None:
         be = self.be
@@ -213,47 +281,63 @@ class _Chain:
             eng.enqueue(ctx, addr, be.stream_handle)
         be.copy(self.host_out[0], self.image_dev, self.host_out[1].nbytes, to_device=False)
 
+    def _no_graph(self, why: str) -> None:
+        self.graph_state = "eager"
+        log.warning(
+            "CUDA graph capture of the %s batch-%d chain failed (%s); running it without a "
+            "CUDA graph",
+            self.mode,
+            self.B,
+            why,
+        )
+
     def capture(self) -> None:
-        """Warm up (lazy init / JIT happen outside the capture), then capture the chain once."""
+        """Warm up (lazy init and TensorRT-RTX's kernel compilation happen outside the capture),
+        then capture the chain once. Any failure leaves the chain eager, for good."""
         be, rt = self.be, self.be.rt
         self.enqueue()
         be.sync()
-        for _eng, ctx, _ in self.launches:
+        self.graph_state = "eager"
+        for eng, ctx, _ in self.launches:
             if hasattr(ctx, "is_stream_capturable") and not ctx.is_stream_capturable(
                 be.stream_handle
             ):
-                self.capturable = False
-        if not self.capturable:
-            log.warning(
-                "TensorRT says this engine cannot be stream-captured; running without a CUDA graph"
-            )
-            return
-        _check(
-            rt.cudaStreamBeginCapture(
-                be.stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-            ),
-            "cudaStreamBeginCapture",
-        )
+                return self._no_graph(f"TensorRT says {eng.path.name} cannot be stream-captured")
+        err = rt.cudaStreamBeginCapture(
+            be.stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        )[0]
+        if int(err) != 0:
+            return self._no_graph(f"cudaStreamBeginCapture: {_err_name(err)}")
+        failure = None
         try:
             self.enqueue()
-        except Exception:
-            rt.cudaStreamEndCapture(be.stream)  # unchecked: keep the original error
-            self.capturable = False
-            log.warning("CUDA graph capture failed; running without a CUDA graph", exc_info=True)
-            be.sync()
-            return
-        graph = _check(rt.cudaStreamEndCapture(be.stream), "cudaStreamEndCapture")
-        try:
-            self.graph_exec = _check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
-        finally:
-            rt.cudaGraphDestroy(graph)
+        except Exception as exc:  # noqa: BLE001 - any refusal while capturing: run eagerly
+            failure = f"enqueue during capture: {exc}"
+        err, graph = rt.cudaStreamEndCapture(be.stream)  # always end it, even after a failure
+        if failure is None and int(err) != 0:
+            failure = f"cudaStreamEndCapture: {_err_name(err)}"
+        if failure is None and (graph is None or int(graph) == 0):
+            failure = "cudaStreamEndCapture returned no graph (capture invalidated)"
+        if failure is not None:
+            if graph is not None and int(graph) != 0:
+                rt.cudaGraphDestroy(graph)
+            return self._no_graph(failure)
+        err, graph_exec = rt.cudaGraphInstantiate(graph, 0)
+        destroyed = rt.cudaGraphDestroy(graph)[0]  # the executable graph does not need it
+        if int(err) != 0 or graph_exec is None or int(graph_exec) == 0:
+            return self._no_graph(f"cudaGraphInstantiate: {_err_name(err)}")
+        if int(destroyed) != 0:
+            log.warning("cudaGraphDestroy failed: %s", _err_name(destroyed))
+        self.graph_exec = graph_exec
+        self.graph_state = "captured"
+        return None
 
     def run(self, lr: np.ndarray, noise: dict[str, np.ndarray]) -> np.ndarray:
         be = self.be
         self.host_in["lr"][1][...] = lr
         for n in self.noise_names:
             self.host_in[n][1][...] = noise[n]
-        if self.graph_exec is None and self.capturable and be.cuda_graph:
+        if self.graph_state == "untried" and be.cuda_graph:
             self.capture()
         if self.graph_exec is not None:
             _check(be.rt.cudaGraphLaunch(self.graph_exec, be.stream), "cudaGraphLaunch")
@@ -374,7 +458,9 @@ class TrtBackend:
         feeds = {s.name: feeds[s.name] for s in rec.inputs if s.name in feeds}
         check_feeds(graph, rec.inputs, feeds)
         eng = self.engine(graph)
-        ctx = self._contexts.get(graph) or self._contexts.setdefault(graph, eng.context())
+        if graph not in self._contexts:  # one context per graph for single calls, reused
+            self._contexts[graph] = eng.context()
+        ctx = self._contexts[graph]
         shapes = {n: tuple(feeds[n].shape) for n in eng.inputs}
         out_shapes = eng.set_shapes(ctx, shapes)
         addr: dict[str, int] = {}
