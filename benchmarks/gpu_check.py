@@ -58,6 +58,9 @@ def import_from_checkout() -> str:
     mapping = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-dir"
     ]
+    # register every package first, then run their __init__s: a package may import a sibling
+    # that sorts after it (model -> runtime)
+    mods = []
     for name in sorted(mapping, key=lambda n: (n.count("."), n)):
         folder = REPO / mapping[name]
         spec = importlib.util.spec_from_file_location(
@@ -66,10 +69,12 @@ def import_from_checkout() -> str:
         assert spec is not None and spec.loader is not None
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod
-        spec.loader.exec_module(mod)
         parent, _, child = name.rpartition(".")
         if parent:
             setattr(sys.modules[parent], child, mod)
+        mods.append((spec, mod))
+    for spec, mod in mods:
+        spec.loader.exec_module(mod)
     return "checkout"
 
 
