@@ -22,6 +22,9 @@ _EXTRA_HINT = {
     "matplotlib": "bench",
     "yaml": "export",
     "safetensors": "export",
+    "pytriton": "serve",
+    "tritonclient": "serve",
+    "ray": "ray",
 }
 
 
