@@ -320,6 +320,86 @@ def bench_compare(
 
 
 @app.command()
+def batch(
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Image files and/or folders.", show_default=False)
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray cluster address (ray://... or host:port); default: a local cluster on 127.0.0.1."
+        ),
+    ] = None,
+    actors: Annotated[int, typer.Option(help="Actors (one Upscaler each).")] = 1,
+    cpus_per_actor: Annotated[
+        float, typer.Option(help="CPUs per actor (= its ORT threads).")
+    ] = 1.0,
+    gpus_per_actor: Annotated[float, typer.Option(help="GPUs per actor (0: CPU actors).")] = 0.0,
+    files_per_call: Annotated[int, typer.Option(help="Files per actor call.")] = 1,
+    manifest: Annotated[
+        Path | None, typer.Option(help="Job manifest (JSONL; default OUTPUT/dd-job.jsonl).")
+    ] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="Model directory (default: the bundled demo model).")
+    ] = None,
+    backend: Annotated[str, typer.Option(help="onnxruntime | onnxruntime-cuda | tensorrt")] = (
+        "onnxruntime"
+    ),
+    precision: Annotated[str, typer.Option(help="fp32 | fp16")] = "fp32",
+    mode: Annotated[str, typer.Option(help="staged | unrolled")] = "staged",
+    seed: Annotated[int, typer.Option(help="Noise seed (resshift-v3 only).")] = 0,
+    suffix: Annotated[str | None, typer.Option(help="Output format suffix, e.g. .png.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Redo files whose output exists.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logging.")] = False,
+) -> None:
+    """Upscale a folder on a Ray cluster (pip install 'deltadiff-trt[ray]').
+
+    Outputs keep their names and are written atomically; a re-run skips finished outputs; a
+    failing file is a 'failed' row in the JSONL job manifest and the job goes on (exit 1).
+    """
+    setup_logging(verbose)
+    from rich.markup import escape
+
+    from deltadiff.runtime.ray_job import RayJobOptions, run_ray_job
+    from deltadiff.runtime.upscaler import UpscaleOptions
+
+    if suffix is not None and not suffix.startswith("."):
+        suffix = "." + suffix
+    err = _stderr()
+    try:
+        res = run_ray_job(
+            inputs,
+            output,
+            model=model,
+            upscale_opts=UpscaleOptions(backend=backend, precision=precision, mode=mode, seed=seed),
+            opts=RayJobOptions(
+                address=address,
+                actors=actors,
+                num_cpus=cpus_per_actor,
+                num_gpus=gpus_per_actor,
+                batch_size=files_per_call,
+                manifest=manifest,
+                overwrite=overwrite,
+                suffix=suffix,
+            ),
+        )
+    except DeltaDiffError as exc:
+        fail(exc)
+    for r in res.rows:
+        if r["status"] == "failed":
+            err.print(f"[red]failed[/]  {escape(r['message'])}", highlight=False, soft_wrap=True)
+    err.print(
+        f"{res.count('done')} upscaled, {res.count('skipped')} skipped, {res.count('failed')} "
+        f"failed in {res.seconds:.1f} s on {actors} actor(s); manifest {res.manifest}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if not res.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
 def serve(
     model: Annotated[
         Path | None, typer.Option(help="Model directory (default: the bundled demo model).")

@@ -229,10 +229,6 @@ class ImageService:
         return self.batcher.map(self._one, items)
 
     def _one(self, item: tuple[Any, int]) -> bytes:
-        from PIL import Image
-
-        from deltadiff.runtime.upscaler import upscale_file
-
         data, seed = item
         if isinstance(data, np.ndarray):
             data = data.item() if data.size == 1 else None
@@ -247,29 +243,53 @@ class ImageService:
                 f"image is too large: {len(data)} bytes, the server's limit is "
                 f"{self.limits.max_bytes} (dd-run serve --max-bytes)"
             )
-        work = Path(tempfile.mkdtemp(dir=self._tmp))
-        src, dst = work / "request", work / "upscaled.png"
+        dst = Path(tempfile.mkdtemp(dir=self._tmp)) / "upscaled.png"
+        up = self.up if seed == self.up.opts.seed else _SeededView(self.up, seed)
         try:
-            src.write_bytes(data)
+            upscale_bytes(
+                up, data, dst, name="image", workdir=self._tmp, max_pixels=self.limits.max_pixels
+            )
+            return dst.read_bytes()
+        except ImageError as exc:
+            raise RequestError(str(exc)) from None
+        finally:
+            shutil.rmtree(dst.parent, ignore_errors=True)
+
+
+def upscale_bytes(
+    up: Any,
+    data: bytes,
+    dst: Path,
+    *,
+    name: str,
+    workdir: Path | None = None,
+    max_pixels: int | None = None,
+) -> None:
+    """Upscale an encoded image file held in memory and write ``dst`` atomically, exactly as
+    ``dd-run upscale`` does for a file (same decoder, checks and writer). Errors name ``name``."""
+    from PIL import Image
+
+    from deltadiff.runtime.upscaler import upscale_file
+
+    work = Path(tempfile.mkdtemp(prefix="dd-in-", dir=workdir))
+    src = work / "input"
+    try:
+        src.write_bytes(data)
+        if max_pixels:
             w = h = 0
             with contextlib.suppress(Exception), Image.open(src) as im:  # header only
                 w, h = im.size
-            if w * h > self.limits.max_pixels:
+            if w * h > max_pixels:
                 raise RequestError(
                     f"image is too large: {w}x{h} = {w * h} pixels, the server's limit is "
-                    f"{self.limits.max_pixels} (dd-run serve --max-pixels)"
+                    f"{max_pixels} (dd-run serve --max-pixels)"
                 )
-            if seed != self.up.opts.seed:
-                up = _SeededView(self.up, seed)
-            else:
-                up = self.up
-            try:
-                upscale_file(up, src, dst)
-            except ImageError as exc:
-                raise RequestError(str(exc).replace(str(src), "image")) from None
-            return dst.read_bytes()
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        try:
+            upscale_file(up, src, dst)
+        except ImageError as exc:
+            raise ImageError(str(exc).replace(str(src), name)) from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 class _SeededView:
@@ -309,7 +329,9 @@ def build_service(params: dict[str, str], version_dir: Path, infer: InferFn | No
         if infer is None:
             raise DeltaDiffError("stages=bls needs a Triton BLS infer function")
         up = Upscaler(version_dir, opts)  # lazy backend: no graph is loaded here
-        models = {g: params.get(f"model_{g}", g) for g in ("encoder", "step", "decoder", "unrolled")}
+        models = {
+            g: params.get(f"model_{g}", g) for g in ("encoder", "step", "decoder", "unrolled")
+        }
         up.executor = Executor(
             up.m, StageModels(up.m, opts.precision, infer, models), mode=opts.mode
         )
@@ -333,10 +355,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def pbtxt_value(v: Any) -> str:
-    return f'"{v}"' if isinstance(v, str) else str(v)
 
 
 class TritonServer:
@@ -560,7 +578,7 @@ parameters [
 
 def write_serve_repo(repo: Path, opts: ServeOptions) -> Path:
     """A one-model repository: ``deltadiff`` running the lean runtime in-process."""
-    from deltadiff.runtime.upscaler import Upscaler, UpscaleOptions, default_model_dir
+    from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler, default_model_dir
 
     model_dir = Path(opts.model or default_model_dir()).resolve()
     # Fail here, in the CLI, on a bad model / option rather than inside the server.

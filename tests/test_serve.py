@@ -160,9 +160,7 @@ def test_bad_requests_get_400_naming_the_problem_and_server_keeps_serving(
         assert needle in ei.value.message(), (what, ei.value.message())
         assert "Traceback" not in ei.value.message()
     # wrong shape and wrong type: refused by Triton itself, naming the expected input
-    body = {
-        "inputs": [{"name": "image", "shape": [1, 2], "datatype": "BYTES", "data": ["a", "b"]}]
-    }
+    body = {"inputs": [{"name": "image", "shape": [1, 2], "datatype": "BYTES", "data": ["a", "b"]}]}
     for b, needle in (
         (body, "unexpected shape for input 'image'"),
         (
@@ -182,9 +180,7 @@ def test_bad_requests_get_400_naming_the_problem_and_server_keeps_serving(
     assert upscale_remote(client, data) == _reference(model, data, tmp_path)
 
 
-def test_eight_concurrent_clients_are_batched(
-    client, served, model: Path, tmp_path: Path
-) -> None:
+def test_eight_concurrent_clients_are_batched(client, served, model: Path, tmp_path: Path) -> None:
     http = pytest.importorskip("tritonclient.http")
     datas = _images(8, seed=5)
     refs = [_reference(model, d, tmp_path) for d in datas]
@@ -274,4 +270,3 @@ def _zombie(pid: int) -> bool:
         return (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return False
-

@@ -48,7 +48,9 @@ class TritonPythonModel:
             except Exception as exc:  # one line per failed request; the model keeps serving
                 responses.append(
                     pb_utils.InferenceResponse(
-                        error=pb_utils.TritonError(f"{self.graph}: {exc}", pb_utils.TritonError.INTERNAL)
+                        error=pb_utils.TritonError(
+                            f"{self.graph}: {exc}", pb_utils.TritonError.INTERNAL
+                        )
                     )
                 )
         return responses
