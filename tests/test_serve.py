@@ -226,6 +226,35 @@ def test_grpc_endpoint_answers(served, model: Path, tmp_path: Path) -> None:
     assert bytes(out.reshape(-1)[0]) == _reference(model, data, tmp_path)
 
 
+def test_load_script_reports_percentiles(served, tmp_path: Path) -> None:
+    from deltadiff.benchmarks import load_serve
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i, data in enumerate(_images(2, seed=21)):
+        (imgs / f"{i}.png").write_bytes(data)
+    argv = ["--url", served["url"], "--clients", "1,2", "--requests", "3", "--warmup", "0"]
+    assert load_serve.main([*argv, "--images", str(imgs), "--out", str(tmp_path / "o")]) == 0
+    rep = json.loads((tmp_path / "o" / "load-serve.json").read_text())
+    assert [r["clients"] for r in rep["levels"]] == [1, 2]
+    for r in rep["levels"]:
+        assert r["requests"] == 3 and r["errors"] == 0
+        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] <= r["max_ms"]
+    assert "| 2 | 3 |" in (tmp_path / "o" / "load-serve.md").read_text()
+    with pytest.raises(SystemExit, match="loopback"):
+        load_serve.main(["--url", "10.1.2.3:8000"])
+
+
+def test_serve_bad_model_is_one_line_before_starting(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from deltadiff.runtime.cli import app
+
+    r = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "nope"), "--port", "0"])
+    assert r.exit_code == 1
+    assert "does not exist" in r.output and "Traceback" not in r.output
+
+
 def test_missing_extra_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from deltadiff.runtime.serve import TritonServer
 
