@@ -78,6 +78,9 @@ def connect(opts: RayJobOptions) -> bool:
     if opts.address:
         ray.init(address=opts.address, **kw)
     else:
+        # Ray starts workers at nice 15 by default; a local job should not lose the CPU to
+        # every other process on the machine (dd-run upscale runs at nice 0 too).
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(
             num_cpus=opts.local_cpus,
             num_gpus=opts.local_gpus,
