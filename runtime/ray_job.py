@@ -100,10 +100,15 @@ def check_resources(opts: RayJobOptions) -> None:
             f"({', '.join(f'{k} {v:g}' for k, v in sorted(res.items()) if '/' not in k and ':' not in k)}); "
             "run on a cluster with GPUs or drop --gpus-per-actor"
         )
-    if res.get("CPU", 0) < opts.num_cpus:
-        raise DeltaDiffError(
-            f"--cpus-per-actor {opts.num_cpus:g}: the Ray cluster has {res.get('CPU', 0):g} CPUs"
-        )
+    for what, per, have in (
+        ("cpu", opts.num_cpus, res.get("CPU", 0)),
+        ("gpu", opts.num_gpus, res.get("GPU", 0)),
+    ):
+        if per * opts.actors > have:
+            raise DeltaDiffError(
+                f"--actors {opts.actors} x --{what}s-per-actor {per:g} needs {per * opts.actors:g} "
+                f"{what.upper()}s; the Ray cluster has {have:g}: use fewer actors or less per actor"
+            )
 
 
 class UpscaleActor:
@@ -228,7 +233,9 @@ def _run(
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    ds = ray.data.read_binary_files(list(todo), include_paths=True)
+    # Reading bytes takes no CPU slot: actors may hold every CPU of the cluster without
+    # starving the read tasks (which would hang the job).
+    ds = ray.data.read_binary_files(list(todo), include_paths=True, ray_remote_args={"num_cpus": 0})
     ds = ds.map_batches(
         UpscaleActor,
         fn_constructor_args=(model_dir, upscale_opts, todo),

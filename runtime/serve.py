@@ -351,6 +351,14 @@ def model_source(name: str) -> str:
     )
 
 
+def _die_with_parent() -> None:
+    """In the server's child process: SIGTERM it when the process that started it dies."""
+    import ctypes
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -452,8 +460,13 @@ class TritonServer:
             stdin=subprocess.DEVNULL,
             env=self.env(libs),
             start_new_session=True,  # Ctrl-C goes to us; we stop the server in order
+            preexec_fn=_die_with_parent,
         )
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:  # Ctrl-C while starting: no server left behind
+            self.stop()
+            raise
         return self
 
     def _get(self, path: str) -> int:

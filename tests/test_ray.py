@@ -61,6 +61,17 @@ def test_cluster_is_loopback_only(cluster) -> None:
     assert cluster.cluster_resources().get("GPU") == 1  # the declared fake GPU
 
 
+def test_local_workers_run_at_normal_priority(cluster) -> None:
+    """Ray's default worker niceness (15) starves a local job on a busy machine."""
+    import os
+
+    @cluster.remote(num_cpus=1)
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert cluster.get(niceness.remote()) == 0
+
+
 def test_job_on_mixed_folder_then_resume(cluster, model: Path, folder: Path, tmp_path: Path):
     out = tmp_path / "out"
     opts = RayJobOptions(actors=1, num_cpus=1)
@@ -121,6 +132,17 @@ def test_more_gpus_than_the_cluster_has_fails_at_once(cluster, model: Path, fold
     with pytest.raises(DeltaDiffError, match=r"--gpus-per-actor 2.*has 1 GPUs"):
         run_ray_job([folder], tmp_path / "out", model=model, opts=RayJobOptions(num_gpus=2))
     assert time.monotonic() - t0 < 30
+
+
+def test_actor_holding_every_cpu_does_not_starve_the_reads(cluster, model: Path, tmp_path):
+    """1 actor x 2 CPUs on the 2-CPU cluster: reads take no CPU slot, so the job finishes."""
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(src / "z.png")
+    res = run_ray_job([src], tmp_path / "out", model=model, opts=RayJobOptions(num_cpus=2))
+    assert [r["status"] for r in res.rows] == ["done"]
+    with pytest.raises(DeltaDiffError, match=r"--actors 3 x --cpus-per-actor 1 needs 3 CPUs"):
+        run_ray_job([src], tmp_path / "o2", model=model, opts=RayJobOptions(actors=3))
 
 
 def test_cli_batch_reports_failures_and_exits_1(cluster, model: Path, folder: Path, tmp_path):
