@@ -235,7 +235,7 @@ def _run(
     ctx.enable_progress_bars = False
     # Reading bytes takes no CPU slot: actors may hold every CPU of the cluster without
     # starving the read tasks (which would hang the job).
-    ds = ray.data.read_binary_files(list(todo), include_paths=True, ray_remote_args={"num_cpus": 0})
+    ds = ray.data.read_binary_files(list(todo), include_paths=True, num_cpus=0)
     ds = ds.map_batches(
         UpscaleActor,
         fn_constructor_args=(model_dir, upscale_opts, todo),
