@@ -329,7 +329,7 @@ def measure_peak_ort(
     min_seconds: float = 1.0,
 ) -> Peak:
     """ONNX Runtime FP32 conv peak with the benchmark's thread count (0: ORT default)."""
-    ort = require("onnxruntime", "ort")
+    ort = require("onnxruntime")
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:

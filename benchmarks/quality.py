@@ -646,10 +646,10 @@ def main(argv: list[str] | None = None) -> int:
 def _torch_upscaler(model_dir: Path) -> Callable[[np.ndarray], np.ndarray]:
     import torch
 
-    from deltadiff.export.verify import reference_pipeline
+    from deltadiff.model.pipeline import Pipeline
     from deltadiff.runtime.manifest import load_manifest
 
-    pipe = reference_pipeline(load_manifest(model_dir), model_dir=model_dir)
+    pipe = Pipeline.from_manifest(load_manifest(model_dir), model_dir=model_dir)
 
     def up(lr: np.ndarray) -> np.ndarray:
         with torch.no_grad():

@@ -14,8 +14,7 @@ _EXTRA_HINT = {
     "torch": "export",
     "onnx": "export",
     "onnxslim": "export",
-    "onnxconverter_common": "export",
-    "onnxruntime": "ort",
+    "onnxruntime": "",  # a base requirement: the install is broken
     "tensorrt": "trt",
     "tensorrt_rtx": "trt",
     "cuda": "trt",
@@ -34,9 +33,10 @@ def require(module: str, extra: str | None = None) -> ModuleType:
         mod = importlib.import_module(module)
     except ImportError as exc:
         top = module.split(".")[0]
-        hint = extra or _EXTRA_HINT.get(top, "all")
+        hint = extra if extra is not None else _EXTRA_HINT.get(top, "dev")
+        target = f"'deltadiff-trt[{hint}]'" if hint else "--force-reinstall deltadiff-trt"
         raise MissingDependencyError(
-            f"{module} is not installed ({exc}); install it with: pip install 'deltadiff-trt[{hint}]'"
+            f"{module} is not installed ({exc}); install it with: pip install {target}"
         ) from None
     return mod
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from deltadiff.errors import DeltaDiffError
+from deltadiff.options import Backend, Precision, parse
 
 app = typer.Typer(
     name="dd-export",
@@ -187,7 +188,11 @@ def onnx(
         )
         for k, g in m.graphs.items():
             typer.echo(f"{k:<10} {out / g.file}  {g.bytes / 1e6:.1f} MB")
-        ok = _verify_and_print(out, "onnxruntime", "fp32", None, 0, 1, None, 0) if verify else True
+        ok = (
+            _verify_and_print(out, Backend.ONNXRUNTIME, Precision.FP32, None, 0, 1, None, 0)
+            if verify
+            else True
+        )
     except DeltaDiffError as exc:
         fail(exc)
     if not ok:
@@ -231,8 +236,10 @@ def _verify_and_print(
 @app.command()
 def verify(
     model: Annotated[Path, typer.Option(help="Model directory.")],
-    backend: Annotated[str, typer.Option(help="onnxruntime | tensorrt")] = "onnxruntime",
-    precision: Annotated[str, typer.Option(help="fp32 | fp16")] = "fp32",
+    backend: Annotated[
+        str, typer.Option(help="onnxruntime | onnxruntime-cuda | tensorrt")
+    ] = Backend.ONNXRUNTIME,
+    precision: Annotated[str, typer.Option(help="fp32 | fp16 | int8")] = Precision.FP32,
     images: Annotated[
         list[Path] | None, typer.Option(help="Image files to take tiles from (repeatable).")
     ] = None,
@@ -286,12 +293,14 @@ def fp16(
 
         m = add_fp16(model)
         for k, g in m.graphs.items():
-            if g.precision == "fp16":
+            if g.precision == Precision.FP16:
                 typer.echo(
                     f"{k:<14} {model / g.file}  {g.bytes / 1e6:.1f} MB  FP32 islands: {', '.join(g.fp32_islands)}"
                 )
         ok = (
-            _verify_and_print(model, "onnxruntime", "fp16", None, 0, 1, None, 0) if verify else True
+            _verify_and_print(model, Backend.ONNXRUNTIME, Precision.FP16, None, 0, 1, None, 0)
+            if verify
+            else True
         )
     except DeltaDiffError as exc:
         fail(exc)
@@ -334,15 +343,14 @@ def build_engine(
         from deltadiff.export.engine import EngineOptions, build_engines
         from deltadiff.runtime.manifest import load_manifest
 
-        if precision not in ("fp16", "fp32"):
-            raise DeltaDiffError(
-                f"--precision {precision}: choose fp16 or fp32 (INT8 needs calibrate)"
-            )
+        precision = parse(Precision, precision, "--precision")
+        if precision is Precision.INT8:
+            raise DeltaDiffError("--precision int8: INT8 engines need dd-export calibrate first")
         try:
             parts = [int(b) for b in batch.split(",")]
         except ValueError:
             raise DeltaDiffError(f"--batch {batch!r}: give OPT or OPT,MAX as integers") from None
-        if precision == "fp16" and "step.fp16" not in load_manifest(model).graphs:
+        if precision is Precision.FP16 and "step.fp16" not in load_manifest(model).graphs:
             from deltadiff.export.onnx_export import add_fp16
 
             add_fp16(model)

@@ -8,14 +8,11 @@ computation, so staged and unrolled outputs agree to float rounding of the same 
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from deltadiff.model.schedule import StepTable
-from deltadiff.runtime.manifest import coef_vector
 
 
 def _rename_subgraph_refs(node: onnx.NodeProto, mapping: dict[str, str]) -> None:
@@ -95,11 +92,11 @@ def compose_unrolled(
         pre = f"r{r.t}/"
         t_name, c_name = f"{pre}t", f"{pre}coef"
         inits[t_name] = numpy_helper.from_array(np.array([r.t], dtype=np.int64), t_name)
-        inits[c_name] = numpy_helper.from_array(coef_vector(asdict(r)), c_name)
+        inits[c_name] = numpy_helper.from_array(r.coef(), c_name)
         bind = {"x": x, "y": y, "cond": cond, "t": t_name, "coef": c_name}
         if "noise" in step_inputs:
-            if r.s != 0.0:
-                n_name = f"n_{r.t}"
+            if r.noise is not None:
+                n_name = r.noise
                 graph_inputs.append(_copy_input(step.graph, "noise", n_name))
                 bind["noise"] = n_name
             else:  # a noise-free row: feed zeros of the state's shape (s = 0 anyway)

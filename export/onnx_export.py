@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import deltadiff
@@ -44,6 +43,7 @@ from deltadiff.runtime.manifest import (
     save_manifest,
     sha256_file,
 )
+from deltadiff.runtime.steps import PRIOR_NOISE
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def build_graphs(pipe: Pipeline, opts: ExportOptions) -> dict[str, Any]:
         {"encoder", "step", "decoder"} if "unrolled" in opts.graphs else set()
     )
     if "encoder" in want:
-        ins = ["lr", "n_prior"] if noisy else ["lr"]
+        ins = ["lr", PRIOR_NOISE] if noisy else ["lr"]
         args = (lr, torch.randn(sshape, generator=g)) if noisy else (lr,)
         models["encoder"] = _export_one(
             EncoderGraph(pipe), args, ins, ["x", "y", "cond"], ins, opts
@@ -256,7 +256,7 @@ def export_onnx(
         tile=(opts.tile.h, opts.tile.w),
         batch=(1, opts.max_batch),
         lr_multiple=mult,
-        step_table=pipe.table.to_dict(),
+        step_table=pipe.table,
         graphs=records,
         exporter={**versions(), "opset": opts.opset, "exporter": opts.exporter},
         source=source,
@@ -265,18 +265,6 @@ def export_onnx(
     )
     save_manifest(out, manifest)
     return manifest
-
-
-def reference_inputs(m: Manifest, seed: int = 0, batch: int = 1) -> dict[str, np.ndarray]:
-    """Seeded LR tile (+ noise) matching the manifest's tile, for verification and benchmarks."""
-    from deltadiff.runtime.noise import noise_field
-
-    rng = np.random.default_rng(seed)
-    h, w = m.tile
-    feeds = {"lr": rng.random((batch, 3, h, w), dtype=np.float32)}
-    sh, sw = m.state_hw()
-    feeds.update(noise_field(m.noise_names, (batch, 3, sh, sw), seed + 1))
-    return feeds
 
 
 def add_fp16(model_dir: str | Path, *, slim: bool = True) -> Manifest:
@@ -288,7 +276,6 @@ def add_fp16(model_dir: str | Path, *, slim: bool = True) -> Manifest:
     from dataclasses import replace
 
     from deltadiff.export.fp16 import convert_to_fp16
-    from deltadiff.model.schedule import StepTable
     from deltadiff.runtime.manifest import load_manifest
 
     onnx = require("onnx")
@@ -301,9 +288,7 @@ def add_fp16(model_dir: str | Path, *, slim: bool = True) -> Manifest:
         staged[name], islands[name] = convert_to_fp16(src, name)
     models = dict(staged)
     if "unrolled" in m.graphs:
-        un = compose_unrolled(
-            staged["encoder"], staged["step"], staged["decoder"], StepTable.from_dict(m.step_table)
-        )
+        un = compose_unrolled(staged["encoder"], staged["step"], staged["decoder"], m.step_table)
         models["unrolled"] = cleanup(un, "unrolled", slim=slim)
         islands["unrolled"] = {
             k: sum(v.get(k, 0) for v in islands.values()) for k in set().union(*islands.values())

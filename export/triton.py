@@ -259,8 +259,8 @@ Models: `deltadiff` (what clients call) and the stage models {stage_list}.
 - `deltadiff` (Python backend, BLS): input `{INPUT}` (BYTES, dims [1]: one encoded image file:
   PNG, JPEG, WebP, TIFF, BMP), optional `{SEED}` (INT64, the noise seed of `resshift-v3`; default
   0); output `{OUTPUT}` (BYTES: the x{m.scale} result as PNG, 8 or 16-bit like the input, alpha and
-  ICC kept). It pads, cuts {th}x{tw} LR tiles, runs the step table ({len(m.step_table["rows"])}
-  rows, rule `{m.step_table["rule"]}`) over the stage models and blends; the requests of one
+  ICC kept). It pads, cuts {th}x{tw} LR tiles, runs the step table ({len(m.step_table.rows)}
+  rows, rule `{m.step_table.rule}`) over the stage models and blends; the requests of one
   dynamic batch are upscaled together and their tiles sent to the stages in batches of up to
   {max_tile} tiles. A bad request gets HTTP 400 naming the problem.
 - Stage models: the manifest's graphs with full shapes (`max_batch_size: 0`, batch axis -1).

@@ -11,31 +11,26 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from deltadiff.errors import DeltaDiffError, VerificationError
-from deltadiff.model.config import ModelConfig
+from deltadiff.errors import VerificationError
 from deltadiff.model.pipeline import Pipeline
+from deltadiff.options import Backend, Mode, Precision, parse
 from deltadiff.runtime.backends import open_backend
 from deltadiff.runtime.compare import CompareResult, compare
 from deltadiff.runtime.executor import Executor
-from deltadiff.runtime.manifest import (
-    Manifest,
-    coef_vector,
-    load_manifest,
-    save_manifest,
-    sha256_file,
-)
+from deltadiff.runtime.manifest import Manifest, load_manifest, save_manifest
 from deltadiff.runtime.noise import noise_field
+from deltadiff.runtime.steps import StepRow
 
 log = logging.getLogger(__name__)
 
-MIN_PSNR = {"fp32": 60.0, "fp16": 40.0, "int8": 30.0}
+MIN_PSNR = {Precision.FP32: 60.0, Precision.FP16: 40.0, Precision.INT8: 35.0}
 
 
 @dataclass
@@ -69,47 +64,6 @@ class VerifyReport:
         }
 
 
-def reference_pipeline(
-    m: Manifest,
-    *,
-    unet_weights: str | Path | None = None,
-    vq_weights: str | Path | None = None,
-    model_dir: Path | None = None,
-) -> Pipeline:
-    """Rebuild the exact reference a model directory was exported from (manifest ``source``)."""
-    cfg = ModelConfig.from_dict(m.model_config)
-    src = m.source
-    paths = {}
-    for key, override in (("unet_weights", unet_weights), ("vq_weights", vq_weights)):
-        rec = src.get(key)
-        if override is not None:
-            paths[key] = Path(override)
-        elif rec:
-            p = Path(rec["path"])
-            if not p.is_absolute() and model_dir is not None:
-                p = (model_dir / p).resolve()
-            if not p.exists():
-                raise DeltaDiffError(
-                    f"the reference weights {p} recorded in the manifest are missing; pass "
-                    f"--{key.replace('_', '-')} FILE"
-                )
-            if rec.get("sha256") and sha256_file(p) != rec["sha256"]:
-                raise DeltaDiffError(
-                    f"{p} changed since export (sha256 differs from the manifest); re-export or pass "
-                    f"--{key.replace('_', '-')} with the original file"
-                )
-            paths[key] = p
-        else:
-            paths[key] = None
-    return Pipeline.build(
-        cfg,
-        paths["unet_weights"],
-        paths["vq_weights"],
-        seed=int(src.get("seed") or 0),
-        ema=bool(src.get("ema", False)),
-    )
-
-
 def image_tiles(m: Manifest, images: list[Path]) -> np.ndarray:
     """Centre crops (reflect-padded if small) of the tile size from image files, (N,3,h,w)."""
     from deltadiff.runtime.imageio import read_image
@@ -128,8 +82,8 @@ def image_tiles(m: Manifest, images: list[Path]) -> np.ndarray:
 def verify(
     model_dir: str | Path,
     *,
-    backend: str = "onnxruntime",
-    precision: str = "fp32",
+    backend: Backend | str = Backend.ONNXRUNTIME,
+    precision: Precision | str = Precision.FP32,
     images: list[Path] | None = None,
     seed: int = 0,
     batch: int = 1,
@@ -138,11 +92,14 @@ def verify(
     unet_weights: str | Path | None = None,
     vq_weights: str | Path | None = None,
     record: bool = True,
-    modes: tuple[str, ...] = ("staged", "unrolled"),
+    modes: tuple[Mode, ...] = (Mode.STAGED, Mode.UNROLLED),
 ) -> VerifyReport:
     model_dir = Path(model_dir)
+    backend = parse(Backend, backend, "backend")
+    precision = parse(Precision, precision, "precision")
+    modes = tuple(parse(Mode, x, "mode") for x in modes)
     m = load_manifest(model_dir)
-    pipe = reference_pipeline(
+    pipe = Pipeline.from_manifest(
         m, unet_weights=unet_weights, vq_weights=vq_weights, model_dir=model_dir
     )
     if images:
@@ -156,24 +113,25 @@ def verify(
     sh, sw = m.state_hw()
     noise = noise_field(m.noise_names, (B, 3, sh, sw), seed + 1)
     report = VerifyReport(
-        backend, precision, min_psnr=min_psnr or MIN_PSNR.get(precision, 40.0), inputs=what
+        backend,
+        precision,
+        min_psnr=MIN_PSNR[precision] if min_psnr is None else min_psnr,
+        inputs=what,
     )
 
     # reference, stage by stage
     tn = {k: torch.from_numpy(v) for k, v in noise.items()}
     ref: dict[str, np.ndarray] = {}
+    xs: list[tuple[StepRow, np.ndarray]] = []  # (row, its input state)
+
+    def keep(r: StepRow, _x0: torch.Tensor, x_next: torch.Tensor) -> None:
+        xs.append((r, ref[f"x_{r.t}"] if xs else ref["x"]))
+        ref[f"x_{r.t - 1}"] = x_next.numpy()
+
     with torch.no_grad():
         y, cond = pipe.encode(torch.from_numpy(lr))
-        x = pipe.prior(y, tn)
-        ref.update(x=x.numpy(), y=y.numpy(), cond=cond.numpy())
-        xs = []
-        for r in pipe.table.rows:
-            n = tn.get(f"n_{r.t}") if r.s != 0.0 else None
-            t = torch.full((B,), r.t, dtype=torch.int64)
-            xs.append((r, x.numpy()))
-            x = pipe.step(x, y, cond, t, r.in_scale, r.a, r.b, r.c, r.s, n)
-            ref[f"x_{r.t - 1}"] = x.numpy()
-        image = pipe.decode(x).numpy()
+        ref.update(x=pipe.prior(y, tn).numpy(), y=y.numpy(), cond=cond.numpy())
+        image = pipe.decode(pipe.run_steps(y, cond, tn, hook=keep)).numpy()
 
     with open_backend(backend, model_dir, m, precision=precision, threads=threads) as be:
         graphs = {k.split(".")[0] for k, g in m.graphs.items() if g.precision == precision}
@@ -187,20 +145,20 @@ def verify(
                     "x": x_in,
                     "y": ref["y"],
                     "cond": ref["cond"],
-                    "t": np.array([r.t], np.int64),
-                    "coef": coef_vector(asdict(r)),
+                    "t": r.t_input(),
+                    "coef": r.coef(),
                 }
                 if "noise" in be.input_names("step"):
-                    feeds["noise"] = noise.get(f"n_{r.t}", np.zeros_like(x_in))
+                    feeds["noise"] = noise[r.noise] if r.noise in noise else np.zeros_like(x_in)
                 out = be.run("step", feeds)["x_next"]
                 report.stages.append(compare(ref[f"x_{r.t - 1}"], out, name=f"step t={r.t}"))
         if "decoder" in graphs:
             out = be.run("decoder", {"x": ref["x_-1"]})["image"]
             report.stages.append(compare(image, out, name="decoder.image", data_range=1.0))
         for mode in modes:
-            if mode == "unrolled" and "unrolled" not in graphs:
+            if mode is Mode.UNROLLED and "unrolled" not in graphs:
                 continue
-            if mode == "staged" and not {"encoder", "step", "decoder"} <= graphs:
+            if mode is Mode.STAGED and not {"encoder", "step", "decoder"} <= graphs:
                 continue
             ex = Executor(m, be, mode=mode)
             out = ex.run(lr, noise)

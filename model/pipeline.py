@@ -33,7 +33,9 @@ from deltadiff.model.resize import BicubicUp4
 from deltadiff.model.schedule import StepRow, StepTable, step_table
 from deltadiff.model.swin_unet import SwinUNet
 from deltadiff.model.vq_f4 import VQModel
+from deltadiff.runtime.manifest import Manifest, sha256_file
 from deltadiff.runtime.noise import noise_field
+from deltadiff.runtime.steps import PRIOR_NOISE
 from deltadiff.runtime.tiling import pad_amounts, reflect_index
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,49 @@ class Pipeline(nn.Module):
         return cls.build(preset(name), unet_weights, vq_weights, seed=seed, ema=ema)
 
     @classmethod
+    def from_manifest(
+        cls,
+        m: Manifest,
+        *,
+        unet_weights: str | Path | None = None,
+        vq_weights: str | Path | None = None,
+        model_dir: Path | None = None,
+    ) -> Pipeline:
+        """The exact reference a model directory was exported from (manifest ``source``): the
+        recorded weight files (checked against their sha256) or the preset's seeded weights."""
+        src = m.source
+        paths: dict[str, Path | None] = {}
+        for key, override in (("unet_weights", unet_weights), ("vq_weights", vq_weights)):
+            rec = src.get(key)
+            if override is not None:
+                paths[key] = Path(override)
+            elif rec:
+                p = Path(rec["path"])
+                if not p.is_absolute() and model_dir is not None:
+                    p = (model_dir / p).resolve()
+                flag = "--" + key.replace("_", "-")
+                if not p.exists():
+                    raise DeltaDiffError(
+                        f"the reference weights {p} recorded in the manifest are missing; pass "
+                        f"{flag} FILE"
+                    )
+                if rec.get("sha256") and sha256_file(p) != rec["sha256"]:
+                    raise DeltaDiffError(
+                        f"{p} changed since export (sha256 differs from the manifest); re-export "
+                        f"or pass {flag} with the original file"
+                    )
+                paths[key] = p
+            else:
+                paths[key] = None
+        return cls.build(
+            ModelConfig.from_dict(m.model_config),
+            paths["unet_weights"],
+            paths["vq_weights"],
+            seed=int(src.get("seed") or 0),
+            ema=bool(src.get("ema", False)),
+        )
+
+    @classmethod
     def from_yaml(
         cls,
         yaml_path: str | Path,
@@ -190,7 +235,7 @@ class Pipeline(nn.Module):
 
     def prior(self, y: torch.Tensor, noise: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
         if self.table.s_prior != 0.0:
-            return y + self.table.s_prior * _need(noise, "n_prior")
+            return y + self.table.s_prior * _need(noise, PRIOR_NOISE)
         return y
 
     def run_steps(
@@ -205,7 +250,7 @@ class Pipeline(nn.Module):
         B = x.shape[0]
         for r in self.table.rows:
             t = torch.full((B,), r.t, dtype=torch.int64, device=x.device)
-            n = _need(noise, f"n_{r.t}") if r.s != 0.0 else None
+            n = _need(noise, r.noise) if r.noise is not None else None
             x = self.step(x, y, cond, t, r.in_scale, r.a, r.b, r.c, r.s, n, hook_row=r, hook=hook)
         return x
 

@@ -14,60 +14,14 @@ and never re-derives a coefficient.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 
 from deltadiff.errors import ConfigError
 from deltadiff.model.config import ModelConfig, ScheduleConfig
+from deltadiff.runtime.steps import StepRow, StepTable
 
-
-@dataclass(frozen=True)
-class StepRow:
-    """One UNet call: x_{t-1} = a*x_t + b*UNet(cat[in_scale*x_t, cond], t) + c*y + s*n_t."""
-
-    t: int
-    in_scale: float
-    a: float
-    b: float
-    c: float
-    s: float
-
-
-@dataclass(frozen=True)
-class StepTable:
-    rule: str
-    eta: tuple[float, ...]  # the family's eta (index t = 0..T-1)
-    s_prior: float
-    rows: tuple[StepRow, ...]  # in execution order, t = T-1 .. 0
-
-    @property
-    def noisy(self) -> bool:
-        return self.s_prior != 0.0 or any(r.s != 0.0 for r in self.rows)
-
-    def noise_names(self) -> list[str]:
-        """Names of the noise inputs the table consumes, in draw order (prior first)."""
-        if not self.noisy:
-            return []
-        return ["n_prior"] + [f"n_{r.t}" for r in self.rows if r.s != 0.0]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "rule": self.rule,
-            "eta": list(self.eta),
-            "s_prior": self.s_prior,
-            "rows": [asdict(r) for r in self.rows],
-        }
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> StepTable:
-        return StepTable(
-            rule=str(d["rule"]),
-            eta=tuple(float(x) for x in d["eta"]),
-            s_prior=float(d["s_prior"]),
-            rows=tuple(StepRow(**{**r, "t": int(r["t"])}) for r in d["rows"]),
-        )
+__all__ = ["StepRow", "StepTable", "etas", "make_step_table", "sqrt_etas", "step_table"]
 
 
 def sqrt_etas(s: ScheduleConfig) -> np.ndarray:

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from deltadiff.errors import DeltaDiffError
+from deltadiff.options import DEFAULT_MODE, Backend, Precision
 
 app = typer.Typer(
     name="dd-run",
@@ -65,11 +66,13 @@ def upscale(
     model: Annotated[
         Path | None, typer.Option(help="Model directory (default: the bundled demo model).")
     ] = None,
-    backend: Annotated[str, typer.Option(help="onnxruntime | tensorrt")] = "onnxruntime",
+    backend: Annotated[
+        str, typer.Option(help="onnxruntime | onnxruntime-cuda | tensorrt")
+    ] = Backend.ONNXRUNTIME,
     precision: Annotated[
-        str, typer.Option(help="fp32 | fp16 (graphs/engines of that precision)")
-    ] = "fp32",
-    mode: Annotated[str, typer.Option(help="staged | unrolled graph execution")] = "staged",
+        str, typer.Option(help="fp32 | fp16 | int8 (graphs/engines of that precision)")
+    ] = Precision.FP32,
+    mode: Annotated[str, typer.Option(help="staged | unrolled graph execution")] = DEFAULT_MODE,
     tile: Annotated[int | None, typer.Option(help="LR tile side (must match the export).")] = None,
     overlap: Annotated[int | None, typer.Option(help="Tile overlap in LR pixels.")] = None,
     batch: Annotated[int, typer.Option(help="Tiles per backend call.")] = 1,
@@ -80,7 +83,7 @@ def upscale(
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     recursive: Annotated[bool, typer.Option(help="Walk folders recursively.")] = True,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bars.")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logging.")] = False,
 ) -> None:
     """Upscale images x4. A failing file is reported and the rest go on; exit 1 if any failed."""
@@ -119,7 +122,7 @@ def upscale(
     with (
         up,
         Progress(
-            TextColumn("upscale"),
+            TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[name]}"),
@@ -129,12 +132,23 @@ def upscale(
             transient=True,
         ) as bar,
     ):
-        task = bar.add_task("upscale", total=len(pairs), name="")
+        task = bar.add_task("files", total=len(pairs), name="")
+        tiles = bar.add_task("tiles", total=1, name="", visible=False)
 
         def on_file(src: Path, status: str) -> None:
             bar.update(task, advance=1, name=src.name)
+            bar.update(tiles, visible=False)
 
-        summary = run_job(up, pairs, overwrite=overwrite, on_file=on_file)
+        def on_tile(src: Path, done: int, total: int) -> None:
+            if done == 0 and total > 1:  # a big image: say up front what it will run
+                th, tw = up.m.tile
+                if not quiet:
+                    bar.console.print(f"{src.name}: {total} tiles of {th}x{tw} LR", highlight=False)
+                bar.reset(tiles, total=total, name=f"tiles of {src.name}", visible=True)
+            elif total > 1:
+                bar.update(tiles, completed=done)
+
+        summary = run_job(up, pairs, overwrite=overwrite, on_file=on_file, on_tile=on_tile)
     from rich.markup import escape
 
     out = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -172,10 +186,10 @@ def info(
         f"tile        {m.tile[0]}x{m.tile[1]} LR -> {4 * m.tile[0]}x{4 * m.tile[1]}, batch {m.batch[0]}..{m.batch[1]}"
     )
     typer.echo(
-        f"step rule   {m.step_table['rule']}; rows "
+        f"step rule   {m.step_table.rule}; rows "
         + ", ".join(
-            f"t={r['t']}: in {r['in_scale']:.4f} a {r['a']:.4f} b {r['b']:.4f} c {r['c']:.4f} s {r['s']:.4f}"
-            for r in m.step_table["rows"]
+            f"t={r.t}: in {r.in_scale:.4f} a {r.a:.4f} b {r.b:.4f} c {r.c:.4f} s {r.s:.4f}"
+            for r in m.step_table.rows
         )
     )
     for k, g in m.graphs.items():
@@ -272,9 +286,9 @@ def bench(
         models = tuple(model) if model else (default_model_dir(),)
         opts = BenchOptions(
             models=models,
-            backends=tuple(backend or ["onnxruntime"]),
-            precisions=tuple(precision or ["fp32"]),
-            modes=tuple(mode or ["staged"]),
+            backends=tuple(backend or [Backend.ONNXRUNTIME]),
+            precisions=tuple(precision or [Precision.FP32]),
+            modes=tuple(mode or [DEFAULT_MODE]),
             batches=tuple(batch or [1]),
             threads=threads,
             warmup=warmup,

@@ -14,22 +14,21 @@ from collections.abc import Callable
 import numpy as np
 
 from deltadiff.errors import BackendError
-from deltadiff.runtime.backends import Backend
-from deltadiff.runtime.manifest import Manifest, coef_vector
+from deltadiff.options import DEFAULT_MODE, Mode, parse
+from deltadiff.runtime.backends import RuntimeBackend
+from deltadiff.runtime.manifest import Manifest
 
-MODES = ("staged", "unrolled")
-DEFAULT_MODE = "staged"
 StageHook = Callable[[str, float], None]  # (stage name, seconds)
 
 
 class Executor:
-    def __init__(self, manifest: Manifest, backend: Backend, *, mode: str = DEFAULT_MODE) -> None:
-        if mode not in MODES:
-            raise BackendError(f"unknown execution mode {mode!r}; choose one of {', '.join(MODES)}")
+    def __init__(
+        self, manifest: Manifest, backend: RuntimeBackend, *, mode: Mode | str = DEFAULT_MODE
+    ) -> None:
         self.m = manifest
         self.backend = backend
-        self.mode = mode
-        self.rows = manifest.step_table["rows"]
+        self.mode = parse(Mode, mode, "execution mode")
+        self.rows = manifest.step_table.rows
 
     def run(
         self,
@@ -51,7 +50,7 @@ class Executor:
         seq = getattr(self.backend, "run_sequence", None)
         if seq is not None and trace is None and on_stage is None:
             return seq(self.mode, lr, noise)  # device-resident chain (TensorRT, CUDA graph)
-        if self.mode == "unrolled":
+        if self.mode is Mode.UNROLLED:
             t0 = time.perf_counter()
             img = self.backend.run("unrolled", {"lr": lr, **noise})["image"]
             if on_stage:
@@ -66,22 +65,15 @@ class Executor:
             trace.update(x_T=x, y=y, cond=cond)
         step_inputs = set(self.backend.input_names("step"))
         for r in self.rows:
-            feeds = {
-                "x": x,
-                "y": y,
-                "cond": cond,
-                "t": np.array([int(r["t"])], dtype=np.int64),
-                "coef": coef_vector(r),
-            }
+            feeds = {"x": x, "y": y, "cond": cond, "t": r.t_input(), "coef": r.coef()}
             if "noise" in step_inputs:
-                name = f"n_{int(r['t'])}"
-                feeds["noise"] = noise[name] if name in noise else np.zeros_like(x)
+                feeds["noise"] = noise[r.noise] if r.noise in noise else np.zeros_like(x)
             t0 = time.perf_counter()
             x = self.backend.run("step", feeds)["x_next"]
             if on_stage:
-                on_stage(f"step_{int(r['t'])}", time.perf_counter() - t0)
+                on_stage(r.stage, time.perf_counter() - t0)
             if trace is not None:
-                trace[f"x_{int(r['t']) - 1}"] = x
+                trace[f"x_{r.t - 1}"] = x
         t0 = time.perf_counter()
         img = self.backend.run("decoder", {"x": x})["image"]
         if on_stage:

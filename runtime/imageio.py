@@ -13,9 +13,12 @@ numpy, Pillow, pypng (``png``) and tifffile only; never torch. Who does what:
 
 * Modes: ``1``/``L``/``LA`` are gray (replicated to RGB, ``grayscale=True``); ``P``/``PA`` become
   RGB or RGBA (palette transparency becomes alpha); a ``tRNS`` colour key on L/RGB becomes alpha;
-  ``RGBX``/``YCbCr`` become RGB; premultiplied ``RGBa``/``La`` are un-premultiplied. ``CMYK``,
-  32-bit integer ``I``, float ``F``, signed 16-bit and any other mode are refused with an
-  ImageError that says how to convert.
+  ``RGBX``/``YCbCr`` become RGB; premultiplied ``RGBa``/``La`` are un-premultiplied. ``CMYK``
+  (including YCCK JPEGs, which libjpeg hands over as CMYK, and Adobe's inverted CMYK JPEGs, which
+  Pillow un-inverts) becomes RGB through the embedded ICC profile when there is one (LittleCMS via
+  ``ImageCms``, perceptual intent, to sRGB; the output then carries an sRGB profile), else through
+  Pillow's plain conversion; either is logged once per run. 32-bit integer ``I``, float ``F``,
+  signed 16-bit and any other mode are refused with an ImageError that says how to convert.
 * Frames: animated GIF/WebP/APNG with more than one frame are refused. Multi-page TIFF and MPO
   (camera JPEGs that carry a preview image) are read from their first page.
 * The pixel limit ``max_pixels`` is checked from the header before any decoding. Pillow's own
@@ -51,7 +54,7 @@ from types import ModuleType
 from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageCms, UnidentifiedImageError
 
 from deltadiff.errors import ImageError, MissingDependencyError
 from deltadiff.runtime.atomic import atomic_path
@@ -333,19 +336,67 @@ _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I;16", "I;16L", "I;16B", "I;16N"
 
 
 def _unsupported_mode(path: Path, mode: str) -> ImageError:
-    if mode == "CMYK":
-        return ImageError(f"{path}: CMYK is not supported (mode CMYK); convert to RGB")
     what = {"I": "32-bit integer", "F": "32-bit float", "I;16S": "signed 16-bit"}.get(mode)
     desc = f"{what} pixels (mode {mode})" if what else f"pixel mode {mode}"
     return ImageError(f"{path}: {desc} is not supported; convert to 8- or 16-bit RGB")
 
 
-def _read_pillow(path: Path, im: Image.Image) -> tuple[np.ndarray, np.ndarray | None, int]:
-    """Decode with Pillow: (colour (H, W) or (H, W, 3), alpha or None, max value)."""
+_SRGB_ICC: bytes | None = None
+
+
+def _srgb_icc() -> bytes:
+    global _SRGB_ICC
+    if _SRGB_ICC is None:
+        _SRGB_ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    return _SRGB_ICC
+
+
+def cmyk_to_rgb(path: Path, im: Image.Image) -> tuple[Image.Image, bytes | None]:
+    """A decoded CMYK image as RGB, and the ICC profile the RGB pixels are in (None: untagged).
+
+    With an embedded profile the conversion is colour-managed (to sRGB); a profile LittleCMS
+    cannot use is reported and the plain conversion is used instead.
+    """
+    icc = im.info.get("icc_profile")
+    if icc:
+        try:
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            rgb = ImageCms.profileToProfile(
+                im,
+                src,
+                ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")),
+                renderingIntent=ImageCms.Intent.PERCEPTUAL,
+                outputMode="RGB",
+            )
+        except (ImageCms.PyCMSError, OSError, ValueError) as exc:
+            _warn_once(
+                "cmyk-bad-icc",
+                f"{path}: CMYK image with an ICC profile that cannot be used ({_reason(exc)}); "
+                "converted to RGB without colour management",
+            )
+        else:
+            if rgb is not None:
+                _warn_once(
+                    "cmyk-icc", f"{path}: CMYK converted to sRGB through its embedded ICC profile"
+                )
+                return rgb, _srgb_icc()
+    else:
+        _warn_once("cmyk-plain", f"{path}: CMYK without an ICC profile; converted to RGB by Pillow")
+    return im.convert("RGB"), None
+
+
+def _read_pillow(
+    path: Path, im: Image.Image
+) -> tuple[np.ndarray, np.ndarray | None, int, bytes | None]:
+    """Decode with Pillow: (colour (H, W) or (H, W, 3), alpha or None, max value, ICC profile of
+    the returned pixels)."""
+    icc = im.info.get("icc_profile") or None
     with _corrupt_guard(path):
         im.load()  # force a full decode: truncation shows up here
         mode = im.mode
-        if mode in _PILLOW_CONVERT:
+        if mode == "CMYK":
+            im, icc = cmyk_to_rgb(path, im)
+        elif mode in _PILLOW_CONVERT:
             im = im.convert(_PILLOW_CONVERT[mode])
         elif mode == "P":
             im = im.convert("RGBA" if im.has_transparency_data else "RGB")
@@ -359,12 +410,12 @@ def _read_pillow(path: Path, im: Image.Image) -> tuple[np.ndarray, np.ndarray | 
     else:  # pragma: no cover - modes are filtered before decoding
         raise _unsupported_mode(path, im.mode)
     if arr.ndim == 2:
-        return arr, None, maxval
+        return arr, None, maxval, icc
     if arr.shape[-1] == 2:  # LA
-        return arr[..., 0], arr[..., 1], maxval
+        return arr[..., 0], arr[..., 1], maxval, icc
     if mode in _GRAY_MODES and arr.shape[-1] == 4:  # L with tRNS went through RGBA
-        return arr[..., 0], arr[..., 3], maxval
-    return arr[..., :3], (arr[..., 3] if arr.shape[-1] == 4 else None), maxval
+        return arr[..., 0], arr[..., 3], maxval, icc
+    return arr[..., :3], (arr[..., 3] if arr.shape[-1] == 4 else None), maxval, icc
 
 
 def _exif_info(path: Path, im: Image.Image) -> tuple[int, bytes | None]:
@@ -412,8 +463,8 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     """Read an image file as float32 RGB (+ alpha) in [0, 1]; see the module doc for the rules.
 
     Raises ImageError (one line: what, the value seen, the fix) for a missing file, a folder, an
-    empty, truncated, corrupt or non-image file, an image over ``max_pixels``, CMYK, animation,
-    and unsupported pixel modes.
+    empty, truncated, corrupt or non-image file, an image over ``max_pixels``, animation, and
+    unsupported pixel modes.
     """
     path = Path(path)
     if max_pixels < 1:
@@ -442,7 +493,7 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
                     "save the frame you want as a still PNG"
                 )
         mode = im.mode
-        if mode not in _PILLOW_READY and mode not in _PILLOW_CONVERT:
+        if mode not in _PILLOW_READY and mode not in _PILLOW_CONVERT and mode != "CMYK":
             raise _unsupported_mode(path, mode)
 
         bit_depth = 8
@@ -459,14 +510,14 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
                     "imagecodecs; read at 8-bit precision (pip install imagecodecs for 16-bit)",
                     path,
                 )
+        icc = im.info.get("icc_profile") or None
         if decoded is not None:
             color, alpha_i, grayscale = decoded
             maxval = 65535
         else:
-            color, alpha_i, maxval = _read_pillow(path, im)
+            color, alpha_i, maxval, icc = _read_pillow(path, im)
             if maxval == 65535:
                 bit_depth = 16
-        icc = im.info.get("icc_profile") or None
         orientation, exif = _exif_info(path, im)
 
     if color.ndim == 2:

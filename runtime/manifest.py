@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from deltadiff.errors import ManifestError
+from deltadiff.options import Precision
 from deltadiff.runtime.atomic import write_text_atomic
+from deltadiff.runtime.steps import StepTable
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -64,7 +66,7 @@ class Manifest:
     tile: tuple[int, int]  # LR tile (h, w) the graphs were exported for
     batch: tuple[int, int]  # (min, max) batch; equal when static
     lr_multiple: int
-    step_table: dict[str, Any]  # deltadiff.model.schedule.StepTable.to_dict()
+    step_table: StepTable
     graphs: dict[str, GraphRecord]  # key: "<graph>" (fp32) or "<graph>.fp16"
     exporter: dict[str, Any]
     source: dict[str, Any]
@@ -81,21 +83,20 @@ class Manifest:
 
     @property
     def noise_names(self) -> list[str]:
-        st = self.step_table
-        if float(st["s_prior"]) == 0.0 and all(float(r["s"]) == 0.0 for r in st["rows"]):
-            return []
-        return ["n_prior"] + [f"n_{int(r['t'])}" for r in st["rows"] if float(r["s"]) != 0.0]
+        return self.step_table.noise_names()
 
     def state_hw(self, lr_hw: tuple[int, int] | None = None) -> tuple[int, int]:
         h, w = lr_hw or self.tile
         return (h, w) if self.latent else (4 * h, 4 * w)
 
-    def graph(self, name: str, precision: str = "fp32") -> GraphRecord:
-        key = name if precision == "fp32" else f"{name}.{precision}"
+    def graph(self, name: str, precision: Precision | str = Precision.FP32) -> GraphRecord:
+        key = name if precision == Precision.FP32 else f"{name}.{precision}"
         rec = self.graphs.get(key)
         if rec is None:
             have = ", ".join(sorted(self.graphs)) or "none"
-            hint = "dd-export fp16" if precision != "fp32" else "dd-export onnx"
+            hint = {Precision.FP16: "dd-export fp16", Precision.INT8: "dd-export calibrate"}.get(
+                Precision(precision), "dd-export onnx"
+            )
             raise ManifestError(
                 f"the model has no {precision} {name} graph (has: {have}); create it with {hint}"
             )
@@ -108,6 +109,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["graphs"] = {k: g.to_dict() for k, g in self.graphs.items()}
+        d["step_table"] = self.step_table.to_dict()
         d["tile"] = list(self.tile)
         d["batch"] = list(self.batch)
         return d
@@ -149,6 +151,7 @@ class Manifest:
                     )
         _field(st, "s_prior", (int, float), f"{where}: step_table")
         _field(st, "rule", str, f"{where}: step_table")
+        table = StepTable.from_dict(st)
         engines = d.get("engines", [])
         if not isinstance(engines, list) or not all(
             isinstance(e, dict)
@@ -175,7 +178,7 @@ class Manifest:
             tile=tile,
             batch=batch,
             lr_multiple=_field(d, "lr_multiple", int, where),
-            step_table=st,
+            step_table=table,
             graphs=graphs,
             exporter=_field(d, "exporter", dict, where),
             source=_field(d, "source", dict, where),
@@ -185,13 +188,6 @@ class Manifest:
             created=str(d.get("created", "")),
             schema_version=ver,
         )
-
-
-def coef_vector(row: dict[str, Any]) -> Any:
-    """A step-table row as the step graph's ``coef`` input: [in_scale, a, b, c, s] float32."""
-    import numpy as np
-
-    return np.array([row["in_scale"], row["a"], row["b"], row["c"], row["s"]], dtype=np.float32)
 
 
 def _field(d: dict, key: str, typ: type | tuple[type, ...], where: str) -> Any:

@@ -298,8 +298,8 @@ class _SeededView:
     def __init__(self, up: Any, seed: int) -> None:
         self._up, self._seed, self.m = up, seed, up.m
 
-    def upscale(self, rgb: np.ndarray) -> np.ndarray:
-        return self._up.upscale(rgb, seed=self._seed)
+    def upscale(self, rgb: np.ndarray, **kw: Any) -> np.ndarray:
+        return self._up.upscale(rgb, seed=self._seed, **kw)
 
 
 def build_service(params: dict[str, str], version_dir: Path, infer: InferFn | None) -> ImageService:

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from deltadiff.errors import DeltaDiffError, ImageError
+from deltadiff.options import DEFAULT_MODE, Backend, Mode, Precision, parse
 from deltadiff.runtime.backends import open_backend
-from deltadiff.runtime.executor import DEFAULT_MODE, MODES, Executor
+from deltadiff.runtime.executor import Executor
 from deltadiff.runtime.imageio import (
     find_images,
     output_path,
@@ -34,6 +35,7 @@ from deltadiff.runtime.tiling import Blender, axis_weights, reflect_pad, tile_st
 log = logging.getLogger(__name__)
 
 BUNDLED_MODEL = "demo-pixel"
+TileProgress = Callable[[int, int], None]  # (tiles done, tiles in the image)
 
 
 def default_model_dir() -> Path:
@@ -48,9 +50,9 @@ def default_model_dir() -> Path:
 
 @dataclass(frozen=True)
 class UpscaleOptions:
-    backend: str = "onnxruntime"
-    precision: str = "fp32"
-    mode: str = DEFAULT_MODE
+    backend: Backend = Backend.ONNXRUNTIME
+    precision: Precision = Precision.FP32
+    mode: Mode = DEFAULT_MODE
     threads: int = 0
     tile: int | None = None  # LR tile side; must match the exported tile
     overlap: int | None = None  # LR pixels; default tile // 8 (at least 4)
@@ -58,6 +60,12 @@ class UpscaleOptions:
     blend: str = "cosine"  # or "crop" (naive, for comparison)
     seed: int = 0  # noise seed (resshift-v3 only)
     device: int = 0
+
+    def __post_init__(self) -> None:
+        """Accept text for the typed options (CLI, callers): one line if a value is unknown."""
+        object.__setattr__(self, "backend", parse(Backend, self.backend, "--backend"))
+        object.__setattr__(self, "precision", parse(Precision, self.precision, "--precision"))
+        object.__setattr__(self, "mode", parse(Mode, self.mode, "--mode"))
 
 
 class Upscaler:
@@ -68,13 +76,14 @@ class Upscaler:
     ) -> None:
         self.opts = opts = opts or UpscaleOptions()
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
-        if opts.mode not in MODES:
-            raise DeltaDiffError(f"--mode {opts.mode!r}: choose one of {', '.join(MODES)}")
         self.m: Manifest = load_manifest(self.model_dir, check_hashes=False)
         if opts.precision not in self.m.precisions():
             raise DeltaDiffError(
                 f"--precision {opts.precision}: this model has {', '.join(self.m.precisions())} graphs"
-                + ("; add FP16 graphs with dd-export fp16" if opts.precision == "fp16" else "")
+                + {
+                    Precision.FP16: "; add FP16 graphs with dd-export fp16",
+                    Precision.INT8: "; add INT8 graphs with dd-export calibrate",
+                }.get(opts.precision, "")
             )
         th, tw = self.m.tile
         if opts.tile is not None and (opts.tile, opts.tile) != (th, tw):
@@ -113,8 +122,24 @@ class Upscaler:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def upscale(self, rgb: np.ndarray, *, seed: int | None = None) -> np.ndarray:
-        """(h, w, 3) float32 in [0, 1] -> (4h, 4w, 3) float32 in [0, 1]."""
+    def _tile_grid(self, h: int, w: int) -> tuple[list[int], list[int]]:
+        """Tile start offsets (rows, columns) for an h x w LR image (after padding to a tile)."""
+        th, tw = self.m.tile
+        H, W = max(h, th), max(w, tw)
+        return tile_starts(H, th, self.overlap), tile_starts(W, tw, self.overlap)
+
+    def tile_count(self, h: int, w: int) -> int:
+        """How many tiles an h x w LR image runs as."""
+        ys, xs = self._tile_grid(h, w)
+        return len(ys) * len(xs)
+
+    def upscale(
+        self, rgb: np.ndarray, *, seed: int | None = None, progress: TileProgress | None = None
+    ) -> np.ndarray:
+        """(h, w, 3) float32 in [0, 1] -> (4h, 4w, 3) float32 in [0, 1].
+
+        ``progress(done, total)`` is called with 0 before the first tile and after every batch.
+        """
         if rgb.ndim != 3 or rgb.shape[2] != 3:
             raise DeltaDiffError(f"expected an (h, w, 3) RGB array, got shape {rgb.shape}")
         h, w = rgb.shape[:2]
@@ -123,7 +148,7 @@ class Upscaler:
         lr = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)  # (3, h, w)
         lr = reflect_pad(lr, max(0, th - h), max(0, tw - w))
         H, W = lr.shape[1:]
-        ys, xs = tile_starts(H, th, self.overlap), tile_starts(W, tw, self.overlap)
+        ys, xs = self._tile_grid(h, w)
         wys = axis_weights(ys, th, s, self.opts.blend)
         wxs = axis_weights(xs, tw, s, self.opts.blend)
         noise = None
@@ -135,6 +160,8 @@ class Upscaler:
         ratio = self.m.state_hw((1, 1))[0]  # state pixels per LR pixel (1 latent, 4 pixel)
         jobs = [(iy, ix) for iy in range(len(ys)) for ix in range(len(xs))]
         out = Blender(3, s * H, s * W)
+        if progress:
+            progress(0, len(jobs))
         for b0 in range(0, len(jobs), self.opts.batch):
             chunk = jobs[b0 : b0 + self.opts.batch]
             batch = np.stack(
@@ -159,6 +186,8 @@ class Upscaler:
             sr = self.executor.run(batch, feeds)
             for (iy, ix), tile in zip(chunk, sr, strict=True):
                 out.add(tile, s * ys[iy], s * xs[ix], wys[iy], wxs[ix])
+            if progress:
+                progress(b0 + len(chunk), len(jobs))
         res = out.result()[:, : s * h, : s * w]
         return np.ascontiguousarray(res.transpose(1, 2, 0))
 
@@ -187,9 +216,9 @@ def plan_outputs(
     return [(src, output_path(src, rel, out, suffix=suffix, single=single)) for src, rel in found]
 
 
-def upscale_file(up: Upscaler, src: Path, dst: Path) -> None:
+def upscale_file(up: Upscaler, src: Path, dst: Path, progress: TileProgress | None = None) -> None:
     img = read_image(src)
-    sr = up.upscale(img.rgb)
+    sr = up.upscale(img.rgb, progress=progress)
     alpha = upscale_alpha(img.alpha, up.m.scale) if img.alpha is not None else None
     write_image(
         dst,
@@ -208,8 +237,12 @@ def run_job(
     *,
     overwrite: bool = False,
     on_file: Callable[[Path, str], None] | None = None,
+    on_tile: Callable[[Path, int, int], None] | None = None,
 ) -> JobSummary:
-    """Upscale every (src, dst) pair; a failing file is recorded and the job goes on."""
+    """Upscale every (src, dst) pair; a failing file is recorded and the job goes on.
+
+    ``on_file(src, status)`` follows each file; ``on_tile(src, done, total)`` each batch of tiles.
+    """
     summary = JobSummary()
     t0 = time.perf_counter()
     seen: dict[Path, Path] = {}
@@ -226,7 +259,8 @@ def run_job(
                 status = "skipped"
             else:
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                upscale_file(up, src, dst)
+                tick = None if on_tile is None else (lambda d, n, _s=src: on_tile(_s, d, n))
+                upscale_file(up, src, dst, tick)
                 summary.done.append(dst)
         except DeltaDiffError as exc:
             summary.failed.append((src, str(exc)))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -64,12 +63,16 @@ def main() -> None:
     pipe = Pipeline(cfg, pipe.unet)
     if mdir.exists():
         shutil.rmtree(mdir)
-    rel = os.path.relpath(wdir / "demo-pixel.pth", mdir)
+    mdir.mkdir(parents=True)
+    # the reference weights travel with the graphs (package data), so dd-export verify works on
+    # an installed package too, not only in a checkout
+    ref = mdir / "reference.safetensors"
+    shutil.copy(wdir / "demo-pixel.safetensors", ref)
     source = {
         "kind": "yaml",
         "preset": None,
-        "config": os.path.relpath(wdir / "config.yaml", mdir),
-        "unet_weights": {"path": rel, "sha256": sha256_file(wdir / "demo-pixel.pth")},
+        "config": None,
+        "unet_weights": {"path": ref.name, "sha256": sha256_file(ref)},
         "vq_weights": None,
         "seed": None,
         "ema": False,

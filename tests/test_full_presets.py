@@ -34,7 +34,7 @@ def test_full_preset_ort_fp32_matches_reference(family, tmp_path):
     print(f"\n[{family} full, LR tile {tile}] ORT fp32\n  " + "\n  ".join(lines))
     assert rep.passed and rep.psnr >= 60.0, lines
     add_fp16(tmp_path)
-    rep16 = verify(tmp_path, precision="fp16", seed=0, min_psnr=0.0)
+    rep16 = verify(tmp_path, precision="fp16", seed=0)  # the product gate: 40 dB
     lines16 = [r.line() for r in rep16.stages + rep16.end_to_end]
     print(
         f"[{family} full, LR tile {tile}] ORT fp16 (islands) vs fp32 reference\n  "
@@ -54,3 +54,6 @@ def test_full_preset_ort_fp32_matches_reference(family, tmp_path):
                 )
                 + "\n"
             )
+    # FP16 with FP32 islands on full-size random weights: latent 41.0, pixel 63.0, resshift
+    # 41.4-42.4 dB measured (README); the gate is the product's 40 dB.
+    assert rep16.passed, lines16

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import os
 from pathlib import Path
@@ -440,10 +441,74 @@ def test_text_file_named_png_reports_not_an_image(tmp_path: Path) -> None:
     _assert_one_line(exc)
 
 
-def test_cmyk_jpeg_reports_cmyk_unsupported(tmp_path: Path) -> None:
-    Image.new("CMYK", (4, 4), (0, 128, 255, 0)).save(tmp_path / "cmyk.jpg")
-    with pytest.raises(ImageError, match="CMYK is not supported.*convert to RGB"):
+_PATCHES = np.array([[200, 30, 40], [20, 180, 60], [30, 60, 220], [250, 240, 10]], np.uint8)
+# Ghostscript's CMYK profile (Debian package libgs-common; .ci/run installs it).
+_GS_CMYK = Path("/usr/share/color/icc/ghostscript/default_cmyk.icc")
+
+
+# muted colours inside a print gamut, for the colour-managed round trip
+_IN_GAMUT = np.array([[150, 90, 80], [90, 140, 100], [90, 110, 160], [200, 190, 120]], np.uint8)
+
+
+def _patch_image(patches: np.ndarray = _PATCHES) -> np.ndarray:
+    """Four flat 16x16 colour patches: JPEG keeps flat 8x8 blocks (almost) exactly."""
+    return np.repeat(np.repeat(patches[None], 16, axis=0), 16, axis=1)
+
+
+def test_adobe_cmyk_jpeg_reads_as_rgb_with_the_true_colours(tmp_path: Path, caplog) -> None:
+    rgb = _patch_image()
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    raw = (tmp_path / "cmyk.jpg").read_bytes()
+    assert raw[6:11] == b"Adobe"  # an APP14 Adobe marker: the samples are stored inverted
+    with Image.open(tmp_path / "cmyk.jpg") as im:
+        assert im.mode == "CMYK" and "icc_profile" not in im.info
+    imageio._WARNED.clear()
+    with caplog.at_level(logging.WARNING, logger="deltadiff.runtime.imageio"):
+        data = read_image(tmp_path / "cmyk.jpg")
         read_image(tmp_path / "cmyk.jpg")
+    # un-inverted and converted: every patch within 2/255 of the RGB it was made from
+    assert np.abs(_as_u8(data.rgb).astype(int) - rgb).max() <= 2
+    assert data.alpha is None and not data.grayscale and data.icc_profile is None
+    assert sum("converted to RGB by Pillow" in r.message for r in caplog.records) == 1  # once
+
+
+@pytest.mark.skipif(not _GS_CMYK.exists(), reason=f"no CMYK ICC profile at {_GS_CMYK}")
+def test_cmyk_jpeg_with_icc_profile_is_colour_managed_to_srgb(tmp_path: Path, caplog) -> None:
+    icc = _GS_CMYK.read_bytes()
+    cmyk_profile = ImageCms.ImageCmsProfile(str(_GS_CMYK))
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+    rgb = _patch_image(_IN_GAMUT)
+    # the CMYK separation of the patches under that profile, then back through LittleCMS
+    cmyk = ImageCms.profileToProfile(Image.fromarray(rgb), srgb, cmyk_profile, outputMode="CMYK")
+    cmyk.save(tmp_path / "managed.jpg", quality=95, icc_profile=icc)
+    want = np.asarray(
+        ImageCms.profileToProfile(cmyk, cmyk_profile, srgb, outputMode="RGB"), dtype=int
+    )
+    imageio._WARNED.clear()
+    with caplog.at_level(logging.WARNING, logger="deltadiff.runtime.imageio"):
+        data = read_image(tmp_path / "managed.jpg")
+    got = _as_u8(data.rgb).astype(int)
+    assert np.abs(got - want).max() <= 3  # JPEG of flat patches
+    assert np.abs(got - rgb).max() <= 12  # the round trip through a print gamut keeps colours
+    naive = np.asarray(cmyk.convert("RGB"), dtype=int)
+    assert np.abs(naive - want).max() > 20  # so the profile really was used
+    assert data.icc_profile is not None
+    out_profile = ImageCms.ImageCmsProfile(io.BytesIO(data.icc_profile))
+    assert ImageCms.getProfileDescription(out_profile).strip().lower().startswith("srgb")
+    assert any("embedded ICC profile" in r.message for r in caplog.records)
+
+
+def test_cmyk_jpeg_with_a_broken_icc_profile_falls_back(tmp_path: Path, caplog) -> None:
+    rgb = _patch_image()
+    Image.fromarray(rgb).convert("CMYK").save(
+        tmp_path / "bad_icc.jpg", quality=95, icc_profile=b"not a profile" * 20
+    )
+    imageio._WARNED.clear()
+    with caplog.at_level(logging.WARNING, logger="deltadiff.runtime.imageio"):
+        data = read_image(tmp_path / "bad_icc.jpg")
+    assert np.abs(_as_u8(data.rgb).astype(int) - rgb).max() <= 2
+    assert data.icc_profile is None
+    assert any("cannot be used" in r.message for r in caplog.records)
 
 
 @pytest.mark.parametrize(

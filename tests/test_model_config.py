@@ -55,8 +55,31 @@ def test_full_vq_parameter_count_and_state_dict_equal_upstream_tsv():
     assert mine == {k: (s, d) for k, (s, d, _kind) in ref.items()}
 
 
-def test_presets_have_expected_counts_for_all_three_families():
-    assert EXPECTED_PARAMS["resshift-v3"] == (118_593_583, 55_322_782)
+# (UNet, VQ) parameters of every preset, counted independently of EXPECTED_PARAMS: the full
+# presets from MODEL.md §7.2 (upstream class definitions), the demo model from its model card
+# (README), the small presets as first built (a guard against silent architecture drift).
+PARAMS = {
+    "deltadiff-latent": (118_593_583, 55_322_782),
+    "deltadiff-pixel": (2_883_913, 0),
+    "resshift-v3": (118_593_583, 55_322_782),
+    "deltadiff-latent-small": (4_026_887, 3_473_470),
+    "deltadiff-pixel-small": (749_159, 0),
+    "resshift-v3-small": (4_026_887, 3_473_470),
+    "demo-pixel": (1_257_927, 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_every_preset_builds_with_its_expected_parameter_count(name):
+    cfg = preset(name)
+    vq = _n(VQModel(cfg.vq)) if cfg.vq is not None else 0
+    assert (_n(SwinUNet(cfg.unet)), vq) == PARAMS[name]
+    if name in EXPECTED_PARAMS:  # the library's own table agrees with the spec
+        assert EXPECTED_PARAMS[name] == PARAMS[name]
+
+
+def test_presets_cover_all_three_families_and_the_table_covers_every_preset():
+    assert set(PARAMS) == set(PRESETS)
     assert {p.family for p in PRESETS.values()} == {
         "deltadiff-latent",
         "deltadiff-pixel",

@@ -8,6 +8,9 @@ import torch
 
 from deltadiff.errors import ConfigError, DeltaDiffError
 from deltadiff.model.pipeline import Pipeline
+from deltadiff.runtime.compare import psnr
+
+from .checks import CODE_FLIP_MIN_PSNR, REF_BATCH_IMAGE_ATOL, REF_BATCH_STATE_ATOL
 
 SMALL = ("deltadiff-pixel-small", "deltadiff-latent-small", "resshift-v3-small")
 
@@ -31,13 +34,22 @@ def test_odd_sizes_are_padded_and_cropped_back(pipes, name, hw):
 def test_reference_is_deterministic_and_batch_consistent(pipes, name):
     p = pipes[name]
     lr = torch.rand(2, 3, 16, 24)
-    a = p.upscale(lr, seed=5)
+    last: dict[str, torch.Tensor] = {}
+
+    def keep(key: str):  # the final state x_hat (before decode) of a run
+        return lambda _r, _x0, x_next: last.__setitem__(key, x_next)
+
+    a = p.upscale(lr, seed=5, hook=keep("batch"))
     b = p.upscale(lr, seed=5)
-    assert torch.equal(a, b)
-    single = p.upscale(
-        lr[1:], noise={k: v[1:] for k, v in p.make_noise((2, 3, *_state(p, lr)), 5).items()}
-    )
-    assert torch.allclose(a[1:], single, atol=1e-5)
+    assert torch.equal(a, b)  # same call twice: bit-equal, always
+    noise = {k: v[1:] for k, v in p.make_noise((2, 3, *_state(p, lr)), 5).items()}
+    single = p.upscale(lr[1:], noise=noise, hook=keep("single"))
+    # a batch of two and a batch of one run other conv kernels / summation orders
+    assert float((last["batch"][1:] - last["single"]).abs().max()) <= REF_BATCH_STATE_ATOL
+    if p.cfg.latent:  # the VQ argmin may flip a near-tie code: a local change, so PSNR
+        assert psnr(a[1:].numpy(), single.numpy(), data_range=1.0) >= CODE_FLIP_MIN_PSNR
+    else:
+        assert float((a[1:] - single).abs().max()) <= REF_BATCH_IMAGE_ATOL
 
 
 def _state(p, lr):

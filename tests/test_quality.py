@@ -213,7 +213,8 @@ def test_lpips_matches_independent_reference(lp: LPIPS) -> None:
     ours32 = lp(a, b)
     ours64 = LPIPS(WEIGHTS, dtype=np.float64)(a, b)
     assert ref > 0.01
-    assert abs(ours64 - ref) < 1e-9
+    assert abs(ours64 - ref) < 1e-9  # float64 throughout: rounding only
+    # float32 features: ~1e-7 relative per layer, summed over 5 layers of a ~0.1 distance
     assert abs(ours32 - ref) < 1e-5
 
 

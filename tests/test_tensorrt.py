@@ -9,7 +9,7 @@ import shutil
 import onnx
 import pytest
 
-from deltadiff.errors import EngineError
+from deltadiff.errors import DeltaDiffError, EngineError
 from deltadiff.export.onnx_export import add_fp16
 from deltadiff.export.verify import verify
 from deltadiff.runtime.manifest import load_manifest
@@ -180,7 +180,7 @@ def test_tensorrt_backend_without_gpu_gives_one_line_error(exported):
     if current_device() is not None:
         pytest.skip("a GPU is present; this checks the CPU-only error path")
     d = exported("deltadiff-pixel")
-    with pytest.raises(Exception, match="no CUDA GPU|no TensorRT|cuda-python") as e:
+    with pytest.raises(DeltaDiffError, match="no CUDA GPU|no TensorRT|cuda-python") as e:
         open_backend("tensorrt", d, load_manifest(d), precision="fp16")
     assert "\n" not in str(e.value)
 

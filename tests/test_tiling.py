@@ -124,3 +124,18 @@ def test_seams_visible_with_naive_cropping_and_gone_with_blending(tile16_model):
     r_crop, r_blend = _seam_ratio(crop, cuts), _seam_ratio(blend, cuts)
     assert r_crop > 1.5, r_crop
     assert r_blend < 1.25, r_blend
+
+
+def test_upscaler_reports_progress_per_batch_of_tiles(exported):
+    from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler
+
+    rgb = np.random.default_rng(0).random((40, 30, 3), dtype=np.float32)
+    with Upscaler(exported("deltadiff-pixel"), UpscaleOptions(batch=3)) as up:
+        n = up.tile_count(40, 30)
+        seen: list[tuple[int, int]] = []
+        out = up.upscale(rgb, progress=lambda d, t: seen.append((d, t)))
+    ys = len(range(0, 40 - 16, 12)) + 1  # stride tile - overlap = 12, last tile clamped
+    xs = len(range(0, 30 - 16, 12)) + 1
+    assert n == ys * xs == 9
+    assert seen == [(0, n)] + [(min(k, n), n) for k in range(3, n + 3, 3)]
+    assert out.shape == (160, 120, 3)

@@ -24,6 +24,7 @@ def images(tmp_path_factory):
     Image.fromarray(rgb[:, :, 0]).save(d / "gray.png")
     Image.fromarray(np.dstack([rgb, np.full((18, 22), 128, np.uint8)])).save(d / "rgba.png")
     Image.fromarray(rgb).save(d / "photo.jpg", quality=90)
+    Image.fromarray(rgb).convert("CMYK").save(d / "cmyk.jpg", quality=95)  # Adobe CMYK
     Image.fromarray(rgb[:1, :1]).save(d / "one.png")  # 1x1
     (d / "notes.txt").write_text("not an image")
     bad = d / "bad"
@@ -32,7 +33,6 @@ def images(tmp_path_factory):
     (bad / "truncated.png").write_bytes(data[: len(data) // 2])
     (bad / "empty.png").write_bytes(b"")
     (bad / "text.png").write_text("hello")
-    Image.fromarray(rgb).convert("CMYK").save(bad / "cmyk.jpg")
     frames = [Image.fromarray(rgb), Image.fromarray(255 - rgb)]
     frames[0].save(bad / "anim.gif", save_all=True, append_images=frames[1:])
     big = Image.new("L", (20000, 10000))  # 2e8 px > Pillow's decompression-bomb limit
@@ -46,7 +46,7 @@ def test_folder_batch_reports_failures_and_continues(exported, images, tmp_path)
     r = dd_run("upscale", str(images), "-o", str(out), "--model", str(model), "-q")
     assert r.returncode == 1  # some inputs are bad
     assert "Traceback" not in r.stderr
-    for name in ("truncated.png", "empty.png", "text.png", "cmyk.jpg", "anim.gif", "bomb.png"):
+    for name in ("truncated.png", "empty.png", "text.png", "anim.gif", "bomb.png"):
         assert name in r.stderr, name
         assert not (out / "bad" / name).exists()
     for name, shape in (
@@ -54,6 +54,7 @@ def test_folder_batch_reports_failures_and_continues(exported, images, tmp_path)
         ("gray.png", (72, 88)),
         ("rgba.png", (72, 88, 4)),
         ("photo.jpg", (72, 88, 3)),
+        ("cmyk.jpg", (72, 88, 3)),
         ("one.png", (4, 4, 3)),
     ):
         assert np.asarray(Image.open(out / name)).shape == shape, name
@@ -147,3 +148,19 @@ def test_wrong_tile_option_names_the_fix(exported, images, tmp_path):
         "32",
     )
     assert r.returncode == 1 and "re-export" in r.stderr
+
+
+def test_big_image_says_its_tile_count_and_quiet_silences_it(exported, tmp_path):
+    # 256x192 LR with 16x16 tiles (overlap 4): 21 x 16 = 336 tiles
+    rgb = (np.random.default_rng(1).random((64, 48, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "big.png")
+    model = str(exported("deltadiff-pixel"))
+    r = dd_run(
+        "upscale", str(tmp_path / "big.png"), "-o", str(tmp_path / "o.png"), "--model", model
+    )
+    assert r.returncode == 0, r.stderr
+    assert "big.png: 20 tiles of 16x16 LR" in r.stderr
+    r = dd_run(
+        "upscale", str(tmp_path / "big.png"), "-o", str(tmp_path / "q.png"), "--model", model, "-q"
+    )
+    assert r.returncode == 0 and "tiles of" not in r.stderr

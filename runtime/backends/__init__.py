@@ -13,12 +13,11 @@ from typing import Protocol
 import numpy as np
 
 from deltadiff.errors import BackendError
+from deltadiff.options import RUNTIME_BACKENDS, Backend, Precision, parse
 from deltadiff.runtime.manifest import Manifest, TensorSpec
 
-BACKENDS = ("onnxruntime", "onnxruntime-cuda", "tensorrt")
 
-
-class Backend(Protocol):
+class RuntimeBackend(Protocol):
     name: str
     precision: str
 
@@ -28,7 +27,7 @@ class Backend(Protocol):
 
     def close(self) -> None: ...
 
-    def __enter__(self) -> Backend: ...
+    def __enter__(self) -> RuntimeBackend: ...
 
     def __exit__(self, *exc: object) -> None: ...
 
@@ -52,31 +51,31 @@ def check_feeds(graph: str, specs: tuple[TensorSpec, ...], feeds: dict[str, np.n
 
 
 def open_backend(
-    name: str,
+    name: Backend | str,
     model_dir: str | Path,
     manifest: Manifest,
     *,
-    precision: str = "fp32",
+    precision: Precision | str = Precision.FP32,
     threads: int = 0,
     device: int = 0,
-) -> Backend:
-    if name == "onnxruntime":
+) -> RuntimeBackend:
+    """The one place that picks a backend implementation (typed options, deltadiff.options)."""
+    b = parse(Backend, name, "backend")
+    precision = parse(Precision, precision, "precision")
+    if b is Backend.ONNXRUNTIME or b is Backend.ONNXRUNTIME_CUDA:
         from deltadiff.runtime.backends.ort import OrtBackend
 
-        return OrtBackend(model_dir, manifest, precision=precision, threads=threads)
-    if name == "onnxruntime-cuda":
-        from deltadiff.runtime.backends.ort import OrtBackend
-
+        cuda = b is Backend.ONNXRUNTIME_CUDA
         return OrtBackend(
             model_dir,
             manifest,
             precision=precision,
             threads=threads,
-            providers=["cuda"],
-            device=device,
+            **({"providers": ["cuda"], "device": device} if cuda else {}),
         )
-    if name == "tensorrt":
+    if b is Backend.TENSORRT:
         from deltadiff.runtime.backends.trt import TrtBackend
 
         return TrtBackend(model_dir, manifest, precision=precision, device=device)
-    raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    choices = ", ".join(RUNTIME_BACKENDS)
+    raise BackendError(f"{b} is not a runtime backend (the reference is); choose one of {choices}")

@@ -31,7 +31,7 @@ class OrtBackend:
         device: int = 0,
     ) -> None:
         global _logged
-        self.ort = require("onnxruntime", "ort")
+        self.ort = require("onnxruntime")
         if not _logged:
             log.info(
                 "onnxruntime %s (%s)",

@@ -24,7 +24,8 @@ import numpy as np
 
 from deltadiff.errors import BackendError, EngineError
 from deltadiff.runtime.backends import check_feeds
-from deltadiff.runtime.manifest import Manifest, coef_vector, verify_file
+from deltadiff.runtime.manifest import Manifest, verify_file
+from deltadiff.runtime.steps import PRIOR_NOISE, noise_name
 from deltadiff.runtime.trt_compat import (
     check_engine_record,
     cudart,
@@ -159,7 +160,10 @@ class _Chain:
         else:
             enc, step, dec = be.engine("encoder"), be.engine("step"), be.engine("decoder")
             ectx, sctx, dctx = enc.context(), step.context(), dec.context()
-            e_in = {"lr": lr_shape, **({"n_prior": self.state} if "n_prior" in enc.inputs else {})}
+            e_in = {
+                "lr": lr_shape,
+                **({PRIOR_NOISE: self.state} if PRIOR_NOISE in enc.inputs else {}),
+            }
             e_out = enc.set_shapes(ectx, e_in)
             buf = {k: mem.dev(int(np.prod(s)) * enc.dtypes[k].itemsize) for k, s in e_out.items()}
             x_b = mem.dev(int(np.prod(e_out["x"])) * 4)  # ping-pong partner of buf["x"]
@@ -177,18 +181,18 @@ class _Chain:
                 s_in["noise"] = self.state
             step.set_shapes(sctx, s_in)
             xa, xb = buf["x"], x_b
-            for r in m.step_table["rows"]:
-                t = int(r["t"])
+            for r in m.step_table.rows:
+                t = r.t
                 addr = {
                     "x": xa,
                     "y": buf["y"],
                     "cond": buf["cond"],
                     "x_next": xb,
-                    "t": be.const(np.array([t], np.int64)),
-                    "coef": be.const(coef_vector(r)),
+                    "t": be.const(r.t_input()),
+                    "coef": be.const(r.coef()),
                 }
                 if "noise" in step.inputs:
-                    addr["noise"] = self.dev_in.get(f"n_{t}", zeros)
+                    addr["noise"] = self.dev_in.get(noise_name(t), zeros)
                 self.launches.append((step, sctx, addr))
                 xa, xb = xb, xa
             d_out = dec.set_shapes(dctx, {"x": e_out["x"]})
