@@ -21,6 +21,9 @@ _EXTRA_HINT = {
     "matplotlib": "bench",
     "yaml": "export",
     "safetensors": "export",
+    "pytriton": "serve",
+    "tritonclient": "serve",
+    "ray": "ray",
 }
 
 

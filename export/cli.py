@@ -379,6 +379,79 @@ def build_engine(
 
 
 @app.command()
+def triton(
+    model: Annotated[Path, typer.Option(help="Model directory made by dd-export onnx.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Repository folder to write.")],
+    engine: Annotated[
+        str, typer.Option(help="tensorrt (engine cache) | onnxruntime | python (lean runtime)")
+    ] = "onnxruntime",
+    precision: Annotated[str, typer.Option(help="fp32 | fp16")] = "fp32",
+    mode: Annotated[
+        str, typer.Option(help="staged (encoder/step/decoder) | unrolled (one graph)")
+    ] = "staged",
+    flavour: Annotated[
+        str | None, typer.Option(help="tensorrt: engines of tensorrt | tensorrt_rtx (default: any)")
+    ] = None,
+    instances: Annotated[int, typer.Option(help="Instances per stage model.")] = 1,
+    kind: Annotated[
+        str | None, typer.Option(help="gpu | cpu (default: gpu, cpu for python)")
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="Requests per dynamic batch of deltadiff.")] = 8,
+    queue_delay_us: Annotated[int, typer.Option(help="Dynamic batcher delay (us).")] = 5000,
+    threads: Annotated[int, typer.Option(help="python stages: onnxruntime threads.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty repository.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Write a Triton model repository (stage models + the 'deltadiff' BLS model) and check it."""
+    setup_logging(verbose)
+    try:
+        from deltadiff.export.triton import TritonRepoOptions, check_repository, write_repository
+
+        repo = write_repository(
+            model,
+            out,
+            TritonRepoOptions(
+                engine=engine,
+                precision=precision,
+                mode=mode,
+                flavour=flavour,
+                instances=instances,
+                kind=kind,
+                max_batch=max_batch,
+                queue_delay_us=queue_delay_us,
+                threads=threads,
+                overwrite=overwrite,
+            ),
+        )
+        rep = check_repository(repo)
+    except DeltaDiffError as exc:
+        fail(exc)
+    for line in rep.lines():
+        typer.echo(line)
+    typer.echo(f"repository {repo} ({engine}, {precision}, {mode}); see {repo / 'README.md'}")
+    if not rep.ok:
+        raise typer.Exit(1)
+
+
+@app.command("triton-check")
+def triton_check(
+    repo: Annotated[Path, typer.Argument(help="Repository written by dd-export triton.")],
+) -> None:
+    """Check a Triton repository: every model's inputs/outputs/dims agree with the manifest."""
+    setup_logging(False)
+    try:
+        from deltadiff.export.triton import check_repository
+
+        rep = check_repository(repo)
+    except DeltaDiffError as exc:
+        fail(exc)
+    for line in rep.lines():
+        typer.echo(line)
+    if not rep.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
 def train(
     data: Annotated[Path, typer.Option(help="Folder of HR training images.")],
     out: Annotated[

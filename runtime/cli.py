@@ -333,6 +333,157 @@ def bench_compare(
         raise typer.Exit(1)
 
 
+@app.command()
+def batch(
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Image files and/or folders.", show_default=False)
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray cluster address (ray://... or host:port); default: a local cluster on 127.0.0.1."
+        ),
+    ] = None,
+    actors: Annotated[int, typer.Option(help="Actors (one Upscaler each).")] = 1,
+    cpus_per_actor: Annotated[
+        float, typer.Option(help="CPUs per actor (= its ORT threads).")
+    ] = 1.0,
+    gpus_per_actor: Annotated[float, typer.Option(help="GPUs per actor (0: CPU actors).")] = 0.0,
+    files_per_call: Annotated[int, typer.Option(help="Files per actor call.")] = 1,
+    manifest: Annotated[
+        Path | None, typer.Option(help="Job manifest (JSONL; default OUTPUT/dd-job.jsonl).")
+    ] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="Model directory (default: the bundled demo model).")
+    ] = None,
+    backend: Annotated[str, typer.Option(help="onnxruntime | onnxruntime-cuda | tensorrt")] = (
+        "onnxruntime"
+    ),
+    precision: Annotated[str, typer.Option(help="fp32 | fp16")] = "fp32",
+    mode: Annotated[str, typer.Option(help="staged | unrolled")] = "staged",
+    seed: Annotated[int, typer.Option(help="Noise seed (resshift-v3 only).")] = 0,
+    suffix: Annotated[str | None, typer.Option(help="Output format suffix, e.g. .png.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Redo files whose output exists.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logging.")] = False,
+) -> None:
+    """Upscale a folder on a Ray cluster (pip install 'deltadiff-trt[ray]').
+
+    Outputs keep their names and are written atomically; a re-run skips finished outputs; a
+    failing file is a 'failed' row in the JSONL job manifest and the job goes on (exit 1).
+    """
+    setup_logging(verbose)
+    from rich.markup import escape
+
+    from deltadiff.runtime.ray_job import RayJobOptions, run_ray_job
+    from deltadiff.runtime.upscaler import UpscaleOptions
+
+    if suffix is not None and not suffix.startswith("."):
+        suffix = "." + suffix
+    err = _stderr()
+    try:
+        res = run_ray_job(
+            inputs,
+            output,
+            model=model,
+            upscale_opts=UpscaleOptions(backend=backend, precision=precision, mode=mode, seed=seed),
+            opts=RayJobOptions(
+                address=address,
+                actors=actors,
+                num_cpus=cpus_per_actor,
+                num_gpus=gpus_per_actor,
+                batch_size=files_per_call,
+                manifest=manifest,
+                overwrite=overwrite,
+                suffix=suffix,
+            ),
+        )
+    except DeltaDiffError as exc:
+        fail(exc)
+    for r in res.rows:
+        if r["status"] == "failed":
+            err.print(f"[red]failed[/]  {escape(r['message'])}", highlight=False, soft_wrap=True)
+    err.print(
+        f"{res.count('done')} upscaled, {res.count('skipped')} skipped, {res.count('failed')} "
+        f"failed in {res.seconds:.1f} s on {actors} actor(s); manifest {res.manifest}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if not res.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    model: Annotated[
+        Path | None, typer.Option(help="Model directory (default: the bundled demo model).")
+    ] = None,
+    backend: Annotated[str, typer.Option(help="onnxruntime | onnxruntime-cuda | tensorrt")] = (
+        "onnxruntime"
+    ),
+    precision: Annotated[str, typer.Option(help="fp32 | fp16")] = "fp32",
+    mode: Annotated[str, typer.Option(help="staged | unrolled")] = "staged",
+    threads: Annotated[int, typer.Option(help="CPU threads for onnxruntime (0: all).")] = 0,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port (KServe v2).")] = 8000,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC port (default: port + 1).")] = None,
+    instances: Annotated[int, typer.Option(help="Model instances (processes).")] = 1,
+    max_batch: Annotated[int, typer.Option(help="Requests per dynamic batch.")] = 8,
+    queue_delay_us: Annotated[
+        int, typer.Option(help="Dynamic batcher: longest wait for more requests (us).")
+    ] = 5000,
+    max_tile_batch: Annotated[
+        int | None, typer.Option(help="Tiles per backend call (default: the model's max batch).")
+    ] = None,
+    max_bytes: Annotated[int, typer.Option(help="Largest encoded image accepted (bytes).")] = (
+        32 << 20
+    ),
+    max_pixels: Annotated[int, typer.Option(help="Largest input image accepted (pixels).")] = (
+        4 << 20
+    ),
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logging.")] = False,
+) -> None:
+    """Serve the model over HTTP/gRPC (KServe v2) with Triton (pip install 'deltadiff-trt[serve]').
+
+    Model "deltadiff": input "image" (BYTES, an encoded image file), optional "seed" (INT64);
+    output "upscaled" (BYTES, PNG). Health: /v2/health/live and /v2/health/ready. Bad requests
+    get HTTP 400 naming the problem. Ctrl-C or SIGTERM stops the server cleanly.
+    """
+    setup_logging(verbose)
+    from deltadiff.runtime.serve import ServeOptions, serve_forever
+
+    opts = ServeOptions(
+        model=model,
+        backend=backend,
+        precision=precision,
+        mode=mode,
+        threads=threads,
+        host=host,
+        port=port,
+        grpc_port=grpc_port,
+        instances=instances,
+        max_batch=max_batch,
+        queue_delay_us=queue_delay_us,
+        max_tile_batch=max_tile_batch,
+        max_bytes=max_bytes,
+        max_pixels=max_pixels,
+    )
+
+    def ready(srv) -> None:  # noqa: ANN001 - TritonServer
+        typer.echo(
+            f"serving model 'deltadiff' on http://{srv.url} and grpc {srv.grpc_url} "
+            "(KServe v2; Ctrl-C stops)",
+            err=True,
+        )
+
+    try:
+        code = serve_forever(opts, ready)
+    except DeltaDiffError as exc:
+        fail(exc)
+    typer.echo("server stopped", err=True)
+    raise typer.Exit(code)
+
+
 def run_app(typer_app: typer.Typer) -> None:
     """Entry point of both CLIs: a DeltaDiffError that escapes a command is one line, exit 1."""
     try:
