@@ -59,7 +59,7 @@ def test_folder_batch_reports_failures_and_continues(exported, images, tmp_path)
     ):
         assert np.asarray(Image.open(out / name)).shape == shape, name
     assert not (out / "notes.txt").exists()
-    assert "5 upscaled" in r.stderr and "6 failed" in r.stderr
+    assert "6 upscaled" in r.stderr and "5 failed" in r.stderr
     leftovers = [p for p in out.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
     assert not leftovers
 
