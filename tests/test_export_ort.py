@@ -16,7 +16,7 @@ from deltadiff.runtime.backends.ort import OrtBackend
 from deltadiff.runtime.executor import Executor
 from deltadiff.runtime.manifest import GRAPH_NAMES, load_manifest, sha256_file
 
-from .checks import ORT_BATCH_ATOL
+from .checks import CODE_FLIP_E2E_MIN_PSNR, ORT_BATCH_ATOL, STAGE_MIN_PSNR
 from .conftest import SMALL
 
 FAMILIES = sorted(SMALL)
@@ -24,10 +24,13 @@ FAMILIES = sorted(SMALL)
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ort_fp32_matches_reference_per_stage_and_end_to_end(exported, family):
-    rep = verify(exported(family), batch=2, seed=3)
-    assert rep.passed, [r.line() for r in rep.stages + rep.end_to_end]
+    # latent families decode through a VQ argmin: a flipped near-tie code is legitimate
+    floor = CODE_FLIP_E2E_MIN_PSNR if family != "deltadiff-pixel" else None
+    rep = verify(exported(family), batch=2, seed=3, min_psnr=floor)
+    lines = [r.line() for r in rep.stages + rep.end_to_end]
+    assert rep.passed, lines
+    assert all(r.psnr >= STAGE_MIN_PSNR for r in rep.stages), lines
     assert {r.name for r in rep.end_to_end} == {"end-to-end staged", "end-to-end unrolled"}
-    assert all(r.psnr >= 60 for r in rep.end_to_end)
     names = [r.name for r in rep.stages]
     assert names[:3] == ["encoder.x", "encoder.y", "encoder.cond"] and names[-1] == "decoder.image"
     assert [n for n in names if n.startswith("step")] == [
@@ -37,7 +40,7 @@ def test_ort_fp32_matches_reference_per_stage_and_end_to_end(exported, family):
         "step t=0",
     ]
     rec = load_manifest(exported(family)).verification
-    assert rec["passed"] and rec["by_backend"]["onnxruntime/fp32"]["psnr_db"] >= 60
+    assert rec["passed"] and rec["by_backend"]["onnxruntime/fp32"]["psnr_db"] >= (floor or 60)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
