@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 BACKENDS = ("onnxruntime", "onnxruntime-cuda", "tensorrt", "torch", "torch-autocast")
 TORCH_BACKENDS = ("torch", "torch-autocast")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 MODES = ("staged", "unrolled")
 EAGER = "eager"  # the torch backends' only mode
 DEFAULT_COV_WARN = 0.10
@@ -608,7 +608,15 @@ class _RuntimeRunner:
                 f"batch {spec.batch} is outside the model's batch range [{lo}, {hi}]; "
                 f"re-export with dd-export onnx --max-batch {spec.batch}"
             )
-        for g in MODE_GRAPHS[spec.mode]:
+        target = "tensorrt" if spec.backend == "tensorrt" else "onnxruntime"
+        if spec.precision == "int8" and m.int8_status(target):
+            raise CaseUnavailableError(str(m.int8_status(target)))
+        graphs = [  # the step as one name per row: INT8 has a graph per row
+            x
+            for g in MODE_GRAPHS[spec.mode]
+            for x in ([f"step@{int(r['t'])}" for r in m.step_table["rows"]] if g == "step" else [g])
+        ]
+        for g in graphs:
             m.graph(g, spec.precision)  # ManifestError: no such graph (e.g. fp16 not exported)
         if spec.backend == "onnxruntime-cuda":
             ort = require("onnxruntime", "ort")
@@ -633,7 +641,7 @@ class _RuntimeRunner:
             )
         self.backend = be
         # load what the first run would load lazily, so "load" and "first run" separate cleanly
-        for g in MODE_GRAPHS[spec.mode]:
+        for g in graphs:
             for attr in ("session", "engine"):  # OrtBackend.session / TrtBackend.engine
                 fn = getattr(be, attr, None)
                 if callable(fn):

@@ -67,7 +67,7 @@ def upscale(
     ] = None,
     backend: Annotated[str, typer.Option(help="onnxruntime | tensorrt")] = "onnxruntime",
     precision: Annotated[
-        str, typer.Option(help="fp32 | fp16 (graphs/engines of that precision)")
+        str, typer.Option(help="fp32 | fp16 | int8 (graphs/engines of that precision)")
     ] = "fp32",
     mode: Annotated[str, typer.Option(help="staged | unrolled graph execution")] = "staged",
     tile: Annotated[int | None, typer.Option(help="LR tile side (must match the export).")] = None,
@@ -209,7 +209,10 @@ def bench(
     ] = None,
     precision: Annotated[
         list[str] | None,
-        typer.Option("--precision", help="fp32 | fp16; repeatable (torch fp16 = CUDA autocast)."),
+        typer.Option(
+            "--precision",
+            help="fp32 | fp16 | int8; repeatable (torch fp16 = CUDA autocast; torch has no int8).",
+        ),
     ] = None,
     mode: Annotated[
         list[str] | None,

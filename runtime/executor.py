@@ -64,7 +64,7 @@ class Executor:
         x, y, cond = enc["x"], enc["y"], enc["cond"]
         if trace is not None:
             trace.update(x_T=x, y=y, cond=cond)
-        step_inputs = set(self.backend.input_names("step"))
+        step_inputs = set(self.backend.input_names(f"step@{int(self.rows[0]['t'])}"))
         for r in self.rows:
             feeds = {
                 "x": x,
@@ -77,7 +77,8 @@ class Executor:
                 name = f"n_{int(r['t'])}"
                 feeds["noise"] = noise[name] if name in noise else np.zeros_like(x)
             t0 = time.perf_counter()
-            x = self.backend.run("step", feeds)["x_next"]
+            # "step@t": the row's own graph where the precision has per-row graphs (INT8)
+            x = self.backend.run(f"step@{int(r['t'])}", feeds)["x_next"]
             if on_stage:
                 on_stage(f"step_{int(r['t'])}", time.perf_counter() - t0)
             if trace is not None:

@@ -71,7 +71,11 @@ class Upscaler:
         if opts.mode not in MODES:
             raise DeltaDiffError(f"--mode {opts.mode!r}: choose one of {', '.join(MODES)}")
         self.m: Manifest = load_manifest(self.model_dir, check_hashes=False)
-        if opts.precision not in self.m.precisions():
+        if opts.precision == "int8":
+            why = self.m.int8_status("tensorrt" if opts.backend == "tensorrt" else "onnxruntime")
+            if why:
+                raise DeltaDiffError(f"--precision int8: {why}")
+        elif opts.precision not in self.m.precisions():
             raise DeltaDiffError(
                 f"--precision {opts.precision}: this model has {', '.join(self.m.precisions())} graphs"
                 + ("; add FP16 graphs with dd-export fp16" if opts.precision == "fp16" else "")
