@@ -45,6 +45,7 @@ from deltadiff.calibration.data import (
 from deltadiff.calibration.evaluate import MAX_HR_DROP_DB, MIN_E2E_DB, Evaluator, Score
 from deltadiff.calibration.qdq import TARGETS, count_qdq, quantizable_nodes
 from deltadiff.calibration.search import PlanBuilder, greedy, node_blocks, sensitivity
+from deltadiff.calibration.trt_check import culprits, rtx_available, rtx_builds
 from deltadiff.errors import DeltaDiffError, ManifestError
 from deltadiff.runtime.atomic import write_bytes_atomic, write_text_atomic
 from deltadiff.runtime.manifest import (
@@ -78,6 +79,7 @@ class CalibrateOptions:
     min_e2e_db: float = MIN_E2E_DB
     max_drop_db: float = MAX_HR_DROP_DB
     tensorrt_fp32: tuple[str, ...] = ()  # node names kept FP32 for the TensorRT target
+    rtx_check: bool = True  # TensorRT target: TensorRT-RTX must build each row graph (if installed)
 
 
 @dataclass
@@ -237,7 +239,14 @@ def calibrate(
         return s.passes(opts.min_e2e_db, opts.max_drop_db)
 
     if opts.search:
-        table, row_table = sensitivity(ev, pb, rows, images=sens_n)
+        # a row that alone keeps the gate with 4x margin stays one unit; the others are split
+        table, row_table = sensitivity(
+            ev,
+            pb,
+            rows,
+            images=sens_n,
+            refine=lambda sc: not sc.passes(opts.min_e2e_db, opts.max_drop_db / 4),
+        )
         for r in table:
             say(f"  cost  t={r['row']}  {r['block']:<16} est. end to end {r['est_e2e_db']:7.2f} dB")
         order = [(r["row"], r["block"]) for r in table]
@@ -259,6 +268,31 @@ def calibrate(
     times["gate"] = time.perf_counter() - t0
     passed = ok_gate(score)
     excluded = order[:keep]
+    rtx: dict[str, Any] = {}
+    if opts.target == "tensorrt" and opts.rtx_check and passed and rtx_available():
+        t0 = time.perf_counter()
+        bad: set[str] = set()
+        for t, blob in plan.items():
+            if blob is None:
+                continue
+            if rtx_builds(blob, step_rec.inputs):
+                rtx[str(t)] = "builds"
+                continue
+            nodes = pb.nodes(t, set(excluded))
+            found = culprits(
+                nodes, lambda ns, t=t: rtx_builds(pb.graph(t, ns) or b"", step_rec.inputs)
+            )
+            rtx[str(t)] = {"kept_fp32": found}
+            bad |= set(found)
+        if bad:  # keep them FP32 for this target and gate again
+            fixed |= bad
+            pb = PlanBuilder(opts.target, model, ranges, blocks, fixed_exclude=fixed)
+            plan = pb.plan(rows, set(excluded))
+            score = ev.score(plan)
+            passed = ok_gate(score)
+            say(f"gate after keeping {len(bad)} TensorRT-rejected nodes FP32: {score.line()}")
+        say(f"TensorRT-RTX build check of the row graphs: {rtx}")
+        times["rtx_check"] = time.perf_counter() - t0
 
     # ---- write graphs + manifest (atomically) and the report
     rel = _write(
@@ -296,8 +330,9 @@ def calibrate(
         "data_pass": data_pass,
         "rows": row_table,
         "sensitivity": table,
-        "kept_fp32": [{"row": t, "block": b, "nodes": blocks[b]} for t, b in excluded],
+        "kept_fp32": [{"row": t, "block": b, "nodes": blocks.get(b, "all")} for t, b in excluded],
         "tensorrt_fp32_nodes": sorted(fixed),
+        "tensorrt_rtx_check": rtx or None,
         "search_trail": trail,
         "spread": R.spread_table(stats),
         "seconds": {k: round(v, 1) for k, v in times.items()},
@@ -464,8 +499,9 @@ def report_markdown(rep: dict[str, Any]) -> str:
             "|---|---|---:|---:|---|",
         ]
         for r in rep["sensitivity"]:
+            blk = "whole row" if r["block"] == "*" else r["block"]
             lines.append(
-                f"| t={r['row']} | {r['block']} | {r['nodes']} | {r['est_e2e_db']} dB | {'yes' if (r['row'], r['block']) in kept else ''} |"
+                f"| t={r['row']} | {blk} | {r['nodes']} | {r['est_e2e_db']} dB | {'yes' if (r['row'], r['block']) in kept else ''} |"
             )
         lines.append("")
     if rep["search_trail"]:

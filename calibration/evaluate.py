@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 MIN_E2E_DB = 35.0
 MAX_HR_DROP_DB = 0.10
+MAX_SESSIONS = 6  # a plan uses at most one per row; each holds its own buffers
 
 
 @dataclass
@@ -96,6 +97,7 @@ class Evaluator:
             g: self._session((model_dir / m.graph(g).file).read_bytes())
             for g in ("step", "decoder")
         }
+        self._sessions.clear()  # the FP32 sessions are held in _fp32, outside the LRU
         self.step_inputs = [i.name for i in self._fp32["step"].get_inputs()]
         self.fp32_images = np.concatenate([t.image for _, t in self.batches])
         self.hr_fp32 = self._hr_scores(self.fp32_images)
@@ -107,12 +109,13 @@ class Evaluator:
         if s is None:
             so = self.ort.SessionOptions()
             so.log_severity_level = 3
+            so.enable_cpu_mem_arena = False  # many sessions live here: give memory back
             if self.threads:
                 so.intra_op_num_threads = self.threads
                 so.inter_op_num_threads = 1
             s = self.ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
-            if len(self._sessions) > 24:
-                self._sessions.clear()
+            while len(self._sessions) >= MAX_SESSIONS:  # oldest first (dicts keep order)
+                self._sessions.pop(next(iter(self._sessions)))
             self._sessions[key] = s
         return s
 

@@ -26,7 +26,8 @@ from deltadiff.calibration.qdq import quantizable_nodes, write
 
 log = logging.getLogger(__name__)
 
-Unit = tuple[int, str]  # (row t, block)
+Unit = tuple[int, str]  # (row t, block); block ROW = the whole row
+ROW = "*"
 
 
 def node_blocks(model: Any) -> dict[str, list[str]]:
@@ -66,6 +67,8 @@ class PlanBuilder:
         self._cache: dict[tuple[int, frozenset[str]], bytes | None] = {}
 
     def nodes(self, t: int, excluded: set[Unit]) -> list[str]:
+        if (t, ROW) in excluded:
+            return []
         return [
             n
             for b, ns in self.blocks.items()
@@ -106,9 +109,16 @@ class SearchResult:
 
 
 def sensitivity(
-    ev: Evaluator, pb: PlanBuilder, rows: list[int], *, images: int = 2
+    ev: Evaluator,
+    pb: PlanBuilder,
+    rows: list[int],
+    *,
+    images: int = 2,
+    refine: Callable[[Score], bool] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(unit table sorted by cost, per-row table)."""
+    """(unit table sorted by cost, per-row table). Coarse to fine: each row is first measured
+    whole (end to end, quantized alone); a row for which ``refine(score)`` is true is split into
+    its blocks (cost of each block alone), the others stay one unit (block ``*``)."""
     row_table, table = [], []
     for t in rows:
         full = pb.graph(t, pb.nodes(t, set()))
@@ -118,12 +128,14 @@ def sensitivity(
         e2e_score = ev.score({t: full}, limit=images)
         e2e = 10 ** (-e2e_score.e2e_mean_db / 10)
         gain = e2e / step if step > 0 else 1.0
+        split = refine is None or refine(e2e_score)
         row_table.append(
             {
                 "row": t,
                 "step_db": round(_db(step), 2),
                 "e2e_db": round(e2e_score.e2e_mean_db, 2),
                 "gain": round(gain, 3),
+                "split_into_blocks": split,
                 **(
                     {"psnr_y_hr_delta_db": round(e2e_score.hr_delta, 4)}
                     if e2e_score.hr_delta is not None
@@ -134,6 +146,12 @@ def sensitivity(
         log.info(
             "row t=%d quantized alone: step %.2f dB, end to end %s", t, _db(step), e2e_score.line()
         )
+        if not split:
+            n = len(pb.nodes(t, set()))
+            table.append(
+                {"row": t, "block": ROW, "nodes": n, "est_e2e_db": round(_db(e2e), 2), "_mse": e2e}
+            )
+            continue
         for b in pb.blocks:
             blob = pb.only(t, b)
             if blob is None:
@@ -148,6 +166,7 @@ def sensitivity(
                     "_mse": mse,
                 }
             )
+            log.info("  t=%d %-18s alone: est. end to end %.2f dB", t, b, _db(mse))
     table.sort(key=lambda r: -r["_mse"])
     for r in table:
         r.pop("_mse")
