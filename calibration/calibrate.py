@@ -43,7 +43,7 @@ from deltadiff.calibration.data import (
     tiles,
 )
 from deltadiff.calibration.evaluate import MAX_HR_DROP_DB, MIN_E2E_DB, Evaluator, Score
-from deltadiff.calibration.qdq import TARGETS, count_qdq, quantizable_nodes
+from deltadiff.calibration.qdq import TARGETS, quantizable_nodes, quantized_nodes
 from deltadiff.calibration.search import PlanBuilder, greedy, node_blocks, sensitivity
 from deltadiff.calibration.trt_check import culprits, rtx_available, rtx_builds
 from deltadiff.errors import DeltaDiffError, ManifestError
@@ -416,8 +416,7 @@ def _write(
         if not (model_dir / file).exists():
             write_bytes_atomic(model_dir / file, blob)
         written.append(file)
-        qm = onnx.load_from_string(blob)
-        n_int8 = len({n.name for n in qm.graph.node if n.op_type in ("Conv", "MatMul")} & set(cand))
+        n_int8 = len(quantized_nodes(onnx.load_from_string(blob)))
         new[key] = replace(
             step,
             file=file,
@@ -428,7 +427,7 @@ def _write(
             quant={
                 **common,
                 "row": t,
-                "int8_nodes": int(n_int8 if target == "tensorrt" else count_qdq(qm)),
+                "int8_nodes": n_int8,
                 "candidates": len(cand),
                 "kept_fp32": kept,
             },

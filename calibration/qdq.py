@@ -162,3 +162,9 @@ def write_trt(model: Any, ranges: dict[str, tuple[float, float]], nodes: list[st
 
 def count_qdq(model: Any) -> int:
     return sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear")
+
+
+def quantized_nodes(model: Any) -> list[str]:
+    """Conv / MatMul nodes that read a dequantized activation (both Q/DQ layouts)."""
+    dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [n.name for n in model.graph.node if n.op_type in OP_TYPES and n.input[0] in dq]
