@@ -197,9 +197,10 @@ def verify(
                     "t": np.array([r.t], np.int64),
                     "coef": coef_vector(asdict(r)),
                 }
-                if "noise" in be.input_names(f"step@{r.t}"):
+                step_name = m.resolve(f"step@{r.t}", precision, target or None)
+                if "noise" in be.input_names(step_name):
                     feeds["noise"] = noise.get(f"n_{r.t}", np.zeros_like(x_in))
-                out = be.run(f"step@{r.t}", feeds)["x_next"]  # the row's own graph (INT8)
+                out = be.run(step_name, feeds)["x_next"]  # the row's own graph (INT8)
                 report.stages.append(compare(ref[f"x_{r.t - 1}"], out, name=f"step t={r.t}"))
         if "decoder" in graphs:
             out = be.run("decoder", {"x": ref["x_-1"]})["image"]

@@ -64,7 +64,13 @@ class Executor:
         x, y, cond = enc["x"], enc["y"], enc["cond"]
         if trace is not None:
             trace.update(x_T=x, y=y, cond=cond)
-        step_inputs = set(self.backend.input_names(f"step@{int(self.rows[0]['t'])}"))
+        # "step@t" names row t's own graph where the precision has one per row (INT8), else "step"
+        prec = getattr(self.backend, "precision", "fp32")
+        target = "tensorrt" if getattr(self.backend, "name", "") == "tensorrt" else None
+        names = {
+            int(r["t"]): self.m.resolve(f"step@{int(r['t'])}", prec, target) for r in self.rows
+        }
+        step_inputs = set(self.backend.input_names(names[int(self.rows[0]["t"])]))
         for r in self.rows:
             feeds = {
                 "x": x,
@@ -77,8 +83,7 @@ class Executor:
                 name = f"n_{int(r['t'])}"
                 feeds["noise"] = noise[name] if name in noise else np.zeros_like(x)
             t0 = time.perf_counter()
-            # "step@t": the row's own graph where the precision has per-row graphs (INT8)
-            x = self.backend.run(f"step@{int(r['t'])}", feeds)["x_next"]
+            x = self.backend.run(names[int(r["t"])], feeds)["x_next"]
             if on_stage:
                 on_stage(f"step_{int(r['t'])}", time.perf_counter() - t0)
             if trace is not None:
