@@ -18,7 +18,7 @@ from deltadiff.benchmarks.cases import CaseSpec
 from deltadiff.benchmarks.context import ModelContext
 from deltadiff.benchmarks.options import MODE_GRAPHS, CaseUnavailableError, WrapBackend
 from deltadiff.errors import MissingDependencyError
-from deltadiff.options import RUNTIME_BACKENDS, Backend
+from deltadiff.options import RUNTIME_BACKENDS, Backend, Precision
 from deltadiff.runtime.backends import RuntimeBackend, open_backend
 from deltadiff.runtime.executor import Executor
 from deltadiff.runtime.steps import StepRow
@@ -45,7 +45,15 @@ class RuntimeRunner:
                 f"batch {spec.batch} is outside the model's batch range [{lo}, {hi}]; "
                 f"re-export with dd-export onnx --max-batch {spec.batch}"
             )
-        for g in MODE_GRAPHS[spec.mode]:
+        target = "tensorrt" if spec.backend is Backend.TENSORRT else "onnxruntime"
+        if spec.precision is Precision.INT8 and m.int8_status(target):
+            raise CaseUnavailableError(str(m.int8_status(target)))
+        graphs = [  # the step as one name per row: INT8 has a graph per row
+            x
+            for g in MODE_GRAPHS[spec.mode]
+            for x in ([f"step@{r.t}" for r in m.step_table.rows] if g == "step" else [g])
+        ]
+        for g in graphs:
             m.graph(g, spec.precision)  # ManifestError: no such graph (e.g. fp16 not exported)
         if spec.backend is Backend.ONNXRUNTIME_CUDA:
             ort = require("onnxruntime")
@@ -70,7 +78,7 @@ class RuntimeRunner:
             )
         self.backend = be
         # load what the first run would load lazily, so "load" and "first run" separate cleanly
-        for g in MODE_GRAPHS[spec.mode]:
+        for g in graphs:
             for attr in ("session", "engine"):  # OrtBackend.session / TrtBackend.engine
                 fn = getattr(be, attr, None)
                 if callable(fn):

@@ -246,7 +246,8 @@ def verify(
     seed: Annotated[int, typer.Option()] = 0,
     batch: Annotated[int, typer.Option(help="Random tiles per run when no images are given.")] = 1,
     min_psnr: Annotated[
-        float | None, typer.Option(help="End-to-end PSNR threshold (default 60 fp32 / 40 fp16).")
+        float | None,
+        typer.Option(help="End-to-end PSNR threshold (default 60 fp32 / 40 fp16 / 35 int8)."),
     ] = None,
     threads: Annotated[int, typer.Option()] = 0,
     unet_weights: Annotated[
@@ -284,6 +285,14 @@ def fp16(
     verify: Annotated[
         bool, typer.Option(help="Verify the FP16 graphs with onnxruntime (CPU).")
     ] = True,
+    auto_islands: Annotated[
+        bool,
+        typer.Option(
+            help="Find the step graph's FP32 islands by measurement instead of fp16_islands.json "
+            "(and compare both)."
+        ),
+    ] = False,
+    threads: Annotated[int, typer.Option(help="onnxruntime CPU threads (0: all).")] = 0,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Add FP16 graphs with FP32 islands (GroupNorm, softmax, sinusoids, VQ argmin, state update)."""
@@ -291,7 +300,23 @@ def fp16(
     try:
         from deltadiff.export.onnx_export import add_fp16
 
-        m = add_fp16(model)
+        rules = None
+        if auto_islands:
+            from deltadiff.calibration.islands import auto_islands as find_islands
+
+            res = find_islands(model, threads=threads)
+            typer.echo(
+                "FP16 sensitivity (step graph; end to end vs FP32 with the unit alone in FP16):"
+            )
+            for r in sorted(res.table, key=lambda r: r["e2e_db_alone_fp16"]):
+                typer.echo(f"  {r['unit']:<28} {r['e2e_db_alone_fp16']:8.2f} dB")
+            typer.echo(
+                f"auto islands ({', '.join(r.name for r in res.rules) or 'none'}): "
+                f"{res.auto.e2e_min_db:.2f} dB, {res.auto_fp32_nodes} FP32 nodes; hand-written list: "
+                f"{res.hand.e2e_min_db:.2f} dB, {res.hand_fp32_nodes} FP32 nodes"
+            )
+            rules = {"step": res.rules}
+        m = add_fp16(model, rules=rules)
         for k, g in m.graphs.items():
             if g.precision == Precision.FP16:
                 typer.echo(
@@ -312,7 +337,10 @@ def fp16(
 def build_engine(
     model: Annotated[Path, typer.Option(help="Model directory made by dd-export onnx.")],
     precision: Annotated[
-        str, typer.Option(help="fp16 | fp32 (fp16 graphs are made if missing)")
+        str,
+        typer.Option(
+            help="fp16 | fp32 | int8 (fp16 graphs are made if missing; int8 needs calibrate --target tensorrt)"
+        ),
     ] = "fp16",
     flavour: Annotated[
         str | None,
@@ -344,8 +372,8 @@ def build_engine(
         from deltadiff.runtime.manifest import load_manifest
 
         precision = parse(Precision, precision, "--precision")
-        if precision is Precision.INT8:
-            raise DeltaDiffError("--precision int8: INT8 engines need dd-export calibrate first")
+        if precision is Precision.INT8 and graphs == "encoder,step,decoder,unrolled":
+            graphs = "encoder,step,decoder"  # INT8 graphs are per row and staged only
         try:
             parts = [int(b) for b in batch.split(",")]
         except ValueError:
@@ -510,9 +538,75 @@ def train(
 
 
 @app.command()
-def calibrate() -> None:
-    """INT8 calibration (not built yet)."""
-    fail(DeltaDiffError("dd-export calibrate is not built yet (INT8 Q/DQ calibration is planned)"))
+def calibrate(
+    model: Annotated[Path, typer.Option(help="Model directory with FP32 graphs (dd-export onnx).")],
+    data: Annotated[
+        Path,
+        typer.Option(help="Folder of LR images, or an x4 set with gt/ + lq/ (adds PSNR-Y vs HR)."),
+    ],
+    target: Annotated[
+        str,
+        typer.Option(help="onnxruntime (U8/S8 QDQ for its CPU kernels) | tensorrt (S8 symmetric)."),
+    ] = "onnxruntime",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="auto (measure all, keep the best) | minmax | percentile | entropy | mse"
+        ),
+    ] = "auto",
+    samples: Annotated[
+        int, typer.Option(help="Calibration images; the rest of --data is held out for the gate.")
+    ] = 4,
+    cache: Annotated[
+        Path | None, typer.Option(help="Ranges cache (JSON): reused if present, written if not.")
+    ] = None,
+    search: Annotated[
+        bool, typer.Option(help="Sensitivity search (keeps the fewest blocks FP32 for the gate).")
+    ] = True,
+    search_images: Annotated[int, typer.Option(help="Held-out images the search checks.")] = 4,
+    threads: Annotated[int, typer.Option(help="onnxruntime CPU threads (0: all).")] = 0,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """INT8 Q/DQ step graphs per row from real images; gate: >= 35 dB vs FP32 (and PSNR-Y vs HR
+    within 0.10 dB); exit 1 when the gate fails (graphs are then recorded as not usable)."""
+    setup_logging(verbose)
+    try:
+        from deltadiff.calibration.calibrate import CalibrateOptions
+        from deltadiff.calibration.calibrate import calibrate as run_calibrate
+
+        opts = CalibrateOptions(
+            model=model,
+            data=data,
+            target=target,
+            method=method,
+            samples=samples,
+            cache=cache,
+            threads=threads,
+            search=search,
+            search_images=search_images,
+        )
+        res = run_calibrate(opts, progress=typer.echo)
+        for k, g in res.records.items():
+            if k.startswith("step"):
+                q = g.quant
+                typer.echo(
+                    f"{k:<28} {g.file:<44} int8 nodes {q.get('int8_nodes', 0):>3}"
+                    + (
+                        f"  kept FP32: {', '.join(x['block'] for x in q.get('kept_fp32', []) if isinstance(x, dict) and 'block' in x)}"
+                        if isinstance(q.get("kept_fp32"), list)
+                        else ""
+                    )
+                )
+        typer.echo(f"report: {res.report_path} (+ .md)")
+        typer.echo(
+            ("PASS" if res.passed else "FAIL")
+            + f": INT8 ({res.target}, {res.method}) {res.score.line()}"
+            + ("" if res.passed else "; the graphs are recorded as not usable")
+        )
+    except DeltaDiffError as exc:
+        fail(exc)
+    if not res.passed:
+        raise typer.Exit(1)
 
 
 @app.command()

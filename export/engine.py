@@ -200,8 +200,22 @@ def build_engines(
     tc = tc_path.read_bytes() if tc_path.exists() else None
     engines = [e for e in m.engines]
     built: list[dict[str, Any]] = []
+    target = "tensorrt" if opts.precision == "int8" else None  # the TensorRT-style Q/DQ graphs
+    if target:
+        msg = m.int8_status(target)
+        if msg:
+            raise EngineError(
+                msg.replace("dd-export calibrate", "dd-export calibrate --target tensorrt")
+            )
+    graphs: list[str] = []
     for g in opts.graphs:
-        rec = m.graph(g, opts.precision)
+        rows = [f"{g}@{r.t}" for r in m.step_table.rows] if g == "step" else [g]
+        for name in rows:  # per-row graphs (INT8) get an engine each; others resolve to one
+            name = m.resolve(name, opts.precision, target)
+            if name not in graphs:
+                graphs.append(name)
+    for g in graphs:
+        rec = m.graph(g, opts.precision, target)
         info = {
             "graph": g,
             "graph_sha256": rec.sha256,

@@ -267,8 +267,13 @@ def export_onnx(
     return manifest
 
 
-def add_fp16(model_dir: str | Path, *, slim: bool = True) -> Manifest:
+def add_fp16(
+    model_dir: str | Path, *, slim: bool = True, rules: dict[str, list[Any]] | None = None
+) -> Manifest:
     """Add FP16 graphs (FP32 islands, FP32 I/O) next to the FP32 ones: ``<graph>.fp16.onnx``.
+
+    ``rules``: graph name -> island rules replacing ``fp16_islands.json`` for that graph (the
+    list ``dd-export fp16 --auto-islands`` found).
 
     The FP16 unrolled graph is composed from the FP16 staged graphs, so the state between rows
     crosses each step boundary in FP32.
@@ -285,7 +290,7 @@ def add_fp16(model_dir: str | Path, *, slim: bool = True) -> Manifest:
     islands: dict[str, dict[str, int]] = {}
     for name in ("encoder", "step", "decoder"):
         src = onnx.load(str(out / m.graph(name).file))
-        staged[name], islands[name] = convert_to_fp16(src, name)
+        staged[name], islands[name] = convert_to_fp16(src, name, (rules or {}).get(name))
     models = dict(staged)
     if "unrolled" in m.graphs:
         un = compose_unrolled(staged["encoder"], staged["step"], staged["decoder"], m.step_table)

@@ -134,7 +134,14 @@ def verify(
         image = pipe.decode(pipe.run_steps(y, cond, tn, hook=keep)).numpy()
 
     with open_backend(backend, model_dir, m, precision=precision, threads=threads) as be:
-        graphs = {k.split(".")[0] for k, g in m.graphs.items() if g.precision == precision}
+        target = (
+            ("tensorrt" if backend == "tensorrt" else "onnxruntime") if precision == "int8" else ""
+        )
+        graphs = {
+            k.split(".")[0].split("@")[0]  # step@3.int8.onnxruntime -> step
+            for k, g in m.graphs.items()
+            if g.precision == precision and g.target == target
+        }
         if "encoder" in graphs:
             enc = be.run("encoder", {"lr": lr, **noise})
             for k in ("x", "y", "cond"):
@@ -148,9 +155,10 @@ def verify(
                     "t": r.t_input(),
                     "coef": r.coef(),
                 }
-                if "noise" in be.input_names("step"):
+                step_name = m.resolve(f"step@{r.t}", precision, target or None)
+                if "noise" in be.input_names(step_name):
                     feeds["noise"] = noise[r.noise] if r.noise in noise else np.zeros_like(x_in)
-                out = be.run("step", feeds)["x_next"]
+                out = be.run(step_name, feeds)["x_next"]  # the row's own graph (INT8)
                 report.stages.append(compare(ref[f"x_{r.t - 1}"], out, name=f"step t={r.t}"))
         if "decoder" in graphs:
             out = be.run("decoder", {"x": ref["x_-1"]})["image"]

@@ -223,7 +223,10 @@ def bench(
     ] = None,
     precision: Annotated[
         list[str] | None,
-        typer.Option("--precision", help="fp32 | fp16; repeatable (torch fp16 = CUDA autocast)."),
+        typer.Option(
+            "--precision",
+            help="fp32 | fp16 | int8; repeatable (torch fp16 = CUDA autocast; torch has no int8).",
+        ),
     ] = None,
     mode: Annotated[
         list[str] | None,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from deltadiff.errors import BackendError
-from deltadiff.options import DEFAULT_MODE, Mode, parse
+from deltadiff.options import DEFAULT_MODE, Backend, Mode, Precision, parse
 from deltadiff.runtime.backends import RuntimeBackend
 from deltadiff.runtime.manifest import Manifest
 
@@ -63,13 +63,17 @@ class Executor:
         x, y, cond = enc["x"], enc["y"], enc["cond"]
         if trace is not None:
             trace.update(x_T=x, y=y, cond=cond)
-        step_inputs = set(self.backend.input_names("step"))
+        # "step@t" names row t's own graph where the precision has one per row (INT8), else "step"
+        prec = getattr(self.backend, "precision", Precision.FP32)
+        target = "tensorrt" if getattr(self.backend, "name", "") == Backend.TENSORRT else None
+        names = {r.t: self.m.resolve(f"step@{r.t}", prec, target) for r in self.rows}
+        step_inputs = set(self.backend.input_names(names[self.rows[0].t]))
         for r in self.rows:
             feeds = {"x": x, "y": y, "cond": cond, "t": r.t_input(), "coef": r.coef()}
             if "noise" in step_inputs:
                 feeds["noise"] = noise[r.noise] if r.noise in noise else np.zeros_like(x)
             t0 = time.perf_counter()
-            x = self.backend.run("step", feeds)["x_next"]
+            x = self.backend.run(names[r.t], feeds)["x_next"]
             if on_stage:
                 on_stage(r.stage, time.perf_counter() - t0)
             if trace is not None:

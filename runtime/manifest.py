@@ -36,18 +36,39 @@ class TensorSpec:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
 
+INT8_TARGETS = ("onnxruntime", "tensorrt")  # Q/DQ layouts: ORT CPU (U8/S8) | TensorRT (S8 sym.)
+
+
+def graph_key(name: str, precision: str = "fp32", target: str | None = None) -> str:
+    """Manifest key of a graph: ``step`` (fp32), ``step.fp16``, ``step.int8.onnxruntime``;
+    a per-row graph is named ``step@3`` (row t = 3) -> ``step@3.int8.onnxruntime``."""
+    if precision == "fp32":
+        return name
+    if precision == "int8":
+        return f"{name}.int8.{target or INT8_TARGETS[0]}"
+    return f"{name}.{precision}"
+
+
 @dataclass(frozen=True)
 class GraphRecord:
     file: str
     sha256: str
     bytes: int
-    precision: str  # fp32 | fp16
+    precision: str  # fp32 | fp16 | int8
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     fp32_islands: tuple[str, ...] = ()
+    # int8 only: the Q/DQ layout's target and the calibration record (method, images,
+    # excluded nodes and why, fidelity, ``usable`` = passed the gate)
+    target: str = ""
+    quant: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def usable(self) -> bool:
+        return bool(self.quant.get("usable", True))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "file": self.file,
             "sha256": self.sha256,
             "bytes": self.bytes,
@@ -56,6 +77,11 @@ class GraphRecord:
             "outputs": [s.to_dict() for s in self.outputs],
             "fp32_islands": list(self.fp32_islands),
         }
+        if self.target:
+            d["target"] = self.target
+        if self.quant:
+            d["quant"] = self.quant
+        return d
 
 
 @dataclass(frozen=True)
@@ -89,21 +115,49 @@ class Manifest:
         h, w = lr_hw or self.tile
         return (h, w) if self.latent else (4 * h, 4 * w)
 
-    def graph(self, name: str, precision: Precision | str = Precision.FP32) -> GraphRecord:
-        key = name if precision == Precision.FP32 else f"{name}.{precision}"
-        rec = self.graphs.get(key)
+    def graph(
+        self, name: str, precision: Precision | str = Precision.FP32, target: str | None = None
+    ) -> GraphRecord:
+        """The record of graph ``name`` (``step@3``: row t = 3's own graph if the precision has
+        per-row graphs, else the shared ``step``)."""
+        rec = self.graphs.get(graph_key(name, precision, target))
+        if rec is None and "@" in name:
+            rec = self.graphs.get(graph_key(name.split("@")[0], precision, target))
         if rec is None:
             have = ", ".join(sorted(self.graphs)) or "none"
-            hint = {Precision.FP16: "dd-export fp16", Precision.INT8: "dd-export calibrate"}.get(
-                Precision(precision), "dd-export onnx"
+            hint = {Precision.FP32: "dd-export onnx", Precision.FP16: "dd-export fp16"}.get(
+                Precision(precision), "dd-export calibrate"
             )
             raise ManifestError(
                 f"the model has no {precision} {name} graph (has: {have}); create it with {hint}"
             )
         return rec
 
+    def resolve(self, name: str, precision: str = "fp32", target: str | None = None) -> str:
+        """``step@3`` if row 3 has its own graph at this precision, else ``step``."""
+        if "@" in name and graph_key(name, precision, target) not in self.graphs:
+            return name.split("@")[0]
+        return name
+
     def precisions(self) -> list[str]:
-        return sorted({g.precision for g in self.graphs.values()})
+        """Precisions with graphs to run (INT8 only once its calibration passed the gate)."""
+        return sorted({g.precision for g in self.graphs.values() if g.usable})
+
+    def int8_status(self, target: str | None = None) -> str | None:
+        """None if usable INT8 graphs exist for ``target``; else why not, with the fix."""
+        recs = [
+            g
+            for g in self.graphs.values()
+            if g.precision == "int8" and g.target == (target or INT8_TARGETS[0])
+        ]
+        if not recs:
+            return "this model has no INT8 graphs; make them with dd-export calibrate"
+        if not all(g.usable for g in recs):
+            return (
+                "this model's INT8 graphs failed the calibration gate; re-run dd-export "
+                "calibrate (more images, another --method) or use --precision fp32"
+            )
+        return None
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -138,6 +192,8 @@ class Manifest:
                 inputs=tuple(_spec(s, f"{w}.inputs") for s in _field(g, "inputs", list, w)),
                 outputs=tuple(_spec(s, f"{w}.outputs") for s in _field(g, "outputs", list, w)),
                 fp32_islands=tuple(g.get("fp32_islands", [])),
+                target=str(g.get("target", "")),
+                quant=dict(g.get("quant", {})) if isinstance(g.get("quant", {}), dict) else {},
             )
         st = _field(d, "step_table", dict, where)
         rows = _field(st, "rows", list, f"{where}: step_table")

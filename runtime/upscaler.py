@@ -77,7 +77,11 @@ class Upscaler:
         self.opts = opts = opts or UpscaleOptions()
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.m: Manifest = load_manifest(self.model_dir, check_hashes=False)
-        if opts.precision not in self.m.precisions():
+        if opts.precision == "int8":
+            why = self.m.int8_status("tensorrt" if opts.backend == "tensorrt" else "onnxruntime")
+            if why:
+                raise DeltaDiffError(f"--precision int8: {why}")
+        elif opts.precision not in self.m.precisions():
             raise DeltaDiffError(
                 f"--precision {opts.precision}: this model has {', '.join(self.m.precisions())} graphs"
                 + {

@@ -1,7 +1,14 @@
 """Bundle the trained demo model: weights in the upstream trainer layout + safetensors under
-weights/demo-pixel/, exported graphs + manifest under runtime/models/demo-pixel/ (package data).
+weights/demo-pixel/, exported graphs + manifest under runtime/models/demo-pixel/ (package data),
+then the INT8 graphs (calibrated on 4 validation images, gated on the other 12).
 
     python scripts/bundle_demo.py --run runs/demo --iters 3500 --rule posterior --tile 68
+
+Only the INT8 step (after a re-export, e.g. with dynamic shapes):
+
+    python scripts/bundle_demo.py --int8-only
+    (= dd-export calibrate --model runtime/models/demo-pixel --data ../shared/data/val-bicubic-x4
+       --samples 4 --threads 2)
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from deltadiff.calibration.calibrate import CalibrateOptions, calibrate
 from deltadiff.export.graphs import TileShape
 from deltadiff.export.onnx_export import ExportOptions, add_fp16, export_onnx
 from deltadiff.export.verify import verify
@@ -32,8 +40,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", type=Path, required=True, help="trainer run directory")
-    ap.add_argument("--iters", type=int, required=True, help="which EMA checkpoint")
+    ap.add_argument("--run", type=Path, help="trainer run directory")
+    ap.add_argument("--iters", type=int, help="which EMA checkpoint")
+    ap.add_argument(
+        "--int8-data",
+        type=Path,
+        default=REPO.parent / "shared" / "data" / "val-bicubic-x4",
+        help="gt/ + lq/ set: 4 images calibrate, the rest gate the INT8 graphs",
+    )
+    ap.add_argument("--int8-only", action="store_true", help="only (re)calibrate the INT8 graphs")
     ap.add_argument(
         "--rule",
         default="x0",
@@ -43,9 +58,23 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=4)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    wdir = REPO / "weights" / "demo-pixel"
     mdir = REPO / "runtime" / "models" / "demo-pixel"
+    if not args.int8_only:
+        if args.run is None or args.iters is None:
+            ap.error("--run and --iters are required (or pass --int8-only)")
+        bundle(args, mdir)
+    res = calibrate(
+        CalibrateOptions(model=mdir, data=args.int8_data, samples=4, threads=2),
+        progress=print,
+    )
+    print("int8", res.score.line(), "PASS" if res.passed else "FAIL")
+    print(json.dumps({p.name: p.stat().st_size for p in sorted(mdir.iterdir())}, indent=1))
+    if not res.passed:
+        raise SystemExit(1)
+
+
+def bundle(args: argparse.Namespace, mdir: Path) -> None:
+    wdir = REPO / "weights" / "demo-pixel"
     wdir.mkdir(parents=True, exist_ok=True)
     ema = canonicalize(read_weights(args.run / "ema_ckpts" / f"ema_model_{args.iters}.pth"))
     cfg = from_upstream_yaml(args.run / "config.yaml").replace(
@@ -94,7 +123,6 @@ def main() -> None:
             "dB",
             "PASS" if rep.passed else "FAIL",
         )
-    print(json.dumps({p.name: p.stat().st_size for p in sorted(mdir.iterdir())}, indent=1))
 
 
 if __name__ == "__main__":

@@ -53,9 +53,9 @@ class OrtBackend:
         self._sessions: dict[str, Any] = {}
 
     def session(self, graph: str) -> Any:
-        s = self._sessions.get(graph)
+        rec = self.manifest.graph(graph, self.precision)
+        s = self._sessions.get(rec.file)  # per-row names share a file when there is one graph
         if s is None:
-            rec = self.manifest.graph(graph, self.precision)
             so = self.ort.SessionOptions()
             so.log_severity_level = 3
             so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -69,7 +69,7 @@ class OrtBackend:
             except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise BackendError(f"onnxruntime cannot load {path.name}: {first}") from None
-            self._sessions[graph] = s
+            self._sessions[rec.file] = s
         return s
 
     def input_names(self, graph: str) -> list[str]:

@@ -208,7 +208,8 @@ class _Chain:
             self.launches.append((eng, ctx, {**self.dev_in, "image": img}))
             last = eng
         else:
-            enc, step, dec = be.engine("encoder"), be.engine("step"), be.engine("decoder")
+            first = m.resolve(f"step@{m.step_table.rows[0].t}", be.precision, be._target())
+            enc, step, dec = be.engine("encoder"), be.engine(first), be.engine("decoder")
             ectx, sctx, dctx = enc.context(), step.context(), dec.context()
             e_in = {
                 "lr": lr_shape,
@@ -244,8 +245,16 @@ class _Chain:
             s_out = step.set_shapes(sctx, s_in)
             step.expect({"x_next": (s_out["x_next"], e_out["x"])})
             xa, xb = buf["x"], x_b
+            row_ctx = {first: (step, sctx)}
             for r in m.step_table.rows:
                 t = r.t
+                name = m.resolve(f"step@{t}", be.precision, be._target())  # INT8: per-row graphs
+                if name not in row_ctx:
+                    eng_r = be.engine(name)
+                    ctx_r = eng_r.context()
+                    eng_r.set_shapes(ctx_r, s_in)
+                    row_ctx[name] = (eng_r, ctx_r)
+                step, sctx = row_ctx[name]
                 addr = {
                     "x": xa,
                     "y": buf["y"],
@@ -392,7 +401,11 @@ class TrtBackend:
         flavours = {e["flavour"] for e in self.m.engines if e.get("precision") == self.precision}
         return flavours.pop() if len(flavours) == 1 else None
 
+    def _target(self) -> str | None:
+        return "tensorrt" if self.precision == "int8" else None
+
     def engine(self, graph: str) -> _Engine:
+        graph = self.m.resolve(graph, self.precision, self._target())
         if graph in self._engines:
             return self._engines[graph]
         recs = [
@@ -410,7 +423,7 @@ class TrtBackend:
         rec = recs[-1]
         check_engine_record(
             rec,
-            graph_sha256=self.m.graph(graph, self.precision).sha256,
+            graph_sha256=self.m.graph(graph, self.precision, self._target()).sha256,
             flavour=self.flavour,
             version=str(self.trt.__version__),
             device=self.device,
@@ -425,7 +438,7 @@ class TrtBackend:
         return eng
 
     def input_names(self, graph: str) -> list[str]:
-        return [s.name for s in self.m.graph(graph, self.precision).inputs]
+        return [s.name for s in self.m.graph(graph, self.precision, self._target()).inputs]
 
     # ------------------------------------------------------------------ memory helpers
     def copy(self, dst: int, src: int, nbytes: int, *, to_device: bool) -> None:
@@ -454,7 +467,8 @@ class TrtBackend:
     # ------------------------------------------------------------------ one graph call
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One engine call with host arrays (verification, per-stage benchmarks)."""
-        rec = self.m.graph(graph, self.precision)
+        graph = self.m.resolve(graph, self.precision, self._target())
+        rec = self.m.graph(graph, self.precision, self._target())
         feeds = {s.name: feeds[s.name] for s in rec.inputs if s.name in feeds}
         check_feeds(graph, rec.inputs, feeds)
         eng = self.engine(graph)

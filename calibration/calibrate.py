@@ -1,0 +1,514 @@
+"""``dd-export calibrate``: FP32 model directory -> per-row INT8 step graphs that pass the gate.
+
+1. Data: real LR images run through the FP32 graphs; the step graph's inputs are captured at
+   all four rows (timestep-aware). Two passes collect per-row min/max and |x| histograms of
+   every Conv / MatMul activation; a ranges cache (JSON, keyed on the step graph's sha256)
+   lets a re-run with another method / target / search skip this data pass.
+2. Ranges: one set per row (the rows differ: t = 3 carries the largest residual), by the
+   chosen method; ``auto`` measures all four methods (teacher-forced step PSNR of the fully
+   quantized row graphs on held-out images) and keeps the best.
+3. Sensitivity search (``search.py``): cost of each (row, block) alone, then the fewest
+   most-costly units kept in FP32 until the gate holds on the search images.
+4. Gate on all held-out images (never calibration images): INT8 vs FP32 end to end >= 35 dB on
+   the worst image and, for paired data, PSNR-Y vs HR within 0.10 dB of FP32.
+5. Write: one graph per row (``step@3`` ...; a row with nothing quantized points at the FP32
+   file), the encoder / decoder records (FP32 files: no Conv worth quantizing), manifest records
+   with precision ``int8``, the target and the calibration record; a report (JSON + Markdown).
+   Graph files carry a content hash in their name and are written before the manifest is
+   swapped atomically, so an interrupted run leaves the model directory as it was; files the
+   new manifest no longer references are removed afterwards.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deltadiff.calibration import ranges as R
+from deltadiff.calibration.data import (
+    CalibrationDataError,
+    ImageSet,
+    fp32_trajectory,
+    load_images,
+    tiles,
+)
+from deltadiff.calibration.evaluate import MAX_HR_DROP_DB, MIN_E2E_DB, Evaluator, Score
+from deltadiff.calibration.qdq import TARGETS, quantizable_nodes, quantized_nodes
+from deltadiff.calibration.search import PlanBuilder, greedy, node_blocks, sensitivity
+from deltadiff.calibration.trt_check import culprits, rtx_available, rtx_builds
+from deltadiff.errors import DeltaDiffError, ManifestError
+from deltadiff.runtime.atomic import write_bytes_atomic, write_text_atomic
+from deltadiff.runtime.manifest import (
+    INT8_TARGETS,
+    GraphRecord,
+    Manifest,
+    graph_key,
+    load_manifest,
+    save_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+STAGED = ("encoder", "step", "decoder")
+METHOD_CHOICES = ("auto", *R.METHODS)
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    model: Path
+    data: Path
+    target: str = "onnxruntime"
+    method: str = "auto"
+    samples: int = 4
+    cache: Path | None = None
+    threads: int = 0
+    search: bool = True
+    sens_images: int = 2  # images for the per-unit step costs
+    search_images: int = 4  # held-out images the greedy search checks (the gate uses all)
+    margin_db: float = 0.02  # the search aims this much inside the PSNR-Y gate
+    min_e2e_db: float = MIN_E2E_DB
+    max_drop_db: float = MAX_HR_DROP_DB
+    tensorrt_fp32: tuple[str, ...] = ()  # node names kept FP32 for the TensorRT target
+    rtx_check: bool = True  # TensorRT target: TensorRT-RTX must build each row graph (if installed)
+
+
+@dataclass
+class CalibrationResult:
+    passed: bool
+    score: Score
+    method: str
+    target: str
+    records: dict[str, GraphRecord]
+    report: dict[str, Any]
+    report_path: Path | None = None
+    data_pass: bool = True  # False when the ranges came from the cache
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _check_fp32(model_dir: Path) -> Manifest:
+    m = load_manifest(model_dir)
+    missing = [g for g in STAGED if g not in m.graphs or m.graphs[g].precision != "fp32"]
+    if missing:
+        raise ManifestError(
+            f"{model_dir} has no FP32 {', '.join(missing)} graph(s) to calibrate; export them "
+            "first with dd-export onnx"
+        )
+    return m
+
+
+def _step_feeds(
+    model_dir: Path, m: Manifest, images: ImageSet, threads: int, names: list[str]
+) -> dict[int, list]:
+    lr = tiles(m, images.calib)
+    bmax = max(1, m.batch[1])
+    feeds: dict[int, list] = {r.t: [] for r in m.step_table.rows}
+    for i in range(0, lr.shape[0], bmax):
+        tr = fp32_trajectory(model_dir, m, lr[i : i + bmax], threads=threads)
+        for r in m.step_table.rows:
+            f = tr.feeds(m, r, names)
+            for j in range(tr.lr.shape[0]):  # batch 1 per run: bounded memory
+                feeds[r.t].append({k: (v[j : j + 1] if v.ndim == 4 else v) for k, v in f.items()})
+    return feeds
+
+
+def compare_methods(
+    ev: Evaluator, model: Any, stats: dict, rows: list[int], blocks: dict, target: str, images: int
+) -> list[dict[str, Any]]:
+    """Teacher-forced step PSNR of each method's fully quantized row graphs."""
+    out = []
+    for meth in R.METHODS:
+        rng = {t: R.row_ranges(stats, meth, t) for t in rows}
+        pb = PlanBuilder(target, model, rng, blocks)
+        per = {}
+        for t in rows:
+            mse = ev.step_mse(t, pb.graph(t, pb.nodes(t, set())), images)
+            per[t] = 10 * math.log10(1 / mse) if mse > 0 else math.inf
+        out.append(
+            {
+                "method": meth,
+                "step_db": {str(t): round(v, 2) for t, v in per.items()},
+                "mean_db": round(float(np.mean(list(per.values()))), 2),
+                "min_db": round(min(per.values()), 2),
+            }
+        )
+        log.info("range method %-10s step PSNR per row %s", meth, out[-1]["step_db"])
+    return out
+
+
+def calibrate(
+    opts: CalibrateOptions,
+    *,
+    on_feed: Callable[[], None] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> CalibrationResult:
+    import onnx
+
+    say = progress or log.info
+    if opts.target not in TARGETS:
+        raise DeltaDiffError(f"--target {opts.target!r}: choose one of {', '.join(TARGETS)}")
+    if opts.method not in METHOD_CHOICES:
+        raise DeltaDiffError(f"--method {opts.method!r}: choose one of {', '.join(METHOD_CHOICES)}")
+    model_dir = Path(opts.model)
+    m = _check_fp32(model_dir)
+    step_rec = m.graph("step")
+    model = onnx.load(str(model_dir / step_rec.file))
+    names = [i.name for i in model.graph.input]
+    rows = [r.t for r in m.step_table.rows]
+    times: dict[str, float] = {}
+
+    # ---- data: cache or a pass over the calibration images
+    t0 = time.perf_counter()
+    images = load_images(opts.data, opts.samples)
+    calib_hashes = sorted(im.sha256 for im in images.calib)
+    data_pass = True
+    if opts.cache is not None and Path(opts.cache).exists():
+        stats, meta = R.load_cache(Path(opts.cache), step_rec.sha256)
+        data_pass = False
+        calib_hashes = list(meta.get("calibration_images", []))
+        # the gate must never see a calibration image: hold out what the cache did not use
+        every = images.calib + images.held_out
+        held = [im for im in every if im.sha256 not in set(calib_hashes)]
+        if len(held) < 2:
+            raise CalibrationDataError(
+                f"--data {opts.data} has fewer than 2 images the cached calibration did not use; "
+                "add held-out images or delete the cache"
+            )
+        images = ImageSet(images.folder, [], held, images.paired)
+        say(
+            f"ranges from cache {opts.cache} (no data pass; {len(calib_hashes)} calibration images)"
+        )
+    else:
+        say(f"data pass: {len(images.calib)} images x {len(rows)} rows through the FP32 graphs")
+        feeds = _step_feeds(model_dir, m, images, opts.threads, names)
+        stats = R.collect(model, feeds, threads=opts.threads, on_feed=on_feed)
+        if opts.cache is not None:
+            R.save_cache(
+                Path(opts.cache),
+                step_rec.sha256,
+                stats,
+                model=m.name,
+                calibration_images=calib_hashes,
+                created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            )
+    times["data"] = time.perf_counter() - t0
+    images_sha = hashlib.sha256("".join(calib_hashes).encode()).hexdigest()
+
+    # ---- held-out FP32 trajectories
+    t0 = time.perf_counter()
+    ev = Evaluator(model_dir, m, images.held_out, threads=opts.threads)
+    times["fp32_reference"] = time.perf_counter() - t0
+    blocks = node_blocks(model)
+    sens_n = max(1, min(opts.sens_images, len(images.held_out), m.batch[1]))
+    search_n = max(1, min(opts.search_images, len(images.held_out)))
+
+    # ---- range method
+    t0 = time.perf_counter()
+    methods_table: list[dict[str, Any]] = []
+    method = opts.method
+    if method == "auto":
+        methods_table = compare_methods(ev, model, stats, rows, blocks, opts.target, sens_n)
+        method = max(methods_table, key=lambda r: r["mean_db"])["method"]
+        say(f"range method: {method} (best mean step PSNR over the rows of {', '.join(R.METHODS)})")
+    times["methods"] = time.perf_counter() - t0
+    ranges = {t: R.row_ranges(stats, method, t) for t in rows}
+    fixed = set(opts.tensorrt_fp32) if opts.target == "tensorrt" else set()
+    pb = PlanBuilder(opts.target, model, ranges, blocks, fixed_exclude=fixed)
+
+    # ---- sensitivity search
+    t0 = time.perf_counter()
+    table, row_table, trail = [], [], []
+    order: list[tuple[int, str]] = []
+    keep = 0
+
+    def ok_search(s: Score) -> bool:
+        return s.passes(opts.min_e2e_db, opts.max_drop_db - opts.margin_db)
+
+    def ok_gate(s: Score) -> bool:
+        return s.passes(opts.min_e2e_db, opts.max_drop_db)
+
+    if opts.search:
+        # a row that alone keeps the gate with 4x margin stays one unit; the others are split
+        table, row_table = sensitivity(
+            ev,
+            pb,
+            rows,
+            images=sens_n,
+            refine=lambda sc: not sc.passes(opts.min_e2e_db, opts.max_drop_db / 4),
+        )
+        for r in table:
+            say(f"  cost  t={r['row']}  {r['block']:<16} est. end to end {r['est_e2e_db']:7.2f} dB")
+        order = [(r["row"], r["block"]) for r in table]
+        keep, _ = greedy(ev, pb, rows, order, ok_search, limit=search_n, trail=trail)
+    times["search"] = time.perf_counter() - t0
+
+    # ---- the gate, on every held-out image
+    t0 = time.perf_counter()
+    while True:
+        plan = pb.plan(rows, set(order[:keep]))
+        score = ev.score(plan)
+        trail.append(
+            {"keep_fp32": keep, "images": len(score.per_image_db), "gate": True, **score.to_dict()}
+        )
+        say(f"gate ({len(score.per_image_db)} held-out images, {keep} units FP32): {score.line()}")
+        if ok_gate(score) or keep >= len(order):
+            break
+        keep += 1
+    times["gate"] = time.perf_counter() - t0
+    passed = ok_gate(score)
+    excluded = order[:keep]
+    rtx: dict[str, Any] = {}
+    if opts.target == "tensorrt" and opts.rtx_check and passed and rtx_available():
+        t0 = time.perf_counter()
+        bad: set[str] = set()
+        for t, blob in plan.items():
+            if blob is None:
+                continue
+            if rtx_builds(blob, step_rec.inputs):
+                rtx[str(t)] = "builds"
+                continue
+            nodes = pb.nodes(t, set(excluded))
+            found = culprits(
+                nodes, lambda ns, t=t: rtx_builds(pb.graph(t, ns) or b"", step_rec.inputs)
+            )
+            rtx[str(t)] = {"kept_fp32": found}
+            bad |= set(found)
+        if bad:  # keep them FP32 for this target and gate again
+            fixed |= bad
+            pb = PlanBuilder(opts.target, model, ranges, blocks, fixed_exclude=fixed)
+            plan = pb.plan(rows, set(excluded))
+            score = ev.score(plan)
+            passed = ok_gate(score)
+            say(f"gate after keeping {len(bad)} TensorRT-rejected nodes FP32: {score.line()}")
+        say(f"TensorRT-RTX build check of the row graphs: {rtx}")
+        times["rtx_check"] = time.perf_counter() - t0
+
+    # ---- write graphs + manifest (atomically) and the report
+    rel = _write(
+        model_dir,
+        m,
+        opts,
+        plan=plan,
+        method=method,
+        excluded=excluded,
+        table=table,
+        score=score,
+        passed=passed,
+        images=(len(calib_hashes), images_sha, len(images.held_out)),
+        blocks=blocks,
+        fixed=fixed,
+    )
+    report = {
+        "kind": "deltadiff-int8-calibration",
+        "model": m.name,
+        "target": opts.target,
+        "passed": passed,
+        "gate": {
+            "min_e2e_db": opts.min_e2e_db,
+            "max_psnr_y_drop_db": opts.max_drop_db,
+            "held_out_images": len(images.held_out),
+            **score.to_dict(),
+        },
+        "method": method,
+        "methods": methods_table,
+        "calibration_images": {
+            "count": len(calib_hashes),
+            "sha256": images_sha,
+            "files": calib_hashes,
+        },
+        "data_pass": data_pass,
+        "rows": row_table,
+        "sensitivity": table,
+        "kept_fp32": [{"row": t, "block": b, "nodes": blocks.get(b, "all")} for t, b in excluded],
+        "tensorrt_fp32_nodes": sorted(fixed),
+        "tensorrt_rtx_check": rtx or None,
+        "search_trail": trail,
+        "spread": R.spread_table(stats),
+        "seconds": {k: round(v, 1) for k, v in times.items()},
+        "graphs": {k: g.file for k, g in rel.items()},
+    }
+    rpath = model_dir / f"int8-report.{opts.target}.json"
+    write_text_atomic(rpath, json.dumps(report, indent=1) + "\n")
+    write_text_atomic(rpath.with_suffix(".md"), report_markdown(report))
+    return CalibrationResult(
+        passed, score, method, opts.target, rel, report, rpath, data_pass, times
+    )
+
+
+def _write(
+    model_dir: Path,
+    m: Manifest,
+    opts: CalibrateOptions,
+    *,
+    plan: dict[int, bytes | None],
+    method: str,
+    excluded: list[tuple[int, str]],
+    table: list[dict[str, Any]],
+    score: Score,
+    passed: bool,
+    images: tuple[int, str, int],
+    blocks: dict[str, list[str]],
+    fixed: set[str],
+) -> dict[str, GraphRecord]:
+    import onnx
+
+    target = opts.target
+    n_img, sha_img, n_held = images
+    common = {
+        "method": method,
+        "calibration_images": {"count": n_img, "sha256": sha_img},
+        "held_out_images": n_held,
+        "usable": passed,
+        "gate": score.to_dict() | {"passed": passed},
+        "report": f"int8-report.{target}.json",
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    new: dict[str, GraphRecord] = {}
+    written: list[str] = []
+    for g in ("encoder", "decoder"):
+        src = m.graph(g)
+        new[graph_key(g, "int8", target)] = replace(
+            src,
+            precision="int8",
+            target=target,
+            quant={**common, "int8_nodes": 0, "why": "no Conv/MatMul worth quantizing: FP32"},
+        )
+    step = m.graph("step")
+    cand = quantizable_nodes(onnx.load(str(model_dir / step.file)))
+    for t, blob in plan.items():
+        key = graph_key(f"step@{t}", "int8", target)
+        kept = [
+            {"block": b, "why": f"sensitivity: costs most when quantized at t={t}"}
+            for (r, b) in excluded
+            if r == t
+        ]
+        if fixed:
+            kept.append(
+                {"nodes": sorted(fixed), "why": "TensorRT-RTX Myelin rejects these Q/DQ patterns"}
+            )
+        if blob is None:
+            new[key] = replace(
+                step,
+                precision="int8",
+                target=target,
+                quant={
+                    **common,
+                    "row": t,
+                    "int8_nodes": 0,
+                    "kept_fp32": kept or "all",
+                    "why": "row kept FP32 by the search",
+                },
+            )
+            continue
+        digest = hashlib.sha256(blob).hexdigest()
+        file = f"step@{t}.int8.{target}.{digest[:10]}.onnx"
+        if not (model_dir / file).exists():
+            write_bytes_atomic(model_dir / file, blob)
+        written.append(file)
+        n_int8 = len(quantized_nodes(onnx.load_from_string(blob)))
+        new[key] = replace(
+            step,
+            file=file,
+            sha256=digest,
+            bytes=len(blob),
+            precision="int8",
+            target=target,
+            quant={
+                **common,
+                "row": t,
+                "int8_nodes": n_int8,
+                "candidates": len(cand),
+                "kept_fp32": kept,
+            },
+        )
+    graphs = {
+        k: g
+        for k, g in m.graphs.items()
+        if not (g.precision == "int8" and (g.target or INT8_TARGETS[0]) == target)
+    }
+    graphs.update(new)
+    stale_engines = [
+        e
+        for e in m.engines
+        if not (e.get("precision") == "int8" and e.get("flavour") and target == "tensorrt")
+    ]
+    m2 = replace(m, graphs=graphs, engines=stale_engines)
+    save_manifest(model_dir, m2)  # the swap: from here on the new graphs are the model's
+    referenced = {g.file for g in graphs.values()}
+    for p in model_dir.glob(f"step@*.int8.{target}.*.onnx"):
+        if p.name not in referenced:
+            p.unlink(missing_ok=True)
+    return new
+
+
+def report_markdown(rep: dict[str, Any]) -> str:
+    g = rep["gate"]
+    lines = [
+        f"# INT8 calibration: {rep['model']} ({rep['target']})",
+        "",
+        f"**Gate {'PASSED' if rep['passed'] else 'FAILED'}** on {g['held_out_images']} held-out images "
+        f"(never used for calibration): end to end vs FP32 worst {g['e2e_vs_fp32_min_db']} dB "
+        f"(mean {g['e2e_vs_fp32_mean_db']}, min {g['min_e2e_db']})"
+        + (
+            f"; PSNR-Y vs HR {g['psnr_y_hr_db']} dB vs FP32 {g['psnr_y_hr_fp32_db']} dB "
+            f"(delta {g['psnr_y_hr_delta_db']:+.4f}, limit -{g['max_psnr_y_drop_db']})"
+            if g.get("psnr_y_hr_delta_db") is not None
+            else "; no HR pairs (PSNR-Y gate not run)"
+        ),
+        "",
+        f"Range method: **{rep['method']}**; calibration images: {rep['calibration_images']['count']} "
+        f"(sha256 {rep['calibration_images']['sha256'][:12]}…); data pass: {rep['data_pass']}.",
+        "",
+    ]
+    if rep["methods"]:
+        lines += [
+            "| method | step PSNR per row (t=3,2,1,0), dB | worst | mean |",
+            "|---|---|---:|---:|",
+        ]
+        for r in rep["methods"]:
+            lines.append(
+                f"| {r['method']} | {' / '.join(str(v) for v in r['step_db'].values())} | {r['min_db']} | {r['mean_db']} |"
+            )
+        lines.append("")
+    if rep["rows"]:
+        lines += [
+            "| row quantized alone | step PSNR | end to end vs FP32 | PSNR-Y delta |",
+            "|---|---:|---:|---:|",
+        ]
+        for r in rep["rows"]:
+            lines.append(
+                f"| t={r['row']} | {r['step_db']} dB | {r['e2e_db']} dB | {r.get('psnr_y_hr_delta_db', '')} |"
+            )
+        lines.append("")
+    if rep["sensitivity"]:
+        kept = {(k["row"], k["block"]) for k in rep["kept_fp32"]}
+        lines += [
+            "| row | block | nodes | est. end to end when alone INT8 | kept FP32 |",
+            "|---|---|---:|---:|---|",
+        ]
+        for r in rep["sensitivity"]:
+            blk = "whole row" if r["block"] == "*" else r["block"]
+            lines.append(
+                f"| t={r['row']} | {blk} | {r['nodes']} | {r['est_e2e_db']} dB | {'yes' if (r['row'], r['block']) in kept else ''} |"
+            )
+        lines.append("")
+    if rep["search_trail"]:
+        lines += [
+            "| units kept FP32 | images | e2e worst | PSNR-Y delta |",
+            "|---:|---:|---:|---:|",
+        ]
+        for r in rep["search_trail"]:
+            lines.append(
+                f"| {r['keep_fp32']} | {r['images']} | {r['e2e_vs_fp32_min_db']} | {r.get('psnr_y_hr_delta_db')} |"
+            )
+        lines.append("")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,200 @@
+"""End-to-end fidelity of a per-row plan of step graphs against the FP32 chain (the gate).
+
+A *plan* maps each row t of the step table to a step graph (a serialized ONNX model) or to None
+(the FP32 graph). The FP32 trajectories of the held-out images are computed once; a plan is run
+from the first row it changes (the rows before it are the cached FP32 states), then decoded.
+
+Gate (every calibrate run):
+    end to end vs FP32   >= 35 dB, on the worst held-out image (PSNR on [0, 1] RGB)
+    PSNR-Y vs HR         within 0.10 dB of FP32 (mean over the held-out pairs), when paired
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deltadiff.calibration.data import Image, Trajectory, fp32_trajectory, tiles
+from deltadiff.runtime.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+MIN_E2E_DB = 35.0
+MAX_HR_DROP_DB = 0.10
+MAX_SESSIONS = 6  # a plan uses at most one per row; each holds its own buffers
+
+
+@dataclass
+class Score:
+    e2e_min_db: float  # worst image, INT8 vs FP32 output
+    e2e_mean_db: float
+    hr_db: float | None = None  # mean PSNR-Y vs HR of this plan
+    hr_fp32_db: float | None = None  # ... and of FP32 on the same images
+    per_image_db: list[float] = field(default_factory=list)
+
+    @property
+    def hr_delta(self) -> float | None:
+        if self.hr_db is None or self.hr_fp32_db is None:
+            return None
+        return self.hr_db - self.hr_fp32_db
+
+    def passes(self, min_e2e: float = MIN_E2E_DB, max_drop: float = MAX_HR_DROP_DB) -> bool:
+        ok = self.e2e_min_db >= min_e2e
+        if self.hr_delta is not None:
+            ok = ok and self.hr_delta >= -max_drop
+        return ok
+
+    def line(self) -> str:
+        s = f"e2e vs FP32 min {self.e2e_min_db:.2f} dB (mean {self.e2e_mean_db:.2f})"
+        if self.hr_delta is not None:
+            s += f", PSNR-Y vs HR {self.hr_db:.3f} dB ({self.hr_delta:+.3f} vs FP32)"
+        return s
+
+    def to_dict(self) -> dict[str, Any]:
+        def r(v: float | None) -> float | None:
+            return None if v is None or not math.isfinite(v) else round(v, 4)
+
+        return {
+            "e2e_vs_fp32_min_db": r(self.e2e_min_db),
+            "e2e_vs_fp32_mean_db": r(self.e2e_mean_db),
+            "psnr_y_hr_db": r(self.hr_db),
+            "psnr_y_hr_fp32_db": r(self.hr_fp32_db),
+            "psnr_y_hr_delta_db": r(self.hr_delta),
+            "images": len(self.per_image_db),
+        }
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+class Evaluator:
+    """Held-out images, their FP32 trajectories, and plan scoring (sessions cached by hash)."""
+
+    def __init__(
+        self, model_dir: Path, m: Manifest, images: list[Image], *, threads: int = 0
+    ) -> None:
+        import onnxruntime as ort
+
+        self.ort = ort
+        self.model_dir, self.m, self.images, self.threads = model_dir, m, images, threads
+        self.rows = m.step_table.rows
+        bmax = max(1, m.batch[1])
+        lr = tiles(m, images)
+        self.batches: list[tuple[slice, Trajectory]] = []
+        for i in range(0, len(images), bmax):
+            sl = slice(i, min(len(images), i + bmax))
+            self.batches.append((sl, fp32_trajectory(model_dir, m, lr[sl], threads=threads)))
+        self._sessions: dict[str, Any] = {}
+        self._fp32 = {
+            g: self._session((model_dir / m.graph(g).file).read_bytes())
+            for g in ("step", "decoder")
+        }
+        self._sessions.clear()  # the FP32 sessions are held in _fp32, outside the LRU
+        self.step_inputs = [i.name for i in self._fp32["step"].get_inputs()]
+        self.fp32_images = np.concatenate([t.image for _, t in self.batches])
+        self.hr_fp32 = self._hr_scores(self.fp32_images)
+        self.runs = 0
+
+    def _session(self, blob: bytes) -> Any:
+        key = hashlib.sha256(blob).hexdigest()
+        s = self._sessions.get(key)
+        if s is None:
+            so = self.ort.SessionOptions()
+            so.log_severity_level = 3
+            so.enable_cpu_mem_arena = False  # many sessions live here: give memory back
+            if self.threads:
+                so.intra_op_num_threads = self.threads
+                so.inter_op_num_threads = 1
+            s = self.ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+            while len(self._sessions) >= MAX_SESSIONS:  # oldest first (dicts keep order)
+                self._sessions.pop(next(iter(self._sessions)))
+            self._sessions[key] = s
+        return s
+
+    def _crop(self, img: np.ndarray, im: Image) -> np.ndarray:
+        """The output region of the image itself (the tile may be reflect-padded)."""
+        h, w = im.lr.shape[1:]
+        th, tw = self.m.tile
+        s = self.m.scale
+        if h <= th and w <= tw:
+            return img[:, : s * h, : s * w]
+        return img
+
+    def _hr_scores(self, outs: np.ndarray, images: list[Image] | None = None) -> list[float] | None:
+        from deltadiff.benchmarks.quality import psnr_y
+
+        images = self.images if images is None else images
+        if any(im.hr is None for im in images):
+            return None
+        th, tw = self.m.tile
+        out = []
+        for im, img in zip(images, outs, strict=True):
+            h, w = im.lr.shape[1:]
+            if h > th or w > tw:
+                return None  # centre-cropped tiles have no HR counterpart here
+            out.append(psnr_y(self._crop(img, im).transpose(1, 2, 0), im.hr))
+        return out
+
+    def run(self, plan: dict[int, bytes | None], limit: int | None = None) -> np.ndarray:
+        """Outputs (N, 3, H, W) of the chain with ``plan``'s step graph at each row
+        (``limit``: only the first ``limit`` images, for the search)."""
+        n = len(self.images) if limit is None else min(limit, len(self.images))
+        changed = [i for i, r in enumerate(self.rows) if plan.get(r.t) is not None]
+        if not changed:
+            return self.fp32_images[:n]
+        first = changed[0]
+        outs = []
+        for sl, tr in self.batches:
+            if sl.start >= n:
+                break
+            k = min(sl.stop, n) - sl.start
+            x = tr.x[self.rows[first].t][:k]
+            for r in self.rows[first:]:
+                blob = plan.get(r.t)
+                sess = self._fp32["step"] if blob is None else self._session(blob)
+                feeds = {
+                    a: (v[:k] if v.ndim == 4 else v)
+                    for a, v in tr.feeds(self.m, r, self.step_inputs).items()
+                }
+                feeds["x"] = x
+                x = sess.run(["x_next"], feeds)[0]
+            outs.append(self._fp32["decoder"].run(["image"], {"x": x})[0])
+        self.runs += 1
+        return np.concatenate(outs)
+
+    def step_mse(self, t: int, blob: bytes, limit: int) -> float:
+        """Teacher-forced: one row's step graph on the FP32 state, MSE vs the FP32 step output."""
+        _sl, tr = self.batches[0]
+        row = next(r for r in self.rows if r.t == t)
+        feeds = {
+            a: (v[:limit] if v.ndim == 4 else v)
+            for a, v in tr.feeds(self.m, row, self.step_inputs).items()
+        }
+        out = self._session(blob).run(["x_next"], feeds)[0]
+        self.runs += 1
+        return float(np.mean((out.astype(np.float64) - tr.x_out[t][:limit]) ** 2))
+
+    def score(self, plan: dict[int, bytes | None], limit: int | None = None) -> Score:
+        out = self.run(plan, limit)
+        images = self.images[: len(out)]
+        per = [
+            _psnr(self._crop(a, im), self._crop(b, im))
+            for im, a, b in zip(images, out, self.fp32_images, strict=False)
+        ]
+        hr = self._hr_scores(out, images)
+        hr32 = None if self.hr_fp32 is None else self.hr_fp32[: len(out)]
+        return Score(
+            e2e_min_db=min(per),
+            e2e_mean_db=float(np.mean([min(p, 200.0) for p in per])),
+            hr_db=None if hr is None else float(np.mean(hr)),
+            hr_fp32_db=None if hr32 is None else float(np.mean(hr32)),
+            per_image_db=per,
+        )

@@ -1,0 +1,412 @@
+"""INT8 calibration (calibration/): both targets on a small exported preset, the ranges cache
+(a re-run does no data pass), the gate's failing path, bad input, ORT running the INT8 graphs,
+TensorRT-RTX building the INT8 engine, FP16 auto islands; the demo model's INT8 gate (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from deltadiff.calibration import ranges as R
+from deltadiff.calibration.calibrate import CalibrateOptions, calibrate
+from deltadiff.errors import DeltaDiffError
+from deltadiff.export.cli import app as export_app
+from deltadiff.runtime.manifest import load_manifest
+
+from .conftest import DATA, need_shared
+
+HAVE_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
+VAL = DATA / "val-bicubic-x4"
+DEMO = Path(__file__).resolve().parents[1] / "runtime" / "models" / "demo-pixel"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """Four real LR images (2 calibrate, 2 held out)."""
+    src = need_shared(VAL / "lq")
+    d = tmp_path_factory.mktemp("calib-images")
+    for p in sorted(src.iterdir())[:4]:
+        shutil.copy(p, d / p.name)
+    return d
+
+
+@pytest.fixture(scope="module")
+def calibrated(exported, images, tmp_path_factory):
+    """The small pixel preset calibrated for onnxruntime (search on), with a ranges cache."""
+    d = tmp_path_factory.mktemp("int8-pixel")
+    shutil.copytree(exported("deltadiff-pixel"), d, dirs_exist_ok=True)
+    cache = d.parent / "ranges.json"
+    feeds = []
+    res = calibrate(
+        CalibrateOptions(
+            model=d,
+            data=images,
+            samples=2,
+            cache=cache,
+            method="percentile",
+            sens_images=1,
+            search_images=2,
+            threads=2,
+        ),
+        on_feed=lambda: feeds.append(1),
+    )
+    return d, cache, res, len(feeds)
+
+
+def _opts(d: Path, images: Path, **kw) -> CalibrateOptions:
+    return CalibrateOptions(
+        model=d, data=images, samples=2, threads=2, sens_images=1, search_images=2, **kw
+    )
+
+
+def test_calibrate_onnxruntime_records_int8_graphs_and_passes_the_gate(calibrated):
+    d, cache, res, feeds = calibrated
+    assert feeds > 0 and res.data_pass  # the first run did the data pass ...
+    assert cache.exists() and json.loads(cache.read_text())["kind"] == "deltadiff-int8-ranges"
+    assert res.passed and res.score.e2e_min_db >= 35.0
+    m = load_manifest(d)  # hashes of every file checked
+    steps = {k: g for k, g in m.graphs.items() if k.startswith("step@")}
+    assert set(steps) == {f"step@{t}.int8.onnxruntime" for t in (3, 2, 1, 0)}
+    for g in steps.values():
+        assert g.precision == "int8" and g.target == "onnxruntime" and g.usable
+        assert g.quant["method"] == "percentile" and g.quant["calibration_images"]["count"] == 2
+        assert g.quant["gate"]["passed"] and g.quant["gate"]["e2e_vs_fp32_min_db"] >= 35.0
+    assert "int8" in m.precisions() and m.int8_status("onnxruntime") is None
+    rep = json.loads((d / "int8-report.onnxruntime.json").read_text())
+    assert rep["sensitivity"] and rep["rows"] and len(rep["spread"]) > 10
+    assert {"amax", "spread"} <= set(rep["spread"][0])  # the per-row spread of ranges
+    assert (d / "int8-report.onnxruntime.md").read_text().startswith("# INT8 calibration")
+
+
+def test_onnxruntime_runs_the_int8_graphs_and_verify_reports_them(calibrated):
+    from deltadiff.export.verify import verify
+    from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler
+
+    d, *_ = calibrated
+    rng = np.random.default_rng(0)
+    rgb = rng.random((16, 16, 3), dtype=np.float32)
+    with Upscaler(d, UpscaleOptions(precision="int8", threads=2)) as up:
+        out = up.upscale(rgb)
+        sessions = set(up.backend._sessions)  # one session per distinct graph file
+    assert out.shape == (64, 64, 3) and np.isfinite(out).all()
+    files = {g.file for k, g in load_manifest(d).graphs.items() if k.startswith("step@")}
+    assert files <= sessions
+    rep = verify(d, precision="int8", seed=0, threads=2, record=False)
+    assert rep.min_psnr == 35.0 and [r.name for r in rep.end_to_end] == ["end-to-end staged"]
+    assert len([s for s in rep.stages if s.name.startswith("step")]) == 4
+
+
+def test_cache_reuse_does_no_data_pass_and_a_failing_gate_is_not_usable(
+    calibrated, images, tmp_path
+):
+    d0, cache, _res, _ = calibrated
+    d = tmp_path / "m"
+    shutil.copytree(d0, d)
+    feeds = []
+    # every Conv/MatMul in INT8 with MinMax ranges: random weights cannot hold 35 dB
+    res = calibrate(
+        _opts(d, images, cache=cache, method="minmax", search=False, target="tensorrt"),
+        on_feed=lambda: feeds.append(1),
+    )
+    assert feeds == [] and not res.data_pass  # ... the second run did none
+    assert not res.passed and res.score.e2e_min_db < 35.0
+    m = load_manifest(d)
+    assert m.int8_status("tensorrt") and "failed the calibration gate" in m.int8_status("tensorrt")
+    assert m.int8_status("onnxruntime") is None  # the other target's graphs are untouched
+    from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler
+
+    with pytest.raises(DeltaDiffError, match="failed the calibration gate"):
+        Upscaler(d, UpscaleOptions(backend="tensorrt", precision="int8"))
+
+
+def test_cli_gate_failure_exits_nonzero(calibrated, images, tmp_path):
+    d0, cache, *_ = calibrated
+    d = tmp_path / "m"
+    shutil.copytree(d0, d)
+    r = CliRunner().invoke(
+        export_app,
+        [
+            "calibrate",
+            "--model",
+            str(d),
+            "--data",
+            str(images),
+            "--samples",
+            "2",
+            "--cache",
+            str(cache),
+            "--method",
+            "minmax",
+            "--no-search",
+            "--threads",
+            "2",
+        ],
+    )
+    assert r.exit_code == 1, r.output
+    assert "FAIL" in r.output and "not usable" in r.output
+
+
+def test_cache_from_another_model_is_refused_in_one_line(calibrated, images, exported, tmp_path):
+    _d, cache, *_ = calibrated
+    data = json.loads(cache.read_text())
+    data["graph_sha256"] = "0" * 64
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    d = tmp_path / "m"
+    shutil.copytree(exported("deltadiff-pixel"), d)
+    before = sorted(p.name for p in d.iterdir())
+    with pytest.raises(R.CacheError, match="made for another model") as e:
+        calibrate(_opts(d, images, cache=other))
+    assert "\n" not in str(e.value) and sorted(p.name for p in d.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("empty", "has no images"),
+        ("missing", "is not a folder"),
+        ("too_few", "needs at least"),
+        ("unreadable", "unreadable"),
+        ("no_fp32", "no FP32"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_fix(case, match, exported, images, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(exported("deltadiff-pixel"), d)
+    data = tmp_path / "data"
+    data.mkdir()
+    if case == "missing":
+        data = tmp_path / "nope"
+    elif case == "too_few":
+        shutil.copy(next(images.iterdir()), data / "a.png")
+    elif case == "unreadable":
+        for p in images.iterdir():
+            shutil.copy(p, data / p.name)
+        (data / "zz-broken.png").write_bytes(b"not a png")
+    elif case == "no_fp32":
+        data = images
+        m = json.loads((d / "manifest.json").read_text())
+        m["graphs"].pop("step")
+        (d / "manifest.json").write_text(json.dumps(m))
+    r = CliRunner().invoke(
+        export_app, ["calibrate", "--model", str(d), "--data", str(data), "--samples", "2"]
+    )
+    assert r.exit_code == 1
+    assert match in r.output and "Traceback" not in r.output
+    assert len([x for x in r.output.strip().splitlines() if x.startswith("error")]) == 1
+
+
+def test_interrupted_calibration_leaves_the_model_dir_unchanged(
+    exported, images, tmp_path, monkeypatch
+):
+    from deltadiff.calibration import calibrate as C
+
+    d = tmp_path / "m"
+    shutil.copytree(exported("deltadiff-pixel"), d)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(C, "save_manifest", boom)  # dies at the swap, after graph files exist
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(_opts(d, images, method="minmax", search=False))
+    after = {p.name: p.read_bytes() for p in d.iterdir() if not p.name.startswith("step@")}
+    assert after == before  # the manifest (which vouches for the files) is the old one
+    load_manifest(d)
+
+
+def test_range_methods_clip_inside_minmax():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, 200_000), [40.0]])  # one outlier
+    h, _ = np.histogram(np.abs(x), bins=R.BINS, range=(0, 40.0))
+    s = R.TensorStats(float(x.min()), 40.0, h.astype(np.int64))
+    lo, hi = R.tensor_range(s, "minmax")
+    assert hi == 40.0
+    for meth, top in (("percentile", 10.0), ("entropy", 10.0), ("mse", 30.0)):
+        lo, hi = R.tensor_range(s, meth)
+        assert 2.0 < hi < top, (meth, hi)  # the outlier is clipped, the bulk kept
+        assert lo >= x.min()  # (MSE weighs the outlier's squared error: it clips less)
+
+
+@pytest.mark.trt
+@pytest.mark.skipif(
+    not HAVE_RTX, reason="tensorrt_rtx is not installed (pip install 'deltadiff-trt[trt]')"
+)
+def test_tensorrt_target_builds_int8_engines_with_rtx(calibrated, images, tmp_path):
+    import onnx
+
+    from deltadiff.export.engine import EngineOptions, build_engines
+
+    d0, cache, *_ = calibrated
+    d = tmp_path / "m"
+    shutil.copytree(d0, d)
+    # every Conv/MatMul quantized and no quality bar (random weights): this test is about the
+    # engine build seeing real Q/DQ; the quality gate is tested above
+    res = calibrate(
+        _opts(
+            d,
+            images,
+            cache=cache,
+            target="tensorrt",
+            method="percentile",
+            search=False,
+            min_e2e_db=0.0,
+            max_drop_db=1e9,
+        )
+    )
+    assert res.passed
+    m = load_manifest(d)
+    qdq = 0
+    for k, g in m.graphs.items():
+        if k.startswith("step@") and g.target == "tensorrt" and g.file != m.graph("step").file:
+            model = onnx.load(str(d / g.file))
+            ops = [n.op_type for n in model.graph.node]
+            qdq += ops.count("QuantizeLinear")
+            zps = [i for i in model.graph.initializer if i.name.endswith("__s8_zp")]
+            assert all(z.data_type == onnx.TensorProto.INT8 for z in zps)  # symmetric S8
+            biases = [
+                n.input[2] for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 2
+            ]
+            inits = {i.name: i for i in model.graph.initializer}
+            assert all(inits[b].data_type == onnx.TensorProto.FLOAT for b in biases if b in inits)
+    assert qdq > 0
+    m2, built = build_engines(
+        d,
+        EngineOptions(
+            precision="int8", flavour="tensorrt_rtx", graphs=("encoder", "step", "decoder")
+        ),
+    )
+    names = {e["graph"] for e in built}
+    assert {"encoder", "decoder"} <= names and any(n.startswith("step") for n in names)
+    for e in m2.engines:
+        assert e["precision"] == "int8" and (d / e["file"]).stat().st_size == e["bytes"] > 0
+
+
+@pytest.mark.slow
+def test_fp16_auto_islands_compares_with_the_hand_written_list(exported, tmp_path):
+    from deltadiff.calibration.islands import auto_islands
+
+    d = tmp_path / "m"
+    shutil.copytree(exported("deltadiff-pixel"), d)
+    res = auto_islands(d, tiles=1, threads=2)
+    assert res.table and all(r["unit"] for r in res.table)
+    assert res.auto.e2e_min_db >= 40.0 and res.hand.e2e_min_db >= 40.0
+    r = CliRunner().invoke(
+        export_app, ["fp16", "--model", str(d), "--auto-islands", "--threads", "2"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "hand-written list" in r.output and "PASS" in r.output
+
+
+@pytest.mark.slow
+def test_demo_model_int8_gate_on_held_out_validation_images():
+    """The bundled INT8 graphs, re-measured: >= 35 dB vs FP32 on every held-out validation image
+    and PSNR-Y vs HR within 0.10 dB of FP32 (images the calibration did not use)."""
+    from deltadiff.calibration.data import load_images
+    from deltadiff.calibration.evaluate import Evaluator
+
+    need_shared(VAL)
+    m = load_manifest(DEMO)
+    assert m.int8_status("onnxruntime") is None
+    rep = json.loads((DEMO / "int8-report.onnxruntime.json").read_text())
+    used = set(rep["calibration_images"]["files"])
+    s = load_images(VAL, 1)
+    held = [im for im in s.calib + s.held_out if im.sha256 not in used]
+    assert len(held) == 16 - len(used)
+    ev = Evaluator(DEMO, m, held, threads=2)
+    plan = {}
+    for r in m.step_table["rows"]:
+        g = m.graph(f"step@{int(r['t'])}", "int8")
+        plan[int(r["t"])] = None if g.file == m.graph("step").file else (DEMO / g.file).read_bytes()
+    score = ev.score(plan)
+    print("demo INT8:", score.line())
+    assert score.passes(35.0, 0.10), score.line()
+
+
+FULL_TILES = {"deltadiff-pixel": 16, "deltadiff-latent": 64, "resshift-v3": 64}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FULL_TILES))
+def test_full_preset_calibrates_gates_and_builds_int8_with_rtx(family, images, tmp_path):
+    """Full-size presets (random weights: the quality numbers are a sanity check only): both
+    targets calibrate with the search and pass the gate; TensorRT-RTX builds the INT8 engines."""
+    from deltadiff.export.engine import EngineOptions, build_engines
+    from deltadiff.export.graphs import TileShape
+    from deltadiff.export.onnx_export import ExportOptions, export_onnx, preset_source
+    from deltadiff.model.pipeline import Pipeline
+
+    d = tmp_path / family
+    tile = FULL_TILES[family]
+    export_onnx(
+        Pipeline.from_preset(family, seed=0),
+        d,
+        ExportOptions(TileShape(tile, tile), max_batch=2),
+        source=preset_source(family, 0),
+    )
+    cache = tmp_path / "ranges.json"
+    for target in ("onnxruntime", "tensorrt"):
+        res = calibrate(_opts(d, images, cache=cache, target=target, method="percentile"))
+        print(family, target, res.score.line(), "kept FP32:", len(res.report["kept_fp32"]))
+        assert res.passed
+    if HAVE_RTX:
+        _m, built = build_engines(
+            d,
+            EngineOptions(
+                precision="int8", flavour="tensorrt_rtx", graphs=("encoder", "step", "decoder")
+            ),
+        )
+        assert built and all(e["bytes"] > 0 for e in built)
+
+
+def test_calibrate_works_on_dynamic_shape_graphs(exported, images, tmp_path):
+    """Graphs whose batch / H / W are symbolic (as a dynamic-shape export writes them)."""
+    import onnx
+
+    from deltadiff.runtime.manifest import sha256_file
+
+    d = tmp_path / "m"
+    shutil.copytree(exported("deltadiff-pixel"), d)
+    man = json.loads((d / "manifest.json").read_text())
+    for g in ("encoder", "step", "decoder"):
+        rec = man["graphs"][g]
+        model = onnx.load(str(d / rec["file"]))
+        for v in list(model.graph.input) + list(model.graph.output):
+            dims = v.type.tensor_type.shape.dim
+            if len(dims) == 4:
+                dims[0].dim_param, dims[2].dim_param, dims[3].dim_param = "batch", "h", "w"
+        onnx.save(model, str(d / rec["file"]))
+        rec["sha256"], rec["bytes"] = sha256_file(d / rec["file"]), (d / rec["file"]).stat().st_size
+        for s in rec["inputs"] + rec["outputs"]:
+            if len(s["shape"]) == 4:
+                s["shape"] = ["batch", 3, "h", "w"]
+    (d / "manifest.json").write_text(json.dumps(man))
+    for target in ("onnxruntime", "tensorrt"):
+        res = calibrate(_opts(d, images, target=target, method="percentile", search=False))
+        assert res.records and np.isfinite(res.score.e2e_mean_db)
+    m = load_manifest(d)
+    step = onnx.load(str(d / m.graph("step@3", "int8", "tensorrt").file))
+    assert step.graph.input[0].type.tensor_type.shape.dim[2].dim_param == "h"
+
+
+def test_bisection_finds_the_nodes_a_builder_rejects():
+    from deltadiff.calibration.trt_check import culprits
+
+    nodes = [f"n{i}" for i in range(13)]
+    bad = {"n3", "n11"}
+    calls = []
+
+    def builds(ns):
+        calls.append(len(ns))
+        return not (bad & set(ns))
+
+    assert sorted(culprits(nodes, builds)) == ["n11", "n3"]
+    assert len(calls) < len(nodes) * 2
+    assert culprits(nodes, lambda ns: True) == []
