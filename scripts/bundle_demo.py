@@ -2,6 +2,12 @@
 weights/demo-pixel/, exported graphs + manifest under runtime/models/demo-pixel/ (package data).
 
     python scripts/bundle_demo.py --run runs/demo --iters 3500 --rule posterior --tile 68
+    python scripts/bundle_demo.py --rule posterior --tile 68 --dynamic   # re-export the bundled weights
+
+``--dynamic`` exports dynamic LR height/width (``--max-lr``, default 512) with ``--tile`` as the
+optimum size, and records the peak memory per pixel of ONNX Runtime CPU in the manifest
+(``dd-export measure-memory``), so ``dd-run upscale`` runs images that fit whole.
+Without ``--run`` the weights already under weights/demo-pixel/ are re-exported.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -26,15 +33,18 @@ from deltadiff.model.checkpoint import (
 )
 from deltadiff.model.config import from_upstream_yaml, to_upstream_yaml_dict
 from deltadiff.model.pipeline import Pipeline
-from deltadiff.runtime.manifest import sha256_file
+from deltadiff.runtime.manifest import load_manifest, save_manifest, sha256_file
+from deltadiff.runtime.memory import measure, record_key
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", type=Path, required=True, help="trainer run directory")
-    ap.add_argument("--iters", type=int, required=True, help="which EMA checkpoint")
+    ap.add_argument(
+        "--run", type=Path, help="trainer run directory (default: re-export the bundle)"
+    )
+    ap.add_argument("--iters", type=int, help="which EMA checkpoint (with --run)")
     ap.add_argument(
         "--rule",
         default="x0",
@@ -42,23 +52,35 @@ def main() -> None:
     )
     ap.add_argument("--tile", type=int, default=128)
     ap.add_argument("--max-batch", type=int, default=4)
+    ap.add_argument("--dynamic", action="store_true", help="dynamic LR height/width")
+    ap.add_argument("--max-lr", type=int, default=512, help="--dynamic: largest LR side")
+    ap.add_argument(
+        "--memory-sizes", default="64,128,192", help="--dynamic: LR sides of the memory runs"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     wdir = REPO / "weights" / "demo-pixel"
     mdir = REPO / "runtime" / "models" / "demo-pixel"
     wdir.mkdir(parents=True, exist_ok=True)
-    ema = canonicalize(read_weights(args.run / "ema_ckpts" / f"ema_model_{args.iters}.pth"))
-    cfg = from_upstream_yaml(args.run / "config.yaml").replace(
-        step_rule=args.rule, name="demo-pixel"
-    )
-    save_trainer_checkpoint(wdir / "demo-pixel.pth", ema, args.iters)  # EMA weights, trainer layout
-    save_safetensors(wdir / "demo-pixel.safetensors", ema)
-    (wdir / "config.yaml").write_text(
-        yaml.safe_dump(to_upstream_yaml_dict(cfg, "demo-pixel.pth"), sort_keys=False)
-    )
-    for f in ("log.jsonl", "options.json"):
-        shutil.copy(args.run / f, wdir / f)
+    if args.run is not None:
+        if args.iters is None:
+            ap.error("--run needs --iters")
+        ema = canonicalize(read_weights(args.run / "ema_ckpts" / f"ema_model_{args.iters}.pth"))
+        cfg = from_upstream_yaml(args.run / "config.yaml").replace(
+            step_rule=args.rule, name="demo-pixel"
+        )
+        save_trainer_checkpoint(wdir / "demo-pixel.pth", ema, args.iters)  # EMA, trainer layout
+        save_safetensors(wdir / "demo-pixel.safetensors", ema)
+        (wdir / "config.yaml").write_text(
+            yaml.safe_dump(to_upstream_yaml_dict(cfg, "demo-pixel.pth"), sort_keys=False)
+        )
+        for f in ("log.jsonl", "options.json"):
+            shutil.copy(args.run / f, wdir / f)
+    else:
+        cfg = from_upstream_yaml(wdir / "config.yaml").replace(
+            step_rule=args.rule, name="demo-pixel"
+        )
 
     pipe = Pipeline.from_yaml(wdir / "config.yaml")
     pipe = Pipeline(cfg, pipe.unet)
@@ -78,10 +100,22 @@ def main() -> None:
     export_onnx(
         pipe,
         mdir,
-        ExportOptions(TileShape(args.tile, args.tile), max_batch=args.max_batch),
+        ExportOptions(
+            TileShape(args.tile, args.tile),
+            max_batch=args.max_batch,
+            dynamic=args.dynamic,
+            max_lr=(args.max_lr, args.max_lr) if args.dynamic else None,
+        ),
         source=source,
     )
     add_fp16(mdir)
+    if args.dynamic:
+        m = load_manifest(mdir)
+        rec = measure(mdir, [(int(n), int(n)) for n in args.memory_sizes.split(",")])
+        save_manifest(mdir, replace(m, memory={record_key("onnxruntime", "fp32", "staged"): rec}))
+        print(
+            "peak RSS per HR megapixel (ORT CPU fp32 staged):", rec["mib_per_hr_megapixel"], "MiB"
+        )
     for prec in ("fp32", "fp16"):
         rep = verify(mdir, precision=prec, seed=0)
         print(
@@ -91,6 +125,10 @@ def main() -> None:
             "dB",
             "PASS" if rep.passed else "FAIL",
         )
+    if args.dynamic:
+        for hw in ((37, 53), (96, 96), (100, 75)):
+            rep = verify(mdir, precision="fp32", seed=0, lr_hw=hw, record=False)
+            print(f"fp32 at LR {hw[0]}x{hw[1]} (padded):", round(rep.psnr, 1), "dB", rep.passed)
     print(json.dumps({p.name: p.stat().st_size for p in sorted(mdir.iterdir())}, indent=1))
 
 
