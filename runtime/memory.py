@@ -2,8 +2,8 @@
 
 ``measure`` runs the model once per LR size, each in a fresh process (``python -m
 deltadiff.runtime.memory``), reads that process's peak RSS (``ru_maxrss``) and fits
-``peak = base_bytes + bytes_per_hr_px * HR pixels`` through the two largest sizes (the smaller
-one is the check that the model is linear). ``dd-export measure-memory`` stores the record in
+``peak = base_bytes + bytes_per_hr_px * HR pixels``: the slope through the two largest sizes, the
+base raised until the line is at or above every measured point (an upper bound, not a mean). ``dd-export measure-memory`` stores the record in
 the manifest under ``<backend>/<precision>/<mode>``; the upscaler reads it back (no torch here).
 """
 
@@ -105,22 +105,29 @@ def measure(
             last = (p.stderr.strip().splitlines() or ["no output"])[-1]
             raise DeltaDiffError(f"memory probe at LR {h}x{w} failed: {last}")
         points.append(json.loads(p.stdout.strip().splitlines()[-1]))
-    points.sort(key=lambda r: r["hr_px"])
-    a, b = points[-2], points[-1]
+    return {
+        **fit(points),
+        "points": sorted(points, key=lambda r: r["hr_px"]),
+        "threads": threads,
+        "cpu": _cpu_name(),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "how": "peak RSS (ru_maxrss) of one run per size in a fresh process; slope through "
+        "the two largest sizes, base bounding every point",
+    }
+
+
+def fit(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """Slope through the two largest sizes; base = the largest residual (bounds every point)."""
+    pts = sorted(points, key=lambda r: r["hr_px"])
+    a, b = pts[-2], pts[-1]
     if b["hr_px"] == a["hr_px"]:
         raise DeltaDiffError("measure memory at two different sizes")
     slope = max(0.0, (b["peak_bytes"] - a["peak_bytes"]) / (b["hr_px"] - a["hr_px"]))
-    base = b["peak_bytes"] - slope * b["hr_px"]
+    base = max(p["peak_bytes"] - slope * p["hr_px"] for p in pts)
     return {
         "base_bytes": int(base),
         "bytes_per_hr_px": round(slope, 1),
         "mib_per_hr_megapixel": round(slope * 1e6 / (1 << 20), 1),
-        "points": points,
-        "threads": threads,
-        "cpu": _cpu_name(),
-        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "how": "peak RSS (ru_maxrss) of one run per size in a fresh process; "
-        "fit through the two largest sizes",
     }
 
 

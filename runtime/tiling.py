@@ -154,5 +154,6 @@ def plan_tiles(
         side -= multiple
     th = max(lr_min[0], min(H, side, lr_max[0] - lr_max[0] % multiple))
     tw = max(lr_min[1], min(W, side, lr_max[1] - lr_max[1] % multiple))
-    why = "memory budget" if lr_max[0] >= H and lr_max[1] >= W else "the model's maximum size"
+    hmax, wmax = lr_max[0] - lr_max[0] % multiple, lr_max[1] - lr_max[1] % multiple
+    why = "the memory budget" if th * tw < min(H, hmax) * min(W, wmax) else "the model's maximum"
     return TilePlan((th, tw), False, f"largest tile within {why}")

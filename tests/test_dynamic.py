@@ -162,7 +162,7 @@ def test_pixel_dynamic_equals_static_at_the_static_size(dynamic_exported, export
             outs.append([Executor(m, be, mode=mode).run(lr) for mode in ("staged", "unrolled")])
     for a, b in zip(outs[0], outs[1], strict=True):
         assert a.shape == b.shape == (2, 3, 64, 64)
-        assert np.abs(a - b).max() < 1e-5
+        assert np.abs(a - b).max() < 1e-4  # float rounding of two graphs (vs torch: ~1e-4)
 
 
 def test_pixel_dynamic_fp16_graphs(dynamic_exported, tmp_path):
@@ -187,24 +187,22 @@ def budgeted(dynamic_exported, tmp_path):
     return d
 
 
+GIB_32 = 32 * 32 * 16 * 1024 / (1 << 30)  # budget of a 32x32 LR call at 1 KiB per HR pixel
+
+
 def test_upscaler_runs_whole_image_when_it_fits(budgeted):
-    # budget: 48x48 LR = 36,864 HR px * 1 KiB
-    gib = 48 * 48 * 16 * 1024 / (1 << 30)
-    img = np.random.default_rng(1).random((37, 30, 3), dtype=np.float32)
-    with Upscaler(budgeted, UpscaleOptions(max_memory=gib)) as up:
-        plan = up.plan(37, 30)
-        assert plan.whole and plan.tile == (40, 32)
+    img = np.random.default_rng(1).random((28, 30, 3), dtype=np.float32)
+    with Upscaler(budgeted, UpscaleOptions(max_memory=GIB_32)) as up:
+        plan = up.plan(28, 30)
+        assert plan.whole and plan.tile == (28, 32)  # padded to the multiple, 896 <= 1024 px
         sr = up.upscale(img)
-        lr = reflect_pad(np.ascontiguousarray(img.transpose(2, 0, 1)), 3, 2)[None]
-        direct = up.executor.run(lr)[0, :, : 4 * 37, : 4 * 30].transpose(1, 2, 0)
-        assert sr.shape == (148, 120, 3) and np.abs(sr - direct).max() < 1e-6
-        big = up.plan(100, 75)  # 100x76 padded > 48x48: the largest tiles within the budget
-        assert not big.whole and big.tile == (48, 48)
-        assert up.upscale(np.random.default_rng(2).random((100, 75, 3), np.float32)).shape == (
-            400,
-            300,
-            3,
-        )
+        lr = reflect_pad(np.ascontiguousarray(img.transpose(2, 0, 1)), 0, 2)[None]
+        direct = up.executor.run(lr)[0, :, : 4 * 28, : 4 * 30].transpose(1, 2, 0)
+        assert sr.shape == (112, 120, 3) and np.abs(sr - direct).max() < 1e-6
+        big = up.plan(60, 50)  # 60x52 padded > 32x32: the largest tiles within the budget
+        assert not big.whole and big.tile == (32, 32)
+        out = up.upscale(np.random.default_rng(2).random((60, 50, 3), np.float32))
+        assert out.shape == (240, 200, 3) and np.isfinite(out).all()
 
 
 def test_without_memory_record_whole_images_stay_within_the_tile_area(dynamic_exported):
@@ -228,17 +226,16 @@ def test_dd_run_info_says_what_fits(budgeted, exported):
 
     from deltadiff.runtime.cli import app
 
-    gib = 48 * 48 * 16 * 1024 / (1 << 30)
     r = CliRunner().invoke(
         app,
-        ["info", "--model", str(budgeted), "--max-memory", f"{gib}", "--size", "30x37"]
+        ["info", "--model", str(budgeted), "--max-memory", f"{GIB_32}", "--size", "30x28"]
         + ["--size", "75x100"],
     )
     assert r.exit_code == 0, r.output
     assert "dynamic: LR 4x4..128x128 (HxW), pad multiple 4" in r.output
     assert "whole images up to 128x128 LR" in r.output
-    assert "30x37 LR -> 120x148: whole" in r.output
-    assert "75x100 LR -> 300x400: tiles of 48x48" in r.output
+    assert "30x28 LR -> 120x112: whole" in r.output
+    assert "75x100 LR -> 300x400: tiles of 32x32" in r.output
     assert "memory      onnxruntime/fp32/staged" in r.output
     r = CliRunner().invoke(app, ["info", "--model", str(exported("deltadiff-pixel"))])
     assert r.exit_code == 0 and "static shapes" in r.output and "16x16 tiles" in r.output
@@ -252,11 +249,11 @@ def test_measure_memory_records_peak_rss_per_pixel(dynamic_exported, tmp_path):
     d = tmp_path / "m"
     shutil.copytree(dynamic_exported("deltadiff-pixel"), d)
     r = CliRunner().invoke(
-        app, ["measure-memory", "--model", str(d), "--sizes", "16,64", "--threads", "1"]
+        app, ["measure-memory", "--model", str(d), "--sizes", "32,128", "--threads", "1"]
     )
     assert r.exit_code == 0, r.output
     rec = load_manifest(d).memory["onnxruntime/fp32/staged"]
-    assert [p["lr"] for p in rec["points"]] == [[16, 16], [64, 64]]
+    assert [p["lr"] for p in rec["points"]] == [[32, 32], [128, 128]]
     assert rec["points"][1]["peak_bytes"] > rec["points"][0]["peak_bytes"]
     assert rec["bytes_per_hr_px"] > 0 and "MiB per HR megapixel" in r.output
 
@@ -264,7 +261,7 @@ def test_measure_memory_records_peak_rss_per_pixel(dynamic_exported, tmp_path):
 def test_dynamic_export_errors_are_one_line(tmp_path):
     pipe = Pipeline.from_preset("deltadiff-pixel-small", seed=0)
     for opts, match in [
-        (ExportOptions(TileShape(16, 16), dynamic=True, max_lr=(8, 8)), "widen the range"),
+        (ExportOptions(TileShape(4, 4), dynamic=True, max_lr=(4, 4)), "widen the range"),
         (ExportOptions(TileShape(64, 64), dynamic=True, max_lr=(32, 32)), "outside the dynamic"),
         (ExportOptions(TileShape(16, 16), dynamic=True, opset=17), "dynamo exporter"),
     ]:
@@ -273,15 +270,17 @@ def test_dynamic_export_errors_are_one_line(tmp_path):
         assert "\n" not in str(e.value)
 
 
-def _check_rtx_profiles(d, tmp_path, profiles):
+def _check_rtx_profiles(d, tmp_path, profiles, graphs=("encoder", "step", "decoder", "unrolled")):
     from deltadiff.export.engine import EngineOptions, build_engines
 
     m0 = load_manifest(d)
     out = tmp_path / "m"
     shutil.copytree(d, out)
-    opts = EngineOptions(precision="fp32", flavour="tensorrt_rtx", batch_max=2, profiles=profiles)
+    opts = EngineOptions(
+        precision="fp32", flavour="tensorrt_rtx", batch_max=2, profiles=profiles, graphs=graphs
+    )
     m, built = build_engines(out, opts)
-    assert {e["graph"] for e in built} == {"encoder", "step", "decoder", "unrolled"}
+    assert {e["graph"] for e in built} == set(graphs)
     for e in built:
         assert e["profiles"] == [[list(x) for x in p] for p in profiles]
         assert (out / e["file"]).stat().st_size == e["bytes"] > 0
@@ -294,14 +293,21 @@ def _check_rtx_profiles(d, tmp_path, profiles):
     assert m0.dynamic
 
 
+PIXEL_PROFILES = (((8, 8), (16, 16), (64, 64)), ((64, 64), (96, 128), (128, 128)))
+
+
 @needs_rtx
 @pytest.mark.trt
-def test_rtx_builds_dynamic_profiles_pixel(dynamic_exported, tmp_path):
-    _check_rtx_profiles(
-        dynamic_exported("deltadiff-pixel"),
-        tmp_path,
-        (((8, 8), (16, 16), (64, 64)), ((64, 64), (96, 128), (128, 128))),
-    )
+def test_rtx_builds_dynamic_profiles_pixel_step(dynamic_exported, tmp_path):
+    """Default suite: the step graph with two profiles (the others: the slow test below)."""
+    _check_rtx_profiles(dynamic_exported("deltadiff-pixel"), tmp_path, PIXEL_PROFILES, ("step",))
+
+
+@pytest.mark.slow
+@needs_rtx
+@pytest.mark.trt
+def test_rtx_builds_dynamic_profiles_pixel_all_graphs(dynamic_exported, tmp_path):
+    _check_rtx_profiles(dynamic_exported("deltadiff-pixel"), tmp_path, PIXEL_PROFILES)
 
 
 def test_profile_outside_the_range_is_refused(dynamic_exported, exported):
