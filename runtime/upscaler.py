@@ -3,8 +3,8 @@
 Only manifest numbers drive padding and tiling (tile shape or dynamic range, LR multiple, batch
 range, measured memory); the family is never special-cased. A dynamic model runs an image whole
 when it fits the range and the memory budget, else in the largest tiles that fit
-(``tiling.plan_tiles``); a static model runs its exported tile. Tiles overlap and are blended with complementary raised-cosine
-ramps in HR space. ``resshift-v3`` noise is drawn once per image at the full padded state size
+(``tiling.plan_tiles``); a static model runs its exported tile. Tiles overlap and are blended
+with complementary raised-cosine ramps in HR space. ``resshift-v3`` noise is drawn once per image at the full padded state size
 and cropped per tile, so all tiles see one continuous field.
 """
 
@@ -62,9 +62,7 @@ class UpscaleOptions:
     precision: str = "fp32"
     mode: str = DEFAULT_MODE
     threads: int = 0
-    tile: int | None = (
-        None  # LR tile side (dynamic models: any multiple in range; static: the export's)
-    )
+    tile: int | None = None  # LR tile side; dynamic models: a choice, static: the export's
     overlap: int | None = None  # LR pixels; default tile // 8 (at least 4)
     batch: int = 1
     blend: str = "cosine"  # or "crop" (naive, for comparison)
