@@ -4,8 +4,8 @@ Only manifest numbers drive padding and tiling (tile shape or dynamic range, LR 
 range, measured memory); the family is never special-cased. A dynamic model runs an image whole
 when it fits the range and the memory budget, else in the largest tiles that fit
 (``tiling.plan_tiles``); a static model runs its exported tile. Tiles overlap and are blended
-with complementary raised-cosine ramps in HR space. ``resshift-v3`` noise is drawn once per image at the full padded state size
-and cropped per tile, so all tiles see one continuous field.
+with complementary raised-cosine ramps in HR space. ``resshift-v3`` noise is drawn once per
+image at the full padded state size and cropped per tile, so all tiles see one continuous field.
 """
 
 from __future__ import annotations
