@@ -3,7 +3,10 @@
 ``measure`` runs the model once per LR size, each in a fresh process (``python -m
 deltadiff.runtime.memory``), reads that process's peak RSS (``ru_maxrss``) and fits
 ``peak = base_bytes + bytes_per_hr_px * HR pixels``: the slope through the two largest sizes, the
-base raised until the line is at or above every measured point (an upper bound, not a mean). ``dd-export measure-memory`` stores the record in
+base raised until the line is at or above every measured point (an upper bound, not a mean).
+The line is right for deltadiff-pixel (convolutions and 8x8 windows: linear in pixels). The
+latent families' VQ-f4 encoder/decoder have one global attention over all latent pixels, which is
+quadratic: measure them at the largest size you will run whole (``--max-lr`` no larger). ``dd-export measure-memory`` stores the record in
 the manifest under ``<backend>/<precision>/<mode>``; the upscaler reads it back (no torch here).
 """
 
