@@ -1,7 +1,7 @@
 """Peak memory of a real run, per output pixel, and the budget that sizes whole images and tiles.
 
 ``measure`` runs the model once per LR size, each in a fresh process (``python -m
-deltadiff.runtime.memory``), reads that process's peak RSS (``ru_maxrss``) and fits
+deltadiff.runtime.memory``), reads that process's peak RSS (VmHWM) and fits
 ``peak = base_bytes + bytes_per_hr_px * HR pixels``: the slope through the two largest sizes, the
 base raised until the line is at or above every measured point (an upper bound, not a mean).
 The line is right for deltadiff-pixel (convolutions and 8x8 windows: linear in pixels). The
@@ -55,6 +55,14 @@ def max_hr_pixels(rec: dict[str, Any], budget: int) -> int:
 
 
 def _peak_rss_bytes() -> int:
+    """This process's own peak RSS. Linux: VmHWM (ru_maxrss would include the parent's RSS at
+    fork, which Linux carries across exec); elsewhere ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(ru) if platform.system() == "Darwin" else int(ru) * 1024  # Linux reports KiB
 
@@ -114,7 +122,7 @@ def measure(
         "threads": threads,
         "cpu": _cpu_name(),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "how": "peak RSS (ru_maxrss) of one run per size in a fresh process; slope through "
+        "how": "peak RSS (VmHWM) of one run per size in a fresh process; slope through "
         "the two largest sizes, base bounding every point",
     }
 
