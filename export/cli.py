@@ -144,7 +144,19 @@ def onnx(
     step_rule: Annotated[
         str | None, typer.Option(help="posterior | x0 | posterior-noise | pixel-renoise")
     ] = None,
-    tile: Annotated[str, typer.Option(help="LR tile N or H,W (static shape).")] = "64",
+    tile: Annotated[
+        str, typer.Option(help="LR tile N or H,W (static shape; with --dynamic the optimum size).")
+    ] = "64",
+    dynamic: Annotated[
+        bool,
+        typer.Option(help="Dynamic LR height/width (any multiple of the pad multiple in range)."),
+    ] = False,
+    min_lr: Annotated[
+        str | None, typer.Option(help="--dynamic: smallest LR N or H,W (default: one multiple).")
+    ] = None,
+    max_lr: Annotated[
+        str | None, typer.Option(help="--dynamic: largest LR N or H,W (default 512).")
+    ] = None,
     max_batch: Annotated[int, typer.Option(help="Largest batch the graphs are declared for.")] = 8,
     opset: Annotated[
         int, typer.Option(help="21: dynamo exporter; <=20: TorchScript exporter.")
@@ -180,12 +192,28 @@ def onnx(
 
             pipe = Pipeline(pipe.cfg.replace(name=name), pipe.unet, pipe.vq)
         h, w = _pairs(tile, "tile")
+        if not dynamic and (min_lr or max_lr):
+            raise DeltaDiffError(
+                "--min-lr / --max-lr set the range of a --dynamic export; add --dynamic"
+            )
         m = export_onnx(
             pipe,
             out,
-            ExportOptions(TileShape(h, w), opset=opset, max_batch=max_batch),
+            ExportOptions(
+                TileShape(h, w),
+                opset=opset,
+                max_batch=max_batch,
+                dynamic=dynamic,
+                min_lr=_pairs(min_lr, "min-lr") if min_lr else None,
+                max_lr=_pairs(max_lr, "max-lr") if max_lr else None,
+            ),
             source=source,
         )
+        if m.dynamic:
+            typer.echo(
+                f"dynamic    LR {m.lr_min[0]}x{m.lr_min[1]}..{m.lr_max[0]}x{m.lr_max[1]} in "
+                f"multiples of {m.lr_multiple} (optimum {m.tile[0]}x{m.tile[1]})"
+            )
         for k, g in m.graphs.items():
             typer.echo(f"{k:<10} {out / g.file}  {g.bytes / 1e6:.1f} MB")
         ok = (
@@ -256,23 +284,34 @@ def verify(
     vq_weights: Annotated[
         Path | None, typer.Option(help="Override the reference VQ weights.")
     ] = None,
+    size: Annotated[
+        list[str] | None,
+        typer.Option(help="Dynamic models: LR size N or H,W to verify at (repeatable; padded)."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Run a backend against the PyTorch reference; exit 1 below the PSNR threshold."""
     setup_logging(verbose)
     try:
-        ok = _verify_and_print(
-            model,
-            backend,
-            precision,
-            images,
-            seed,
-            batch,
-            min_psnr,
-            threads,
-            unet_weights=unet_weights,
-            vq_weights=vq_weights,
-        )
+        ok = True
+        for lr_hw in [_pairs(x, "size") for x in size or []] or [None]:
+            ok = (
+                _verify_and_print(
+                    model,
+                    backend,
+                    precision,
+                    images,
+                    seed,
+                    batch,
+                    min_psnr,
+                    threads,
+                    unet_weights=unet_weights,
+                    vq_weights=vq_weights,
+                    lr_hw=lr_hw,
+                    record=lr_hw is None,
+                )
+                and ok
+            )
     except DeltaDiffError as exc:
         fail(exc)
     if not ok:
@@ -333,6 +372,63 @@ def fp16(
         raise typer.Exit(1)
 
 
+def parse_profile(text: str) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """``MIN:OPT:MAX`` LR sizes, each N or HxW."""
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise DeltaDiffError(f"--profile {text!r}: give MIN:OPT:MAX LR sizes, e.g. 64:128:256")
+    lo, opt, hi = (_pairs(p, "profile") for p in parts)
+    if not (lo[0] <= opt[0] <= hi[0] and lo[1] <= opt[1] <= hi[1]):
+        raise DeltaDiffError(f"--profile {text!r}: needs MIN <= OPT <= MAX on both axes")
+    return lo, opt, hi
+
+
+@app.command("measure-memory")
+def measure_memory(
+    model: Annotated[Path, typer.Option(help="Model directory made by dd-export onnx --dynamic.")],
+    sizes: Annotated[
+        str, typer.Option(help="LR sides to run at (comma list, >= 2; fit uses the two largest).")
+    ] = "64,128,192",
+    precision: Annotated[str, typer.Option(help="fp32 | fp16")] = "fp32",
+    mode: Annotated[str, typer.Option(help="staged | unrolled")] = "staged",
+    threads: Annotated[int, typer.Option(help="onnxruntime threads (0: all).")] = 0,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Measure peak RSS per HR megapixel on ONNX Runtime CPU (one real run per size, each in a
+    fresh process) and record it in the manifest; the runtime sizes whole images with it."""
+    setup_logging(verbose)
+    try:
+        from dataclasses import replace
+
+        from deltadiff.runtime.manifest import load_manifest, save_manifest
+        from deltadiff.runtime.memory import measure, record_key
+
+        try:
+            sides = [int(x) for x in sizes.split(",") if x.strip()]
+        except ValueError:
+            raise DeltaDiffError(f"--sizes {sizes!r}: give LR sides as integers") from None
+        rec = measure(
+            model,
+            [(n, n) for n in sides],
+            precision=precision,
+            mode=mode,
+            threads=threads,
+        )
+        m = load_manifest(model)
+        key = record_key("onnxruntime", precision, mode)
+        save_manifest(model, replace(m, memory={**m.memory, key: rec}))
+        for p in rec["points"]:
+            typer.echo(
+                f"LR {p['lr'][0]}x{p['lr'][1]}: peak RSS {p['peak_bytes'] / (1 << 20):.0f} MiB"
+            )
+        typer.echo(
+            f"{key}: {rec['mib_per_hr_megapixel']} MiB per HR megapixel + "
+            f"{rec['base_bytes'] / (1 << 20):.0f} MiB base (recorded in {model / 'manifest.json'})"
+        )
+    except DeltaDiffError as exc:
+        fail(exc)
+
+
 @app.command("build-engine")
 def build_engine(
     model: Annotated[Path, typer.Option(help="Model directory made by dd-export onnx.")],
@@ -350,6 +446,14 @@ def build_engine(
         str, typer.Option(help="Comma list of graphs to build.")
     ] = "encoder,step,decoder,unrolled",
     batch: Annotated[str, typer.Option(help="Optimization profile: OPT or OPT,MAX batch.")] = "1",
+    profile: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Dynamic models: LR MIN:OPT:MAX sizes (N or HxW each), e.g. 64x64:128x128:256x256; "
+            "repeatable (one profile each; the first must hold the manifest tile). "
+            "Default: the manifest's range and tile."
+        ),
+    ] = None,
     timing_cache: Annotated[
         Path | None, typer.Option(help="Timing cache file (default: in the model dir).")
     ] = None,
@@ -394,6 +498,7 @@ def build_engine(
             targets=tuple(target or ()),
             tf32=tf32,
             force=force,
+            profiles=tuple(parse_profile(p) for p in profile or ()),
         )
         _m, built = build_engines(model, opts)
         for e in built:

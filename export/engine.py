@@ -13,6 +13,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -45,13 +46,64 @@ class EngineOptions:
     targets: tuple[str, ...] = ()  # TensorRT-RTX compute capabilities, e.g. ("sm86", "sm89")
     tf32: bool = False  # FP32 engines compute in FP32 unless asked (TRT defaults TF32 on)
     force: bool = False
+    # dynamic models: optimization profiles as LR (min, opt, max) sizes; () = the manifest's
+    # (lr_min, tile, lr_max). The first profile must hold the manifest tile (the runtime's size).
+    profiles: tuple[tuple[tuple[int, int], tuple[int, int], tuple[int, int]], ...] = ()
 
 
-def _profile_shapes(spec: Any, lo: int, opt: int, hi: int) -> tuple[tuple[int, ...], ...]:
-    def dims(b: int) -> tuple[int, ...]:
-        return tuple(b if isinstance(d, str) else int(d) for d in spec.shape)
+Profile = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+_SPATIAL = re.compile(r"^(?:(\d+)\*)?([hw])$")  # dim labels of dynamic exports: "h", "16*w"
 
-    return dims(lo), dims(opt), dims(hi)
+
+def _dim(d: int | str, b: int, lr: tuple[int, int] | None, mult: int) -> int:
+    if isinstance(d, int):
+        return d
+    sp = _SPATIAL.match(d)
+    if sp is None or lr is None:
+        return b  # the batch axis
+    k = int(sp.group(1) or 1)
+    return k * (lr[0] if sp.group(2) == "h" else lr[1]) // mult
+
+
+def _profile_shapes(
+    spec: Any, lo: int, opt: int, hi: int, lr: Profile | None = None, mult: int = 1
+) -> tuple[tuple[int, ...], ...]:
+    """(min, opt, max) shapes of one input: batch from (lo, opt, hi), spatial axes from the LR
+    profile ``lr`` (labels like ``16*h`` scale the LR size divided by the multiple)."""
+
+    def dims(b: int, size: tuple[int, int] | None) -> tuple[int, ...]:
+        return tuple(_dim(d, b, size, mult) for d in spec.shape)
+
+    if lr is None:
+        return dims(lo, None), dims(opt, None), dims(hi, None)
+    return dims(lo, lr[0]), dims(opt, lr[1]), dims(hi, lr[2])
+
+
+def engine_profiles(m: Manifest, opts: EngineOptions) -> list[Profile]:
+    """The LR optimization profiles for a model (none for a static export)."""
+    if not m.dynamic:
+        if opts.profiles:
+            raise EngineError(
+                "--profile needs a dynamic model; re-export with dd-export onnx --dynamic"
+            )
+        return []
+    profiles = list(opts.profiles) or [(m.lr_range()[0], m.tile, m.lr_range()[1])]
+    (h0, w0), (h1, w1) = m.lr_range()
+    for lo, opt, hi in profiles:
+        for hw in (lo, opt, hi):
+            if not m.accepts(*hw):
+                raise EngineError(
+                    f"--profile size {hw[0]}x{hw[1]}: the graphs accept LR {h0}x{w0}..{h1}x{w1} "
+                    f"in multiples of {m.lr_multiple}"
+                )
+    lo, _, hi = profiles[0]
+    th, tw = m.tile
+    if not (lo[0] <= th <= hi[0] and lo[1] <= tw <= hi[1]):
+        raise EngineError(
+            f"the first --profile must hold the manifest tile {th}x{tw} (the size the TensorRT "
+            "runtime runs); reorder the profiles or re-export with another --tile"
+        )
+    return profiles
 
 
 def cache_key(info: dict[str, Any]) -> str:
@@ -109,6 +161,8 @@ def build_engine(
     batch: tuple[int, int, int],
     flavour: str,
     timing_cache: bytes | None = None,
+    profiles: list[Profile] | None = None,
+    multiple: int = 1,
 ) -> tuple[bytes, bytes | None]:
     """Parse + build one engine. Returns (serialized engine, serialized timing cache or None)."""
     trt, _ = import_trt(flavour)
@@ -138,16 +192,19 @@ def build_engine(
             if not config.set_timing_cache(cache, ignore_mismatch=True):
                 log.warning("TensorRT rejected a new timing cache too; building without one")
                 cache = None
-    profile = builder.create_optimization_profile()
     lo, opt, hi = batch
     names = {network.get_input(i).name for i in range(network.num_inputs)}
-    for spec in inputs:
-        if spec.name not in names:
-            continue
-        mn, op, mx = _profile_shapes(spec, lo, opt, hi)
-        profile.set_shape(spec.name, mn, op, mx)  # returns None; validity is checked when added
-    if config.add_optimization_profile(profile) < 0:
-        raise EngineError(f"{onnx_path.name}: TensorRT rejected the optimization profile")
+    for i, lr in enumerate(profiles or [None]):
+        profile = builder.create_optimization_profile()
+        for spec in inputs:
+            if spec.name not in names:
+                continue
+            mn, op, mx = _profile_shapes(spec, lo, opt, hi, lr, multiple)
+            profile.set_shape(spec.name, mn, op, mx)  # returns None; checked when added
+        if config.add_optimization_profile(profile) < 0:
+            raise EngineError(
+                f"{onnx_path.name}: TensorRT rejected optimization profile {i} ({lr or batch})"
+            )
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineError(
@@ -198,6 +255,7 @@ def build_engines(
             "TensorRT-RTX has no timing cache (it compiles kernels on the device); --timing-cache ignored"
         )
     tc = tc_path.read_bytes() if tc_path.exists() else None
+    profiles = engine_profiles(m, opts)
     engines = [e for e in m.engines]
     built: list[dict[str, Any]] = []
     target = "tensorrt" if opts.precision == "int8" else None  # the TensorRT-style Q/DQ graphs
@@ -232,6 +290,8 @@ def build_engines(
                 "tf32": opts.tf32,
             },
         }
+        if profiles:  # dynamic models only, so static engines keep their cache keys
+            info["profiles"] = [[list(x) for x in p] for p in profiles]  # LR min/opt/max
         key = cache_key(info)
         file = f"{g}.{opts.precision}.{flavour}.engine"
         old = next(
@@ -264,6 +324,8 @@ def build_engines(
             batch=(1, opts.batch_opt, hi),
             flavour=flavour,
             timing_cache=tc,
+            profiles=profiles,
+            multiple=m.lr_multiple,
         )
         seconds = (_dt.datetime.now() - t0).total_seconds()
         write_bytes_atomic(path, plan)

@@ -1,6 +1,9 @@
 """torch -> ONNX: encoder / step / decoder graphs, the composed unrolled graph, and the manifest.
 
-Static spatial shape per export, dynamic batch (the batch range is recorded in the manifest).
+Static spatial shape per export by default, dynamic batch (the batch range is recorded in the
+manifest). ``--dynamic`` exports symbolic height and width too: the LR side is ``multiple * k`` for
+k in the range given by ``--min-lr`` / ``--max-lr`` (the manifest records the range and the pad
+multiple; ``tile`` becomes the optimum size for TensorRT profiles and the default tile).
 Exporter: the dynamo exporter at opset 21 (native GroupNormalization, 2-3x smaller graphs;
 EXPORT-FINDINGS finding 4) or the TorchScript exporter at opset <= 20 (decomposed GroupNorm, for
 TensorRT 10 <= 10.7 that rejects opset-21 GroupNormalization; DEPLOY-NOTES P6). Every graph goes
@@ -50,6 +53,9 @@ log = logging.getLogger(__name__)
 BATCH = "batch"
 
 
+DEFAULT_MAX_LR = 512  # LR side; the default upper end of a dynamic export's range
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     tile: TileShape
@@ -57,10 +63,51 @@ class ExportOptions:
     max_batch: int = 8  # recorded batch range [1, max_batch] (dynamic batch axis)
     slim: bool = True
     graphs: tuple[str, ...] = ("encoder", "step", "decoder", "unrolled")
+    dynamic: bool = False  # symbolic LR height/width (multiples of the model's LR multiple)
+    min_lr: tuple[int, int] | None = None  # dynamic range, LR pixels; default: one multiple
+    max_lr: tuple[int, int] | None = None  # default: DEFAULT_MAX_LR
 
     @property
     def exporter(self) -> str:
         return "dynamo" if self.opset >= 21 else "torchscript"
+
+
+@dataclass(frozen=True)
+class SpatialRange:
+    """A dynamic export's LR range: sides are ``multiple * k``, k in [lo, hi] per axis."""
+
+    multiple: int
+    lo: tuple[int, int]  # in multiples
+    hi: tuple[int, int]
+
+    @property
+    def lr_min(self) -> tuple[int, int]:
+        return (self.multiple * self.lo[0], self.multiple * self.lo[1])
+
+    @property
+    def lr_max(self) -> tuple[int, int]:
+        return (self.multiple * self.hi[0], self.multiple * self.hi[1])
+
+
+def spatial_range(mult: int, opts: ExportOptions) -> SpatialRange:
+    """Round --min-lr up and --max-lr down to the multiple; the tile must lie inside."""
+    mn = opts.min_lr or (mult, mult)
+    mx = opts.max_lr or (max(DEFAULT_MAX_LR, opts.tile.h), max(DEFAULT_MAX_LR, opts.tile.w))
+    lo = (max(1, -(-mn[0] // mult)), max(1, -(-mn[1] // mult)))
+    hi = (mx[0] // mult, mx[1] // mult)
+    r = SpatialRange(mult, lo, hi)
+    if hi[0] < lo[0] + 1 or hi[1] < lo[1] + 1:
+        raise DeltaDiffError(
+            f"--min-lr {mn[0]}x{mn[1]} / --max-lr {mx[0]}x{mx[1]}: a dynamic range needs at least "
+            f"two sizes that are multiples of {mult} per axis; widen the range"
+        )
+    t = opts.tile
+    if not (r.lr_min[0] <= t.h <= r.lr_max[0] and r.lr_min[1] <= t.w <= r.lr_max[1]):
+        raise DeltaDiffError(
+            f"--tile {t.h}x{t.w} (the optimum size) is outside the dynamic range "
+            f"{r.lr_min[0]}x{r.lr_min[1]}..{r.lr_max[0]}x{r.lr_max[1]}; choose a tile inside it"
+        )
+    return r
 
 
 def _np_dtype(elem_type: int) -> str:
@@ -102,8 +149,12 @@ def _export_one(
     output_names: list[str],
     batched: list[str],
     opts: ExportOptions,
+    spatial: dict[str, tuple[Any, Any]] | None = None,
 ) -> Any:
-    """Export one module to an in-memory ModelProto with a symbolic batch axis on ``batched``."""
+    """Export one module to an in-memory ModelProto with a symbolic batch axis on ``batched``.
+
+    ``spatial``: input name -> (height, width) ``torch.export`` dims (dynamic exports, dynamo only).
+    """
     onnx = require("onnx")
     module.eval()
     with tempfile.TemporaryDirectory() as td:
@@ -113,7 +164,15 @@ def _export_one(
         )
         if opts.exporter == "dynamo":
             batch = torch.export.Dim(BATCH, min=1, max=max(2, opts.max_batch))
-            kw["dynamic_shapes"] = {n: ({0: batch} if n in batched else None) for n in input_names}
+            spatial = spatial or {}
+
+            def dims(n: str) -> dict[int, Any] | None:
+                d = {0: batch} if n in batched else {}
+                if n in spatial:
+                    d.update({2: spatial[n][0], 3: spatial[n][1]})
+                return d or None
+
+            kw["dynamic_shapes"] = {n: dims(n) for n in input_names}
             kw.update(dynamo=True, external_data=False, verbose=False)
         else:
             axes = {n: {0: BATCH} for n in batched + output_names}
@@ -154,10 +213,79 @@ def cleanup(model: Any, name: str, *, slim: bool = True) -> Any:
     return model
 
 
+def _spatial_dims(
+    pipe: Pipeline, opts: ExportOptions
+) -> tuple[TileShape, dict[str, tuple[Any, Any]]]:
+    """Example tile and per-input (h, w) dims of a dynamic export (empty when static).
+
+    The example sizes are >= 2 multiples and differ between axes and from the batch, so
+    torch.export neither specialises an axis (0/1) nor merges two axes (equal example sizes).
+    """
+    if not opts.dynamic:
+        return TileShape(opts.tile.h, opts.tile.w, 2), {}
+    if opts.exporter != "dynamo":
+        raise DeltaDiffError(
+            "--dynamic needs the dynamo exporter (--opset 21): the TorchScript exporter bakes the "
+            "trace size's Swin mask into the graph (DYNAMIC-FINDINGS)"
+        )
+    mult = pipe.cfg.lr_multiple
+    r = spatial_range(mult, opts)
+    # example multiples: >= 2 (no 0/1 specialisation) and different per axis (no merged axes)
+    lo_h, lo_w = max(2, r.lo[0]), max(2, r.lo[1])
+    kh = min(max(lo_h, opts.tile.h // mult), r.hi[0])
+    kw = min(max(lo_w, opts.tile.w // mult), r.hi[1])
+    if kw == kh:
+        if kw + 1 <= r.hi[1]:
+            kw += 1
+        elif kw - 1 >= lo_w:
+            kw -= 1
+        elif kh + 1 <= r.hi[0]:
+            kh += 1
+    if min(kh, kw) < 2 or kh == kw:
+        raise DeltaDiffError(
+            f"--min-lr/--max-lr: the dynamic range {r.lr_min[0]}x{r.lr_min[1]}.."
+            f"{r.lr_max[0]}x{r.lr_max[1]} is too narrow to trace; allow at least "
+            f"{3 * mult} LR pixels on one axis"
+        )
+    Dim = torch.export.Dim
+    hk = Dim("h", min=r.lo[0], max=r.hi[0])
+    wk = Dim("w", min=r.lo[1], max=r.hi[1])
+    lr = (mult * hk, mult * wk)
+    ratio = 1 if pipe.cfg.latent else 4  # state pixels per LR pixel
+    state = (ratio * mult * hk, ratio * mult * wk)
+    cond = lr if pipe.cfg.latent else state
+    spatial = {"lr": lr, "n_prior": state, "x": state, "y": state, "noise": state, "cond": cond}
+    return TileShape(mult * kh, mult * kw, 2), spatial
+
+
+def _label_dims(model: Any, labels: dict[str, tuple[str, str]]) -> None:
+    """Name the spatial axes of graph inputs/outputs by what they are (``4*h``: 4 x the LR
+    multiple count), so every graph, the manifest and TensorRT see one consistent name per size."""
+    for v in list(model.graph.input) + list(model.graph.output):
+        if v.name in labels:
+            dims = v.type.tensor_type.shape.dim
+            for axis, label in zip((2, 3), labels[v.name], strict=True):
+                dims[axis].ClearField("dim_value")
+                dims[axis].dim_param = label
+
+
+def _dim_labels(pipe: Pipeline) -> dict[str, tuple[str, str]]:
+    mult = pipe.cfg.lr_multiple
+    ratio = 1 if pipe.cfg.latent else 4
+
+    def lab(k: int) -> tuple[str, str]:
+        return (f"{k}*h", f"{k}*w") if k != 1 else ("h", "w")
+
+    lr, state, hr = lab(mult), lab(ratio * mult), lab(4 * mult)
+    out = {k: state for k in ("x", "y", "noise", "n_prior", "x_next")}
+    out.update(lr=lr, cond=lr if pipe.cfg.latent else state, image=hr)
+    return out
+
+
 def build_graphs(pipe: Pipeline, opts: ExportOptions) -> dict[str, Any]:
     """Export the encoder, step and decoder graphs (cleaned) and compose the unrolled graph."""
     # example batch 2: an example batch of 1 makes torch.export specialise the batch axis
-    tile = TileShape(opts.tile.h, opts.tile.w, 2)
+    tile, spatial = _spatial_dims(pipe, opts)
     g = torch.Generator().manual_seed(0)
     lr = torch.rand(tile.batch, 3, tile.h, tile.w, generator=g)
     sshape, cshape = state_shape(pipe, tile), cond_shape(pipe, tile)
@@ -175,15 +303,20 @@ def build_graphs(pipe: Pipeline, opts: ExportOptions) -> dict[str, Any]:
         ins = ["lr", PRIOR_NOISE] if noisy else ["lr"]
         args = (lr, torch.randn(sshape, generator=g)) if noisy else (lr,)
         models["encoder"] = _export_one(
-            EncoderGraph(pipe), args, ins, ["x", "y", "cond"], ins, opts
+            EncoderGraph(pipe), args, ins, ["x", "y", "cond"], ins, opts, spatial
         )
     if "step" in want:
         ins = ["x", "y", "cond", "t", "coef"] + (["noise"] if noisy else [])
         args = (x, y, cond, t, coef) + ((torch.randn(sshape, generator=g),) if noisy else ())
         batched = ["x", "y", "cond"] + (["noise"] if noisy else [])
-        models["step"] = _export_one(StepGraph(pipe), args, ins, ["x_next"], batched, opts)
+        models["step"] = _export_one(StepGraph(pipe), args, ins, ["x_next"], batched, opts, spatial)
     if "decoder" in want:
-        models["decoder"] = _export_one(DecoderGraph(pipe), (x,), ["x"], ["image"], ["x"], opts)
+        models["decoder"] = _export_one(
+            DecoderGraph(pipe), (x,), ["x"], ["image"], ["x"], opts, spatial
+        )
+    if spatial:
+        for m in models.values():
+            _label_dims(m, _dim_labels(pipe))
     models = {k: cleanup(m, k, slim=opts.slim) for k, m in models.items()}
     if "unrolled" in opts.graphs:
         un = compose_unrolled(models["encoder"], models["step"], models["decoder"], pipe.table)
@@ -247,6 +380,7 @@ def export_onnx(
             f"tile {opts.tile.h}x{opts.tile.w} is not a multiple of {mult} (LR) for "
             f"{pipe.cfg.family}; choose --tile as a multiple of {mult}"
         )
+    rng = spatial_range(mult, opts) if opts.dynamic else None
     models = build_graphs(pipe, opts)
     records = {name: write_graph(out, name, m, "fp32") for name, m in models.items()}
     manifest = Manifest(
@@ -262,6 +396,9 @@ def export_onnx(
         source=source,
         model_config=pipe.cfg.to_dict(),
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        dynamic=opts.dynamic,
+        lr_min=rng.lr_min if rng else None,
+        lr_max=rng.lr_max if rng else None,
     )
     save_manifest(out, manifest)
     return manifest

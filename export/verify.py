@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deltadiff.errors import VerificationError
+from deltadiff.errors import DeltaDiffError, VerificationError
 from deltadiff.model.pipeline import Pipeline
 from deltadiff.options import Backend, Mode, Precision, parse
 from deltadiff.runtime.backends import open_backend
@@ -93,7 +93,10 @@ def verify(
     vq_weights: str | Path | None = None,
     record: bool = True,
     modes: tuple[Mode, ...] = (Mode.STAGED, Mode.UNROLLED),
+    lr_hw: tuple[int, int] | None = None,
 ) -> VerifyReport:
+    """``lr_hw``: LR size to verify at (dynamic models; default the tile). A size that is not a
+    multiple of the pad multiple is reflect-padded as the runtime does."""
     model_dir = Path(model_dir)
     backend = parse(Backend, backend, "backend")
     precision = parse(Precision, precision, "precision")
@@ -102,15 +105,31 @@ def verify(
     pipe = Pipeline.from_manifest(
         m, unet_weights=unet_weights, vq_weights=vq_weights, model_dir=model_dir
     )
-    if images:
+    if lr_hw is not None and tuple(lr_hw) != tuple(m.tile):
+        from deltadiff.runtime.tiling import pad_amounts, reflect_pad
+
+        if images:
+            raise DeltaDiffError("verify at another size (--size) takes random tiles, not --images")
+        ph, pw = pad_amounts(*lr_hw, m.lr_multiple, m.lr_range()[0])
+        if not m.accepts(lr_hw[0] + ph, lr_hw[1] + pw):
+            (h0, w0), (h1, w1) = m.lr_range()
+            raise DeltaDiffError(
+                f"--size {lr_hw[0]}x{lr_hw[1]}: the graphs accept LR {h0}x{w0}..{h1}x{w1} "
+                + ("in multiples of " + str(m.lr_multiple) if m.dynamic else "(static export)")
+            )
+        rng = np.random.default_rng(seed)
+        lr = reflect_pad(rng.random((batch, 3, *lr_hw), dtype=np.float32), ph, pw)
+        what = f"{batch} random LR {lr_hw[0]}x{lr_hw[1]} padded to {lr.shape[2]}x{lr.shape[3]}, seed {seed}"
+    elif images:
         lr = image_tiles(m, images)
         what = f"{len(images)} image tile(s)"
     else:
         rng = np.random.default_rng(seed)
         lr = rng.random((batch, 3, *m.tile), dtype=np.float32)
         what = f"{batch} random LR tile(s), seed {seed}"
+    lr = np.ascontiguousarray(lr)
     B = lr.shape[0]
-    sh, sw = m.state_hw()
+    sh, sw = m.state_hw(lr.shape[2:])
     noise = noise_field(m.noise_names, (B, 3, sh, sw), seed + 1)
     report = VerifyReport(
         backend,

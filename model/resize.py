@@ -37,16 +37,18 @@ def phase_weights(kind: str) -> np.ndarray:
     return w
 
 
-def _border_index(n: int, mode: str) -> torch.Tensor:
-    """Indices of an axis of length n padded by 2 on both sides."""
-    idx = np.arange(-2, n + 2)
+def _border_index(n: int, mode: str, device: torch.device | None = None) -> torch.Tensor:
+    """Indices of an axis of length n padded by 2 on both sides.
+
+    Tensor ops, so a symbolic n (dynamic export) stays in the graph; a static export folds it.
+    """
+    idx = torch.arange(-2, n + 2, device=device)
     if mode == "replicate":
-        idx = np.clip(idx, 0, n - 1)
-    else:  # symmetric, repeating the edge; folded repeatedly for tiny n
-        period = 2 * n
-        idx = np.mod(idx, period)
-        idx = np.where(idx >= n, period - 1 - idx, idx)
-    return torch.from_numpy(idx.astype(np.int64))
+        return idx.clamp(0, n - 1)
+    # symmetric, repeating the edge: one fold is exact for n >= 2; the clamp covers n == 1
+    idx = torch.where(idx < 0, -1 - idx, idx)
+    idx = torch.where(idx >= n, 2 * n - 1 - idx, idx)
+    return idx.clamp(0, n - 1)
 
 
 class BicubicUp4(nn.Module):
@@ -66,11 +68,11 @@ class BicubicUp4(nn.Module):
         mode = BORDER[self.kind]
         y = x.reshape(B * C, 1, h, w)
         # height: pad, 4 phases as channels, interleave phases into rows
-        y = torch.index_select(y, 2, _border_index(h, mode).to(x.device))  # (BC, 1, h+4, w)
+        y = torch.index_select(y, 2, _border_index(h, mode, x.device))  # (BC, 1, h+4, w)
         y = nn.functional.conv2d(y, self.w_h)  # (BC, 4, h, w)
         y = y.permute(0, 2, 1, 3).reshape(B * C, 1, 4 * h, w)
         # width
-        y = torch.index_select(y, 3, _border_index(w, mode).to(x.device))  # (BC, 1, 4h, w+4)
+        y = torch.index_select(y, 3, _border_index(w, mode, x.device))  # (BC, 1, 4h, w+4)
         y = nn.functional.conv2d(y, self.w_w)  # (BC, 4, 4h, w)
         y = y.permute(0, 2, 3, 1).reshape(B, C, 4 * h, 4 * w)
         return y

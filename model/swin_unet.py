@@ -2,8 +2,10 @@
 
 Built bottom-up: norms and embeddings, ResBlock, Swin pieces, then the UNet. Module and parameter
 names reproduce the upstream state dicts (``keys_deltadiff_unet.tsv``, ``keys_resshift_unet.tsv``).
-Inference only; one forward path. Shapes are static per call, so the shifted-window mask and the
-relative position bias become constants when exported.
+Inference only; one forward path. The shifted-window mask is built with tensor ops from the runtime
+feature size (``shift_mask_like``), so a static export folds it to a constant and a dynamic export
+(symbolic H, W) computes it in the graph. The window/shift clamp is decided from the config at
+construction, never from the runtime size.
 """
 
 from __future__ import annotations
@@ -128,6 +130,24 @@ def shift_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
     return torch.from_numpy(_upstream_shift_mask(h, w, window, shift).copy())
 
 
+def shift_mask_like(x: torch.Tensor, window: int, shift: int) -> torch.Tensor:
+    """The same mask as ``shift_mask(H, W, window, shift)``, from tensor ops on x's (H, W).
+
+    Exportable with symbolic H, W (DYNAMIC-FINDINGS): window-row r, in-window column j,
+    y = r*window + j; region = (y >= H - window) + (y >= H - shift); -100 where the regions of
+    the two tokens differ (only the last window row can differ), repeated over window columns.
+    """
+    H, W = x.shape[-2], x.shape[-1]
+    n_h, n_w, n = H // window, W // window, window * window
+    r = torch.arange(n_h, device=x.device)[:, None]  # (n_h, 1)
+    j = torch.arange(n, device=x.device)[None, :] % window  # (1, N)
+    y = r * window + j  # (n_h, N)
+    region = (y >= H - window).to(torch.int64) + (y >= H - shift).to(torch.int64)
+    differ = region[:, :, None] != region[:, None, :]  # (n_h, N, N)
+    mask = differ.to(torch.float32) * -100.0
+    return mask[:, None].expand(n_h, n_w, n, n).reshape(n_h * n_w, n, n)
+
+
 class WindowAttention(nn.Module):
     def __init__(self, dim: int, window: int, heads: int) -> None:
         super().__init__()
@@ -198,7 +218,7 @@ class SwinTransformerBlock(nn.Module):
         # window partition: (B, C, H/ws, ws, W/ws, ws) -> (B, H/ws, W/ws, ws, ws, C) -> (B*nW, N, C)
         h = h.reshape(B, C, H // ws, ws, W // ws, ws).permute(0, 2, 4, 3, 5, 1)
         h = h.reshape(-1, ws * ws, C)
-        mask = shift_mask(H, W, ws, s).to(x.device) if s > 0 else None
+        mask = shift_mask_like(x, ws, s) if s > 0 else None
         h = self.attn(h, mask)
         # window reverse: (B*nW, N, C) -> (B, H/ws, W/ws, ws, ws, C) -> (B, C, H, W)
         h = h.reshape(B, H // ws, W // ws, ws, ws, C).permute(0, 5, 1, 3, 2, 4)

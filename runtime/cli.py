@@ -73,7 +73,17 @@ def upscale(
         str, typer.Option(help="fp32 | fp16 | int8 (graphs/engines of that precision)")
     ] = Precision.FP32,
     mode: Annotated[str, typer.Option(help="staged | unrolled graph execution")] = DEFAULT_MODE,
-    tile: Annotated[int | None, typer.Option(help="LR tile side (must match the export).")] = None,
+    tile: Annotated[
+        int | None,
+        typer.Option(
+            help="LR tile side. Dynamic models: any multiple in range (default: whole image "
+            "when it fits, else the largest tile that fits); static models: the export's."
+        ),
+    ] = None,
+    max_memory: Annotated[
+        float | None,
+        typer.Option(help="GiB of peak memory for a CPU run (default: half of what is free)."),
+    ] = None,
     overlap: Annotated[int | None, typer.Option(help="Tile overlap in LR pixels.")] = None,
     batch: Annotated[int, typer.Option(help="Tiles per backend call.")] = 1,
     threads: Annotated[int, typer.Option(help="CPU threads for onnxruntime (0: all).")] = 0,
@@ -110,6 +120,7 @@ def upscale(
             overlap=overlap,
             batch=batch,
             seed=seed,
+            max_memory=max_memory,
         )
         if suffix is not None and not suffix.startswith("."):
             suffix = "." + suffix
@@ -141,7 +152,7 @@ def upscale(
 
         def on_tile(src: Path, done: int, total: int) -> None:
             if done == 0 and total > 1:  # a big image: say up front what it will run
-                th, tw = up.m.tile
+                th, tw = up.last_plan.tile
                 if not quiet:
                     bar.console.print(f"{src.name}: {total} tiles of {th}x{tw} LR", highlight=False)
                 bar.reset(tiles, total=total, name=f"tiles of {src.name}", visible=True)
@@ -170,21 +181,44 @@ def info(
     model: Annotated[
         Path | None, typer.Option(help="Model directory (default: bundled demo).")
     ] = None,
+    backend: Annotated[str, typer.Option(help="Backend the fit is for.")] = "onnxruntime",
+    precision: Annotated[str, typer.Option(help="fp32 | fp16")] = "fp32",
+    mode: Annotated[str, typer.Option(help="staged | unrolled")] = "staged",
+    max_memory: Annotated[
+        float | None, typer.Option(help="GiB of peak memory (default: half of what is free).")
+    ] = None,
+    size: Annotated[
+        list[str] | None,
+        typer.Option(help="LR image size WxH to show the plan for (repeatable), e.g. 640x480."),
+    ] = None,
 ) -> None:
-    """Show a model directory's manifest summary (family, tile, graphs, engines, verification)."""
+    """Show a model directory's manifest summary (family, tile/range, graphs, engines,
+    verification) and what fits: which image sizes run whole and which tile larger ones use."""
     setup_logging(False)
     from deltadiff.runtime.manifest import load_manifest
-    from deltadiff.runtime.upscaler import default_model_dir
+    from deltadiff.runtime.upscaler import UpscaleOptions, default_model_dir
 
     try:
         d = model or default_model_dir()
         m = load_manifest(d)
+        opts = UpscaleOptions(
+            backend=backend, precision=precision, mode=mode, max_memory=max_memory
+        )
+        sizes = [_size(x) for x in size or []]
     except DeltaDiffError as exc:
         fail(exc)
     typer.echo(f"model       {m.name} ({m.family}) at {d}")
-    typer.echo(
-        f"tile        {m.tile[0]}x{m.tile[1]} LR -> {4 * m.tile[0]}x{4 * m.tile[1]}, batch {m.batch[0]}..{m.batch[1]}"
-    )
+    if m.dynamic:
+        (h0, w0), (h1, w1) = m.lr_range()
+        typer.echo(
+            f"shapes      dynamic: LR {h0}x{w0}..{h1}x{w1} (HxW), pad multiple {m.lr_multiple}; "
+            f"optimum {m.tile[0]}x{m.tile[1]}; batch {m.batch[0]}..{m.batch[1]}"
+        )
+    else:
+        typer.echo(
+            f"tile        {m.tile[0]}x{m.tile[1]} LR -> {4 * m.tile[0]}x{4 * m.tile[1]}, "
+            f"batch {m.batch[0]}..{m.batch[1]} (static shapes; pad multiple {m.lr_multiple})"
+        )
     typer.echo(
         f"step rule   {m.step_table.rule}; rows "
         + ", ".join(
@@ -195,14 +229,79 @@ def info(
     for k, g in m.graphs.items():
         typer.echo(f"graph       {k:<14} {g.file:<24} {g.bytes / 1e6:8.1f} MB  {g.precision}")
     for e in m.engines:
+        prof = "; profiles " + " ".join(
+            ":".join(f"{a}x{b}" for a, b in p) for p in e.get("profiles", [])
+        )
         typer.echo(
             f"engine      {e.get('graph')} {e.get('file')} {e.get('flavour')} {e.get('precision')}"
+            + (prof if e.get("profiles") else "")
+        )
+    for k, r in m.memory.items():
+        typer.echo(
+            f"memory      {k}: {r.get('mib_per_hr_megapixel')} MiB per HR megapixel + "
+            f"{r['base_bytes'] / (1 << 20):.0f} MiB (peak RSS, measured {r.get('date', '?')[:10]})"
         )
     v = m.verification
     if v:
         typer.echo(
             f"verified    {v.get('backend')} {v.get('precision')}: end-to-end PSNR {v.get('psnr_db')} dB, passed={v.get('passed')}"
         )
+    for line in fit_lines(m, opts, sizes):
+        typer.echo(line)
+
+
+def _size(text: str) -> tuple[int, int]:
+    """WxH (image convention) -> (h, w)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise DeltaDiffError(
+            f"--size {text!r}: give WIDTHxHEIGHT in LR pixels, e.g. 640x480"
+        ) from None
+    if w <= 0 or h <= 0:
+        raise DeltaDiffError(f"--size {text!r}: width and height must be positive")
+    return h, w
+
+
+def fit_lines(m, opts, sizes: list[tuple[int, int]]) -> list[str]:  # noqa: ANN001
+    """What fits: the whole-image limit for these options and the plan for given sizes."""
+    from deltadiff.runtime.memory import default_budget
+    from deltadiff.runtime.upscaler import fixed_tile, max_lr_pixels, plan_image
+
+    where = f"{opts.backend}/{opts.precision}/{opts.mode}"
+    out = []
+    max_px = max_lr_pixels(m, opts)
+    if fixed_tile(m, opts):
+        th, tw = m.tile
+        why = "static export" if not m.dynamic else "TensorRT runs the engines' optimum size"
+        out.append(
+            f"fits        {where}: whole up to {tw}x{th} LR (WxH); larger images run in "
+            f"{tw}x{th} tiles ({why})"
+        )
+    else:
+        (h0, w0), (h1, w1) = m.lr_range()
+        if max_px is None:
+            limit = "no memory limit applied (GPU)"
+        elif opts.memory_key() not in m.memory:
+            limit = (
+                f"no memory measurement for {where}: whole images up to the optimum's area "
+                f"({max_px / 1e6:.3f} LR MP); record one with dd-export measure-memory"
+            )
+        else:
+            budget = opts.max_memory * (1 << 30) if opts.max_memory else default_budget()
+            side = int(max_px**0.5) // m.lr_multiple * m.lr_multiple
+            limit = (
+                f"budget {budget / (1 << 30):.1f} GiB -> whole images up to {max_px / 1e6:.3f} "
+                f"LR MP (about {side}x{side})"
+            )
+        out.append(
+            f"fits        {where}: whole images up to {w1}x{h1} LR (WxH) within the range; " + limit
+        )
+    for h, w in sizes:
+        p = plan_image(m, opts, h, w, max_px)
+        what = "whole" if p.whole else f"tiles of {p.tile[1]}x{p.tile[0]}"
+        out.append(f"plan        {w}x{h} LR -> {4 * w}x{4 * h}: {what} ({p.reason})")
+    return out
 
 
 @app.command()

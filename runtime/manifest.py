@@ -101,6 +101,14 @@ class Manifest:
     verification: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     schema_version: int = SCHEMA_VERSION
+    # Dynamic spatial shapes (dd-export onnx --dynamic): LR height/width may be any multiple of
+    # lr_multiple (the pad multiple) in [lr_min, lr_max]; ``tile`` is then the optimum size.
+    dynamic: bool = False
+    lr_min: tuple[int, int] | None = None
+    lr_max: tuple[int, int] | None = None
+    # Peak-RSS model of a real run, per "<backend>/<precision>/<mode>" (dd-export measure-memory):
+    # {"base_bytes", "bytes_per_hr_px", "sizes", ...}; the runtime sizes whole images / tiles with it.
+    memory: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -114,6 +122,18 @@ class Manifest:
     def state_hw(self, lr_hw: tuple[int, int] | None = None) -> tuple[int, int]:
         h, w = lr_hw or self.tile
         return (h, w) if self.latent else (4 * h, 4 * w)
+
+    def lr_range(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(min, max) LR (h, w) the graphs accept; a static export accepts its tile only."""
+        if self.dynamic and self.lr_min and self.lr_max:
+            return self.lr_min, self.lr_max
+        return self.tile, self.tile
+
+    def accepts(self, h: int, w: int) -> bool:
+        """True if an LR input of exactly (h, w) is valid for the graphs."""
+        (h0, w0), (h1, w1) = self.lr_range()
+        m = self.lr_multiple if self.dynamic else 1
+        return h0 <= h <= h1 and w0 <= w <= w1 and h % m == 0 and w % m == 0
 
     def graph(
         self, name: str, precision: Precision | str = Precision.FP32, target: str | None = None
@@ -166,6 +186,8 @@ class Manifest:
         d["step_table"] = self.step_table.to_dict()
         d["tile"] = list(self.tile)
         d["batch"] = list(self.batch)
+        for k in ("lr_min", "lr_max"):
+            d[k] = list(d[k]) if d[k] is not None else None
         return d
 
     @staticmethod
@@ -224,6 +246,31 @@ class Manifest:
             )
         tile = _pair(_field(d, "tile", list, where), "tile", where)
         batch = _pair(_field(d, "batch", list, where), "batch", where)
+        dynamic = d.get("dynamic", False)
+        if not isinstance(dynamic, bool):
+            raise ManifestError(f"{where}: 'dynamic' must be true or false; {REBUILD_HINT}")
+        lr_min = d.get("lr_min")
+        lr_max = d.get("lr_max")
+        if dynamic:
+            lr_min = _pair(_field(d, "lr_min", list, where), "lr_min", where)
+            lr_max = _pair(_field(d, "lr_max", list, where), "lr_max", where)
+            if not (lr_min[0] <= tile[0] <= lr_max[0] and lr_min[1] <= tile[1] <= lr_max[1]):
+                raise ManifestError(
+                    f"{where}: tile {list(tile)} is outside [lr_min, lr_max]; {REBUILD_HINT}"
+                )
+        else:
+            lr_min = lr_max = None
+        memory = d.get("memory", {})
+        if not isinstance(memory, dict) or not all(
+            isinstance(v, dict)
+            and isinstance(v.get("base_bytes"), int | float)
+            and isinstance(v.get("bytes_per_hr_px"), int | float)
+            for v in memory.values()
+        ):
+            raise ManifestError(
+                f"{where}: 'memory' must map names to {{base_bytes, bytes_per_hr_px}}; "
+                "re-run dd-export measure-memory"
+            )
         fam = _field(d, "family", str, where)
         if fam not in ("deltadiff-latent", "deltadiff-pixel", "resshift-v3"):
             raise ManifestError(f"{where}: family {fam!r} is unknown; {REBUILD_HINT}")
@@ -243,6 +290,10 @@ class Manifest:
             verification=dict(d.get("verification", {})),
             created=str(d.get("created", "")),
             schema_version=ver,
+            dynamic=dynamic,
+            lr_min=lr_min,
+            lr_max=lr_max,
+            memory=dict(memory),
         )
 
 

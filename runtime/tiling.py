@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -100,3 +102,58 @@ class Blender:
         if (self.wsum <= 0).any():
             raise RuntimeError("tiling left output pixels uncovered")  # internal invariant
         return (self.acc / self.wsum).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- tile choice
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How one image runs: LR tile (h, w) per backend call; ``whole`` if one call covers it."""
+
+    tile: tuple[int, int]
+    whole: bool
+    reason: str
+
+
+def plan_tiles(
+    h: int,
+    w: int,
+    *,
+    multiple: int,
+    lr_min: tuple[int, int],
+    lr_max: tuple[int, int],
+    max_lr_px: int | None = None,
+    tile: int | None = None,
+) -> TilePlan:
+    """Choose the tile for an (h, w) LR image on graphs that accept LR sizes that are multiples
+    of ``multiple`` in [lr_min, lr_max] (a static export: lr_min == lr_max == its tile).
+
+    ``tile``: the user's choice of side (clamped to the padded image). Otherwise the padded image
+    runs whole when it is in range and has at most ``max_lr_px`` LR pixels (the memory budget);
+    else it runs in the largest square-ish tiles that fit both.
+    """
+    ph, pw = pad_amounts(h, w, multiple, lr_min)
+    H, W = h + ph, w + pw  # the padded image
+    fixed = lr_min == lr_max
+    if fixed:
+        return TilePlan(lr_min, lr_min[0] >= H and lr_min[1] >= W, "static export")
+    if tile is not None:
+        t = (min(H, tile), min(W, tile))
+        return TilePlan(t, t == (H, W), f"--tile {tile}")
+    budget = max_lr_px if max_lr_px is not None else H * W
+    if lr_max[0] >= H and lr_max[1] >= W and budget >= H * W:
+        return TilePlan((H, W), True, "fits the model's range and the memory budget")
+    side = max(lr_max)
+    side -= side % multiple
+    while side > multiple:
+        th = min(H, side, lr_max[0] - lr_max[0] % multiple)
+        tw = min(W, side, lr_max[1] - lr_max[1] % multiple)
+        if th * tw <= budget and th >= lr_min[0] and tw >= lr_min[1]:
+            break
+        side -= multiple
+    th = max(lr_min[0], min(H, side, lr_max[0] - lr_max[0] % multiple))
+    tw = max(lr_min[1], min(W, side, lr_max[1] - lr_max[1] % multiple))
+    hmax, wmax = lr_max[0] - lr_max[0] % multiple, lr_max[1] - lr_max[1] % multiple
+    why = "the memory budget" if th * tw < min(H, hmax) * min(W, wmax) else "the model's maximum"
+    return TilePlan((th, tw), False, f"largest tile within {why}")

@@ -1,9 +1,11 @@
 """Image-level upscaling: pad, tile, batch tiles, run the executor, blend; and the file batch job.
 
-Only manifest numbers drive padding and tiling (tile shape, LR multiple, batch range); the
-family is never special-cased. Tiles overlap and are blended with complementary raised-cosine
-ramps in HR space. ``resshift-v3`` noise is drawn once per image at the full padded state size
-and cropped per tile, so all tiles see one continuous field.
+Only manifest numbers drive padding and tiling (tile shape or dynamic range, LR multiple, batch
+range, measured memory); the family is never special-cased. A dynamic model runs an image whole
+when it fits the range and the memory budget, else in the largest tiles that fit
+(``tiling.plan_tiles``); a static model runs its exported tile. Tiles overlap and are blended
+with complementary raised-cosine ramps in HR space. ``resshift-v3`` noise is drawn once per
+image at the full padded state size and cropped per tile, so all tiles see one continuous field.
 """
 
 from __future__ import annotations
@@ -29,8 +31,16 @@ from deltadiff.runtime.imageio import (
     write_image,
 )
 from deltadiff.runtime.manifest import Manifest, load_manifest
+from deltadiff.runtime.memory import default_budget, max_hr_pixels, record_key
 from deltadiff.runtime.noise import noise_field
-from deltadiff.runtime.tiling import Blender, axis_weights, reflect_pad, tile_starts
+from deltadiff.runtime.tiling import (
+    Blender,
+    TilePlan,
+    axis_weights,
+    plan_tiles,
+    reflect_pad,
+    tile_starts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +64,54 @@ class UpscaleOptions:
     precision: Precision = Precision.FP32
     mode: Mode = DEFAULT_MODE
     threads: int = 0
-    tile: int | None = None  # LR tile side; must match the exported tile
+    tile: int | None = None  # LR tile side; dynamic models: a choice, static: the export's
     overlap: int | None = None  # LR pixels; default tile // 8 (at least 4)
     batch: int = 1
     blend: str = "cosine"  # or "crop" (naive, for comparison)
     seed: int = 0  # noise seed (resshift-v3 only)
     device: int = 0
+    max_memory: float | None = None  # GiB of peak RSS for a CPU run (default: half of MemAvailable)
+
+    def memory_key(self) -> str:
+        return record_key(self.backend, self.precision, self.mode)
 
     def __post_init__(self) -> None:
         """Accept text for the typed options (CLI, callers): one line if a value is unknown."""
         object.__setattr__(self, "backend", parse(Backend, self.backend, "--backend"))
         object.__setattr__(self, "precision", parse(Precision, self.precision, "--precision"))
         object.__setattr__(self, "mode", parse(Mode, self.mode, "--mode"))
+
+
+def fixed_tile(m: Manifest, opts: UpscaleOptions) -> bool:
+    """Static exports run their tile; TensorRT chains run the engines' optimum (the manifest
+    tile) too. ONNX Runtime runs a dynamic model at any size in its range."""
+    return not m.dynamic or opts.backend == "tensorrt"
+
+
+def max_lr_pixels(m: Manifest, opts: UpscaleOptions) -> int | None:
+    """LR pixels per backend call within the memory budget (CPU onnxruntime), or None.
+
+    From the manifest's measured peak RSS per HR pixel (``dd-export measure-memory``); without a
+    measurement for this precision/mode a CPU run stays within the exported tile's area.
+    """
+    if fixed_tile(m, opts) or opts.backend is not Backend.ONNXRUNTIME:
+        return None
+    rec = m.memory.get(opts.memory_key())
+    if rec is None:
+        return m.tile[0] * m.tile[1]
+    budget = int(opts.max_memory * (1 << 30)) if opts.max_memory else default_budget()
+    return max_hr_pixels(rec, budget) // (m.scale * m.scale) // max(1, opts.batch)
+
+
+def plan_image(m: Manifest, opts: UpscaleOptions, h: int, w: int, max_px: int | None) -> TilePlan:
+    """The tile an (h, w) LR image runs with (whole image when it fits)."""
+    if fixed_tile(m, opts):
+        th, tw = m.tile
+        return TilePlan((th, tw), h <= th and w <= tw, "static tile")
+    lo, hi = m.lr_range()
+    return plan_tiles(
+        h, w, multiple=m.lr_multiple, lr_min=lo, lr_max=hi, max_lr_px=max_px, tile=opts.tile
+    )
 
 
 class Upscaler:
@@ -90,18 +136,33 @@ class Upscaler:
                 }.get(opts.precision, "")
             )
         th, tw = self.m.tile
-        if opts.tile is not None and (opts.tile, opts.tile) != (th, tw):
+        self.fixed_tile = fixed_tile(self.m, opts)
+        if opts.tile is not None and self.fixed_tile and (opts.tile, opts.tile) != (th, tw):
             raise DeltaDiffError(
-                f"--tile {opts.tile}: this model was exported for {th}x{tw} LR tiles (static shapes); "
-                f"use --tile {th} or re-export with dd-export onnx --tile {opts.tile}"
+                f"--tile {opts.tile}: this model runs {th}x{tw} LR tiles "
+                + (
+                    "on TensorRT (the engines' optimum size)"
+                    if self.m.dynamic
+                    else "(static shapes); "
+                    f"use --tile {th} or re-export with dd-export onnx --dynamic"
+                )
             )
+        if opts.tile is not None and not self.fixed_tile:
+            (h0, w0), (h1, w1) = self.m.lr_range()
+            mult = self.m.lr_multiple
+            if opts.tile % mult or not max(h0, w0) <= opts.tile <= min(h1, w1):
+                raise DeltaDiffError(
+                    f"--tile {opts.tile}: choose a multiple of {mult} in "
+                    f"[{max(h0, w0)}, {min(h1, w1)}] for this model (or leave --tile out)"
+                )
+        self.max_lr_px = max_lr_pixels(self.m, opts)
         lo, hi = self.m.batch
         if not lo <= opts.batch <= hi:
             raise DeltaDiffError(
                 f"--batch {opts.batch} is outside the model's batch range [{lo}, {hi}]"
             )
         self.overlap = opts.overlap if opts.overlap is not None else max(4, min(th, tw) // 8)
-        if not 0 <= self.overlap < min(th, tw):
+        if self.fixed_tile and not 0 <= self.overlap < min(th, tw):
             raise DeltaDiffError(
                 f"--overlap {self.overlap} must be in [0, {min(th, tw)}) for {th}x{tw} tiles"
             )
@@ -117,6 +178,10 @@ class Upscaler:
         )
         self.executor = Executor(self.m, self.backend, mode=opts.mode)
 
+    def plan(self, h: int, w: int) -> TilePlan:
+        """The tile an (h, w) LR image runs with (whole image when it fits)."""
+        return plan_image(self.m, self.opts, h, w, self.max_lr_px)
+
     def close(self) -> None:
         self.backend.close()
 
@@ -126,15 +191,23 @@ class Upscaler:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _tile_grid(self, h: int, w: int) -> tuple[list[int], list[int]]:
-        """Tile start offsets (rows, columns) for an h x w LR image (after padding to a tile)."""
-        th, tw = self.m.tile
-        H, W = max(h, th), max(w, tw)
-        return tile_starts(H, th, self.overlap), tile_starts(W, tw, self.overlap)
+    def _layout(self, h: int, w: int) -> tuple[TilePlan, list[int], list[int]]:
+        """The tile plan for an h x w LR image and its tile start offsets (rows, columns)."""
+        plan = self.plan(h, w)
+        th, tw = plan.tile
+        overlap = self.overlap
+        if self.opts.overlap is None and not self.fixed_tile:
+            overlap = max(4, min(th, tw) // 8)
+        if not plan.whole and overlap >= min(th, tw):
+            raise DeltaDiffError(
+                f"--overlap {overlap} must be below the {th}x{tw} tile; choose a smaller --overlap"
+            )
+        H, W = max(h, th), max(w, tw)  # small images are reflect-padded up to the tile
+        return plan, tile_starts(H, th, overlap), tile_starts(W, tw, overlap)
 
     def tile_count(self, h: int, w: int) -> int:
-        """How many tiles an h x w LR image runs as."""
-        ys, xs = self._tile_grid(h, w)
+        """How many tiles an h x w LR image runs as (1: whole)."""
+        _plan, ys, xs = self._layout(h, w)
         return len(ys) * len(xs)
 
     def upscale(
@@ -147,12 +220,22 @@ class Upscaler:
         if rgb.ndim != 3 or rgb.shape[2] != 3:
             raise DeltaDiffError(f"expected an (h, w, 3) RGB array, got shape {rgb.shape}")
         h, w = rgb.shape[:2]
-        th, tw = self.m.tile
+        plan, ys, xs = self._layout(h, w)
+        self.last_plan = plan
+        th, tw = plan.tile
+        log.debug(
+            "%dx%d LR: %s tile %dx%d (%s)",
+            h,
+            w,
+            "whole" if plan.whole else "tiled",
+            th,
+            tw,
+            plan.reason,
+        )
         s = self.m.scale
         lr = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)  # (3, h, w)
         lr = reflect_pad(lr, max(0, th - h), max(0, tw - w))
         H, W = lr.shape[1:]
-        ys, xs = self._tile_grid(h, w)
         wys = axis_weights(ys, th, s, self.opts.blend)
         wxs = axis_weights(xs, tw, s, self.opts.blend)
         noise = None

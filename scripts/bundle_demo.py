@@ -3,8 +3,13 @@ weights/demo-pixel/, exported graphs + manifest under runtime/models/demo-pixel/
 then the INT8 graphs (calibrated on 4 validation images, gated on the other 12).
 
     python scripts/bundle_demo.py --run runs/demo --iters 3500 --rule posterior --tile 68
+    python scripts/bundle_demo.py --rule posterior --tile 68 --dynamic   # re-export the bundled weights
 
-Only the INT8 step (after a re-export, e.g. with dynamic shapes):
+``--dynamic`` exports dynamic LR height/width (``--max-lr``, default 512) with ``--tile`` as the
+optimum size, and records the peak memory per pixel of ONNX Runtime CPU in the manifest
+(``dd-export measure-memory``), so ``dd-run upscale`` runs images that fit whole.
+Without ``--run`` the weights already under weights/demo-pixel/ are re-exported. Every bundle run
+ends with the INT8 calibration of the step graphs; only that step (after a re-export):
 
     python scripts/bundle_demo.py --int8-only
     (= dd-export calibrate --model runtime/models/demo-pixel --data ../shared/data/val-bicubic-x4
@@ -17,6 +22,7 @@ import argparse
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -33,15 +39,18 @@ from deltadiff.model.checkpoint import (
 )
 from deltadiff.model.config import from_upstream_yaml, to_upstream_yaml_dict
 from deltadiff.model.pipeline import Pipeline
-from deltadiff.runtime.manifest import sha256_file
+from deltadiff.runtime.manifest import load_manifest, save_manifest, sha256_file
+from deltadiff.runtime.memory import measure, record_key
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", type=Path, help="trainer run directory")
-    ap.add_argument("--iters", type=int, help="which EMA checkpoint")
+    ap.add_argument(
+        "--run", type=Path, help="trainer run directory (default: re-export the bundle)"
+    )
+    ap.add_argument("--iters", type=int, help="which EMA checkpoint (with --run)")
     ap.add_argument(
         "--int8-data",
         type=Path,
@@ -56,12 +65,17 @@ def main() -> None:
     )
     ap.add_argument("--tile", type=int, default=128)
     ap.add_argument("--max-batch", type=int, default=4)
+    ap.add_argument("--dynamic", action="store_true", help="dynamic LR height/width")
+    ap.add_argument("--max-lr", type=int, default=512, help="--dynamic: largest LR side")
+    ap.add_argument(
+        "--memory-sizes", default="64,128,192", help="--dynamic: LR sides of the memory runs"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     mdir = REPO / "runtime" / "models" / "demo-pixel"
     if not args.int8_only:
-        if args.run is None or args.iters is None:
-            ap.error("--run and --iters are required (or pass --int8-only)")
+        if args.run is not None and args.iters is None:
+            ap.error("--run needs --iters")
         bundle(args, mdir)
     res = calibrate(
         CalibrateOptions(model=mdir, data=args.int8_data, samples=4, threads=2),
@@ -76,17 +90,22 @@ def main() -> None:
 def bundle(args: argparse.Namespace, mdir: Path) -> None:
     wdir = REPO / "weights" / "demo-pixel"
     wdir.mkdir(parents=True, exist_ok=True)
-    ema = canonicalize(read_weights(args.run / "ema_ckpts" / f"ema_model_{args.iters}.pth"))
-    cfg = from_upstream_yaml(args.run / "config.yaml").replace(
-        step_rule=args.rule, name="demo-pixel"
-    )
-    save_trainer_checkpoint(wdir / "demo-pixel.pth", ema, args.iters)  # EMA weights, trainer layout
-    save_safetensors(wdir / "demo-pixel.safetensors", ema)
-    (wdir / "config.yaml").write_text(
-        yaml.safe_dump(to_upstream_yaml_dict(cfg, "demo-pixel.pth"), sort_keys=False)
-    )
-    for f in ("log.jsonl", "options.json"):
-        shutil.copy(args.run / f, wdir / f)
+    if args.run is not None:
+        ema = canonicalize(read_weights(args.run / "ema_ckpts" / f"ema_model_{args.iters}.pth"))
+        cfg = from_upstream_yaml(args.run / "config.yaml").replace(
+            step_rule=args.rule, name="demo-pixel"
+        )
+        save_trainer_checkpoint(wdir / "demo-pixel.pth", ema, args.iters)  # EMA, trainer layout
+        save_safetensors(wdir / "demo-pixel.safetensors", ema)
+        (wdir / "config.yaml").write_text(
+            yaml.safe_dump(to_upstream_yaml_dict(cfg, "demo-pixel.pth"), sort_keys=False)
+        )
+        for f in ("log.jsonl", "options.json"):
+            shutil.copy(args.run / f, wdir / f)
+    else:
+        cfg = from_upstream_yaml(wdir / "config.yaml").replace(
+            step_rule=args.rule, name="demo-pixel"
+        )
 
     pipe = Pipeline.from_yaml(wdir / "config.yaml")
     pipe = Pipeline(cfg, pipe.unet)
@@ -110,10 +129,22 @@ def bundle(args: argparse.Namespace, mdir: Path) -> None:
     export_onnx(
         pipe,
         mdir,
-        ExportOptions(TileShape(args.tile, args.tile), max_batch=args.max_batch),
+        ExportOptions(
+            TileShape(args.tile, args.tile),
+            max_batch=args.max_batch,
+            dynamic=args.dynamic,
+            max_lr=(args.max_lr, args.max_lr) if args.dynamic else None,
+        ),
         source=source,
     )
     add_fp16(mdir)
+    if args.dynamic:
+        m = load_manifest(mdir)
+        rec = measure(mdir, [(int(n), int(n)) for n in args.memory_sizes.split(",")])
+        save_manifest(mdir, replace(m, memory={record_key("onnxruntime", "fp32", "staged"): rec}))
+        print(
+            "peak RSS per HR megapixel (ORT CPU fp32 staged):", rec["mib_per_hr_megapixel"], "MiB"
+        )
     for prec in ("fp32", "fp16"):
         rep = verify(mdir, precision=prec, seed=0)
         print(
@@ -123,6 +154,10 @@ def bundle(args: argparse.Namespace, mdir: Path) -> None:
             "dB",
             "PASS" if rep.passed else "FAIL",
         )
+    if args.dynamic:
+        for hw in ((37, 53), (96, 96), (100, 75)):
+            rep = verify(mdir, precision="fp32", seed=0, lr_hw=hw, record=False)
+            print(f"fp32 at LR {hw[0]}x{hw[1]} (padded):", round(rep.psnr, 1), "dB", rep.passed)
 
 
 if __name__ == "__main__":
