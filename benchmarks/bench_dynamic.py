@@ -76,7 +76,9 @@ def quality(static: Path, dynamic: Path, data: Path, threads: int) -> dict:
         "val_n": len(pairs),
         "mosaic_96x96_psnr_y": {k: round(float(np.mean(v)), 3) for k, v in mos.items()},
         "mosaic_96x96_whole_vs_tiled_psnr_rgb": [round(float(b), 2) for b in between],
-        "mosaic_96x96_seconds_median": {k: round(statistics.median(v), 3) for k, v in times.items()},
+        "mosaic_96x96_seconds_median": {
+            k: round(statistics.median(v), 3) for k, v in times.items()
+        },
         "plans": plans,
     }
 

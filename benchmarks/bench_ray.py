@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from deltadiff.benchmarks.load_serve import cpu_name
+from deltadiff.runtime.memory import cpu_name
 
 
 def main(argv: list[str] | None = None) -> int:

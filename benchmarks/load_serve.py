@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import platform
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from deltadiff.runtime.memory import cpu_name
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -131,16 +132,6 @@ def batch_stats(url: str) -> dict[int, int]:
     finally:
         c.close()
     return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in st}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import deltadiff
 from deltadiff._deps import require
 from deltadiff.benchmarks.memory import NVML, nvml_handle
 from deltadiff.benchmarks.options import BenchOptions
+from deltadiff.runtime.memory import cpu_name
 
 # ---------------------------------------------------------------------------------------------
 # environment
@@ -39,15 +40,7 @@ def _version(module: str) -> str | None:
 
 
 def _cpu_model() -> str | None:
-    try:
-        for line in (
-            Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines()
-        ):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
+    return cpu_name() if cpu_name() != "unknown" else None
 
 
 def _physical_cores() -> int | None:

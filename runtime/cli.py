@@ -459,11 +459,11 @@ def batch(
     model: Annotated[
         Path | None, typer.Option(help="Model directory (default: the bundled demo model).")
     ] = None,
-    backend: Annotated[str, typer.Option(help="onnxruntime | onnxruntime-cuda | tensorrt")] = (
-        "onnxruntime"
-    ),
-    precision: Annotated[str, typer.Option(help="fp32 | fp16")] = "fp32",
-    mode: Annotated[str, typer.Option(help="staged | unrolled")] = "staged",
+    backend: Annotated[
+        str, typer.Option(help="onnxruntime | onnxruntime-cuda | tensorrt")
+    ] = Backend.ONNXRUNTIME,
+    precision: Annotated[str, typer.Option(help="fp32 | fp16 | int8")] = Precision.FP32,
+    mode: Annotated[str, typer.Option(help="staged | unrolled")] = DEFAULT_MODE,
     seed: Annotated[int, typer.Option(help="Noise seed (resshift-v3 only).")] = 0,
     suffix: Annotated[str | None, typer.Option(help="Output format suffix, e.g. .png.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Redo files whose output exists.")] = False,
@@ -520,11 +520,11 @@ def serve(
     model: Annotated[
         Path | None, typer.Option(help="Model directory (default: the bundled demo model).")
     ] = None,
-    backend: Annotated[str, typer.Option(help="onnxruntime | onnxruntime-cuda | tensorrt")] = (
-        "onnxruntime"
-    ),
-    precision: Annotated[str, typer.Option(help="fp32 | fp16")] = "fp32",
-    mode: Annotated[str, typer.Option(help="staged | unrolled")] = "staged",
+    backend: Annotated[
+        str, typer.Option(help="onnxruntime | onnxruntime-cuda | tensorrt")
+    ] = Backend.ONNXRUNTIME,
+    precision: Annotated[str, typer.Option(help="fp32 | fp16 | int8")] = Precision.FP32,
+    mode: Annotated[str, typer.Option(help="staged | unrolled")] = DEFAULT_MODE,
     threads: Annotated[int, typer.Option(help="CPU threads for onnxruntime (0: all).")] = 0,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port (KServe v2).")] = 8000,

@@ -120,7 +120,7 @@ def measure(
         **fit(points),
         "points": sorted(points, key=lambda r: r["hr_px"]),
         "threads": threads,
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "how": "peak RSS (VmHWM) of one run per size in a fresh process; slope through "
         "the two largest sizes, base bounding every point",
@@ -142,7 +142,8 @@ def fit(points: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (for records next to measured numbers)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
