@@ -40,7 +40,8 @@ def _version(module: str) -> str | None:
 
 
 def _cpu_model() -> str | None:
-    return cpu_name() if cpu_name() != "unknown" else None
+    name = cpu_name()
+    return None if name == "unknown" else name
 
 
 def _physical_cores() -> int | None:

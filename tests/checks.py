@@ -38,6 +38,19 @@ STAGE_MIN_PSNR = 100.0  # per-stage ORT vs torch: 114-135 dB measured on both IS
 # element through the same kernel); bound = the reference's image bound.
 ORT_BATCH_ATOL = REF_BATCH_IMAGE_ATOL
 
+
+def upscale_cli_bytes(model: Path, data: bytes, tmp: Path) -> bytes:
+    """What ``dd-run upscale`` writes for an encoded image file (same library call, PNG output):
+    the reference the serving tests compare against bit for bit."""
+    from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler, upscale_file
+
+    src, dst = tmp / "ref-in.png", tmp / "ref-out.png"
+    src.write_bytes(data)
+    with Upscaler(model, UpscaleOptions(threads=1)) as up:
+        upscale_file(up, src, dst)
+    return dst.read_bytes()
+
+
 LAYOUTS = ("raw", "trainer", "orig_mod", "module_orig_mod", "ema", "safetensors")
 
 

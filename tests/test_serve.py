@@ -24,7 +24,9 @@ from PIL import Image
 
 from deltadiff.errors import MissingDependencyError
 from deltadiff.runtime.serve import TileBatcher, encode_request, free_port, upscale_remote
-from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler, upscale_file
+from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler
+
+from .checks import upscale_cli_bytes
 
 MAX_PIXELS = 48 * 48
 
@@ -41,15 +43,6 @@ def _images(n: int, seed: int = 0) -> list[bytes]:
     return [
         _png(rng.integers(0, 256, (*sizes[i % len(sizes)], 3), dtype=np.uint8)) for i in range(n)
     ]
-
-
-def _reference(model: Path, data: bytes, tmp: Path) -> bytes:
-    """What ``dd-run upscale`` writes for this file (same library call, PNG output)."""
-    src, dst = tmp / "ref-in.png", tmp / "ref-out.png"
-    src.write_bytes(data)
-    with Upscaler(model, UpscaleOptions(threads=1)) as up:
-        upscale_file(up, src, dst)
-    return dst.read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +133,7 @@ def test_health_endpoints(served) -> None:
 
 def test_result_equals_dd_run_upscale_bit_for_bit(client, model: Path, tmp_path: Path) -> None:
     for data in _images(2, seed=3):
-        assert upscale_remote(client, data) == _reference(model, data, tmp_path)
+        assert upscale_remote(client, data) == upscale_cli_bytes(model, data, tmp_path)
 
 
 def test_bad_requests_get_400_naming_the_problem_and_server_keeps_serving(
@@ -177,13 +170,13 @@ def test_bad_requests_get_400_naming_the_problem_and_server_keeps_serving(
         assert needle in he.value.read().decode()
     assert client.is_server_ready()
     data = _images(1, seed=9)[0]
-    assert upscale_remote(client, data) == _reference(model, data, tmp_path)
+    assert upscale_remote(client, data) == upscale_cli_bytes(model, data, tmp_path)
 
 
 def test_eight_concurrent_clients_are_batched(client, served, model: Path, tmp_path: Path) -> None:
     http = pytest.importorskip("tritonclient.http")
     datas = _images(8, seed=5)
-    refs = [_reference(model, d, tmp_path) for d in datas]
+    refs = [upscale_cli_bytes(model, d, tmp_path) for d in datas]
     before = _batch_counts(client)
     results: list[bytes | Exception] = [b""] * len(datas)
 
@@ -223,7 +216,7 @@ def test_grpc_endpoint_answers(served, model: Path, tmp_path: Path) -> None:
         i = grpc.InferInput("image", [1, 1], "BYTES")
         i.set_data_from_numpy(np.array([[data]], dtype=object))
         out = c.infer("deltadiff", [i]).as_numpy("upscaled")
-    assert bytes(out.reshape(-1)[0]) == _reference(model, data, tmp_path)
+    assert bytes(out.reshape(-1)[0]) == upscale_cli_bytes(model, data, tmp_path)
 
 
 def test_load_script_reports_percentiles(served, tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ from PIL import Image
 
 from deltadiff.errors import DeltaDiffError
 from deltadiff.export.triton import TritonRepoOptions, check_repository, write_repository
-from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler, upscale_file
+
+from .checks import upscale_cli_bytes
 
 pytest.importorskip("tritonclient", reason="needs the [serve] extra (config check)")
 
@@ -29,14 +30,6 @@ def _png(seed: int, h: int, w: int, mode: str = "RGB") -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (h, w, ch), dtype=np.uint8), mode).save(buf, "PNG")
     return buf.getvalue()
-
-
-def _reference(model: Path, data: bytes, tmp: Path) -> bytes:
-    src, dst = tmp / "in.png", tmp / "out.png"
-    src.write_bytes(data)
-    with Upscaler(model, UpscaleOptions(threads=1)) as up:
-        upscale_file(up, src, dst)
-    return dst.read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +152,7 @@ def test_python_variant_loads_and_answers_bit_for_bit(python_repo, model: Path, 
         for name in ("deltadiff", "deltadiff_encoder", "deltadiff_step", "deltadiff_decoder"):
             assert c.is_model_ready(name), name
         for data in (_png(0, 20, 24), _png(1, 17, 18, "RGBA")):
-            assert upscale_remote(c, data) == _reference(model, data, tmp_path)
+            assert upscale_remote(c, data) == upscale_cli_bytes(model, data, tmp_path)
         from tritonclient.utils import InferenceServerException
 
         with pytest.raises(InferenceServerException) as ei:
@@ -177,7 +170,7 @@ def test_python_variant_batches_concurrent_requests_exactly(
     from deltadiff.runtime.serve import upscale_remote
 
     datas = [_png(10 + i, 16 + 3 * i, 20) for i in range(4)]
-    refs = [_reference(model, d, tmp_path) for d in datas]
+    refs = [upscale_cli_bytes(model, d, tmp_path) for d in datas]
     got: list = [None] * 4
 
     def one(i: int) -> None:
