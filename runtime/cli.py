@@ -266,17 +266,32 @@ def _size(text: str) -> tuple[int, int]:
 def fit_lines(m, opts, sizes: list[tuple[int, int]]) -> list[str]:  # noqa: ANN001
     """What fits: the whole-image limit for these options and the plan for given sizes."""
     from deltadiff.runtime.memory import default_budget
-    from deltadiff.runtime.upscaler import fixed_tile, max_lr_pixels, plan_image
+    from deltadiff.runtime.upscaler import engine_boxes, fixed_tile, max_lr_pixels, plan_image
 
     where = f"{opts.backend}/{opts.precision}/{opts.mode}"
     out = []
     max_px = max_lr_pixels(m, opts)
+    boxes = engine_boxes(m, opts)
     if fixed_tile(m, opts):
         th, tw = m.tile
-        why = "static export" if not m.dynamic else "TensorRT runs the engines' optimum size"
         out.append(
             f"fits        {where}: whole up to {tw}x{th} LR (WxH); larger images run in "
-            f"{tw}x{th} tiles ({why})"
+            f"{tw}x{th} tiles (static export)"
+        )
+    elif boxes is not None:
+        built = any(e.get("precision") == opts.precision and e.get("profiles") for e in m.engines)
+        held = ", ".join(f"{lo[1]}x{lo[0]}..{hi[1]}x{hi[0]}" for lo, hi in boxes)
+        w1, h1 = max(hi[1] for _, hi in boxes), max(hi[0] for _, hi in boxes)
+        note = (
+            "the engines' optimization profiles"
+            if built
+            else f"no {opts.precision} engines built yet: the model's range; dd-export "
+            "build-engine --profile MIN:OPT:MAX sets the profiles"
+        )
+        out.append(
+            f"fits        {where}: whole images inside one of {held} LR (WxH; {note}); "
+            f"larger ones in the largest tiles a profile holds (up to {w1}x{h1}); GPU memory "
+            "for a profile's maximum is reserved when the engines load"
         )
     else:
         (h0, w0), (h1, w1) = m.lr_range()

@@ -1,8 +1,9 @@
 """Image-level upscaling: pad, tile, batch tiles, run the executor, blend; and the file batch job.
 
 Only manifest numbers drive padding and tiling (tile shape or dynamic range, LR multiple, batch
-range, measured memory); the family is never special-cased. A dynamic model runs an image whole
-when it fits the range and the memory budget, else in the largest tiles that fit
+range, measured memory, TensorRT optimization profiles); the family is never special-cased. A
+dynamic model runs an image whole when it fits the range and the memory budget (ONNX Runtime) or
+one of the engines' optimization profiles (TensorRT), else in the largest tiles that fit
 (``tiling.plan_tiles``); a static model runs its exported tile. Tiles overlap and are blended
 with complementary raised-cosine ramps in HR space. ``resshift-v3`` noise is drawn once per
 image at the full padded state size and cropped per tile, so all tiles see one continuous field.
@@ -82,17 +83,46 @@ class UpscaleOptions:
         object.__setattr__(self, "mode", parse(Mode, self.mode, "--mode"))
 
 
+LrBox = tuple[tuple[int, int], tuple[int, int]]  # (min, max) LR (h, w)
+
+
 def fixed_tile(m: Manifest, opts: UpscaleOptions) -> bool:
-    """Static exports run their tile; TensorRT chains run the engines' optimum (the manifest
-    tile) too. ONNX Runtime runs a dynamic model at any size in its range."""
-    return not m.dynamic or opts.backend == "tensorrt"
+    """Static exports run their tile; dynamic ones any size their graphs (ONNX Runtime) or
+    their engines' optimization profiles (TensorRT) accept."""
+    return not m.dynamic
+
+
+def engine_boxes(m: Manifest, opts: UpscaleOptions) -> list[LrBox] | None:
+    """TensorRT on a dynamic model: the LR (min, max) of each optimization profile the engines
+    were built with (the manifest's engine records; the backend checks the engines themselves
+    and picks the profile per call). None for other backends and static models; the model's
+    range when no engine is recorded yet (the backend then says how to build one)."""
+    if opts.backend is not Backend.TENSORRT or not m.dynamic:
+        return None
+    first = "unrolled" if opts.mode is Mode.UNROLLED else "encoder"
+    recs = [
+        e
+        for e in m.engines
+        if e.get("graph") == first and e.get("precision") == opts.precision and e.get("profiles")
+    ]
+    if not recs:
+        return [m.lr_range()]
+    rec = recs[-1]
+    if opts.batch > rec.get("batch", [1, 1, m.batch[1]])[-1]:
+        raise DeltaDiffError(
+            f"--batch {opts.batch}: the TensorRT engines were built for batches up to "
+            f"{rec['batch'][-1]}; rebuild with dd-export build-engine --batch-max {opts.batch}"
+        )
+    return [(tuple(p[0]), tuple(p[2])) for p in rec["profiles"]]  # type: ignore[misc]
 
 
 def max_lr_pixels(m: Manifest, opts: UpscaleOptions) -> int | None:
     """LR pixels per backend call within the memory budget (CPU onnxruntime), or None.
 
-    From the manifest's measured peak RSS per HR pixel (``dd-export measure-memory``); without a
+    From the manifest's measured peak RSS model (``dd-export measure-memory``); without a
     measurement for this precision/mode a CPU run stays within the exported tile's area.
+    TensorRT: None; the engines' profile maximum is the limit (a context reserves the device
+    memory for it when it is created, the chain's buffers are sized for it).
     """
     if fixed_tile(m, opts) or opts.backend is not Backend.ONNXRUNTIME:
         return None
@@ -104,14 +134,26 @@ def max_lr_pixels(m: Manifest, opts: UpscaleOptions) -> int | None:
 
 
 def plan_image(m: Manifest, opts: UpscaleOptions, h: int, w: int, max_px: int | None) -> TilePlan:
-    """The tile an (h, w) LR image runs with (whole image when it fits)."""
+    """The tile an (h, w) LR image runs with (whole image when it fits). TensorRT: whole when
+    one optimization profile holds the padded image, else the largest tiles one profile holds."""
     if fixed_tile(m, opts):
         th, tw = m.tile
         return TilePlan((th, tw), h <= th and w <= tw, "static tile")
-    lo, hi = m.lr_range()
-    return plan_tiles(
-        h, w, multiple=m.lr_multiple, lr_min=lo, lr_max=hi, max_lr_px=max_px, tile=opts.tile
-    )
+    boxes = engine_boxes(m, opts)
+    plans = []
+    for i, (lo, hi) in enumerate(boxes or [m.lr_range()]):
+        p = plan_tiles(
+            h, w, multiple=m.lr_multiple, lr_min=lo, lr_max=hi, max_lr_px=max_px, tile=opts.tile
+        )
+        if all(a <= t <= b for a, t, b in zip(lo, p.tile, hi, strict=True)):
+            if boxes is not None:
+                box = f"{lo[0]}x{lo[1]}..{hi[0]}x{hi[1]}"
+                p = TilePlan(p.tile, p.whole, f"{p.reason}; TensorRT profile {i} ({box})")
+            plans.append(p)
+    if not plans:  # only a --tile outside every profile gets here (checked at start-up)
+        raise DeltaDiffError(f"--tile {opts.tile}: no TensorRT optimization profile holds it")
+    whole = [p for p in plans if p.whole]
+    return whole[0] if whole else max(plans, key=lambda p: p.tile[0] * p.tile[1])
 
 
 class Upscaler:
@@ -139,14 +181,10 @@ class Upscaler:
         self.fixed_tile = fixed_tile(self.m, opts)
         if opts.tile is not None and self.fixed_tile and (opts.tile, opts.tile) != (th, tw):
             raise DeltaDiffError(
-                f"--tile {opts.tile}: this model runs {th}x{tw} LR tiles "
-                + (
-                    "on TensorRT (the engines' optimum size)"
-                    if self.m.dynamic
-                    else "(static shapes); "
-                    f"use --tile {th} or re-export with dd-export onnx --dynamic"
-                )
+                f"--tile {opts.tile}: this model runs {th}x{tw} LR tiles (static shapes); "
+                f"use --tile {th} or re-export with dd-export onnx --dynamic"
             )
+        boxes = engine_boxes(self.m, opts)
         if opts.tile is not None and not self.fixed_tile:
             (h0, w0), (h1, w1) = self.m.lr_range()
             mult = self.m.lr_multiple
@@ -154,6 +192,12 @@ class Upscaler:
                 raise DeltaDiffError(
                     f"--tile {opts.tile}: choose a multiple of {mult} in "
                     f"[{max(h0, w0)}, {min(h1, w1)}] for this model (or leave --tile out)"
+                )
+            if boxes and not any(max(lo) <= opts.tile <= min(hi) for lo, hi in boxes):
+                held = ", ".join(f"{max(lo)}..{min(hi)}" for lo, hi in boxes)
+                raise DeltaDiffError(
+                    f"--tile {opts.tile}: the TensorRT engines' profiles hold square tiles of "
+                    f"{held}; choose one of those or rebuild with dd-export build-engine --profile"
                 )
         self.max_lr_px = max_lr_pixels(self.m, opts)
         lo, hi = self.m.batch

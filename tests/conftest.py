@@ -64,3 +64,31 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
         return cache[family]
 
     return get
+
+
+# dynamic exports (dd-export onnx --dynamic): the largest LR each small model accepts
+MAX_LR = {"deltadiff-pixel": (128, 128), "deltadiff-latent": (192, 192), "resshift-v3": (192, 192)}
+
+
+@pytest.fixture(scope="session")
+def dynamic_exported(tmp_path_factory: pytest.TempPathFactory):
+    """family -> model dir with the small config exported with dynamic H/W, built once."""
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            from deltadiff.export.graphs import TileShape
+            from deltadiff.export.onnx_export import ExportOptions, export_onnx, preset_source
+            from deltadiff.model.pipeline import Pipeline
+
+            preset, tile = SMALL[family]
+            out = tmp_path_factory.mktemp(f"dyn-{family}")
+            pipe = Pipeline.from_preset(preset, seed=0)
+            opts = ExportOptions(
+                TileShape(tile, tile), max_batch=4, dynamic=True, max_lr=MAX_LR[family]
+            )
+            export_onnx(pipe, out, opts, source=preset_source(preset, 0))
+            cache[family] = out
+        return cache[family]
+
+    return get

@@ -31,8 +31,6 @@ from deltadiff.runtime.manifest import load_manifest, save_manifest
 from deltadiff.runtime.tiling import plan_tiles, reflect_pad
 from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler
 
-from .conftest import SMALL
-
 HAVE_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 needs_rtx = pytest.mark.skipif(not HAVE_RTX, reason="tensorrt_rtx is not installed")
 
@@ -41,28 +39,6 @@ ODD_SIZES = [
     (64, 128),
     (100, 75),
 ]  # LR (h, w); padded to the multiple as the runtime does
-MAX_LR = {"deltadiff-pixel": (128, 128), "deltadiff-latent": (192, 192), "resshift-v3": (192, 192)}
-
-
-def _export_dynamic(family: str, out):
-    preset, tile = SMALL[family]
-    pipe = Pipeline.from_preset(preset, seed=0)
-    opts = ExportOptions(TileShape(tile, tile), max_batch=4, dynamic=True, max_lr=MAX_LR[family])
-    export_onnx(pipe, out, opts, source=preset_source(preset, 0))
-    return out
-
-
-@pytest.fixture(scope="session")
-def dynamic_exported(tmp_path_factory):
-    """family -> model dir with the small config exported with dynamic H/W, built once."""
-    cache = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = _export_dynamic(family, tmp_path_factory.mktemp(f"dyn-{family}"))
-        return cache[family]
-
-    return get
 
 
 # ----------------------------------------------------------------------------- pure functions

@@ -1,6 +1,15 @@
 """TensorRT backend: cuda-python device memory, pinned host buffers, one stream,
 ``set_tensor_address`` + ``execute_async_v3``; the whole encode -> four rows -> decode sequence
-for a (mode, batch) is captured once as a CUDA graph and replayed.
+for a (mode, batch, optimization profile) runs on the device as one chain, captured as a CUDA
+graph per LR size and replayed.
+
+Dynamic shapes: any LR size inside one of the engines' optimization profiles runs. The profile
+is chosen per call from the engine (``get_tensor_profile_shape``: the one that holds the size,
+the smallest maximum if several do); each chain's contexts are put on their engine's profile
+(``set_optimization_profile_async``) once, its buffers are sized for the profile's maximum, and
+``set_input_shape`` runs whenever the LR size changes. CUDA graphs are keyed by LR size: a size
+is captured on its second call in a row (the first is its warm-up), replayed after that, and a
+size seen once (a whole image) runs eagerly (``_Chain``).
 
 The staged chain stays on the device: the encoder writes x / y / cond, the step engine ping-pongs
 the state between two buffers with each row's ``t`` / ``coef`` (and noise) in their own device
@@ -10,7 +19,7 @@ addresses; all contexts of one engine share one TensorRT-RTX runtime cache and c
 shape-specialised kernels eagerly, in the warm-up before the capture (``trt_compat.runtime_config``).
 Buffers are sized from the engines' own dtypes and shapes, which must agree with the manifest.
 
-Capture is tried once per chain. If it cannot be done (``is_stream_capturable`` false, an error
+Capture is given up for a chain at its first failure. If it cannot be done (``is_stream_capturable`` false, an error
 while enqueuing, an invalidated capture at ``cudaStreamEndCapture``, a failing
 ``cudaGraphInstantiate``) the partial graph is destroyed, a warning says why, and that chain is
 enqueued normally from then on.
@@ -123,7 +132,43 @@ class _Engine:
         self.runtime_cache: Any = None  # TensorRT-RTX: shared by every context of this engine
         self._configs: list[Any] = []  # keep runtime configs alive as long as their contexts
 
-    def context(self) -> Any:
+    # ------------------------------------------------------------------ optimization profiles
+    @property
+    def num_profiles(self) -> int:
+        return int(getattr(self.engine, "num_optimization_profiles", 1))
+
+    def profile_range(self, name: str, index: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(min, max) shape of input ``name`` under profile ``index``, from the engine itself."""
+        mn, _opt, mx = self.engine.get_tensor_profile_shape(name, index)
+        return tuple(int(d) for d in mn), tuple(int(d) for d in mx)
+
+    def holds(self, index: int, shapes: dict[str, tuple[int, ...]]) -> bool:
+        for name, shp in shapes.items():
+            mn, mx = self.profile_range(name, index)
+            if len(mn) != len(shp) or not all(
+                a <= s <= b for a, s, b in zip(mn, shp, mx, strict=True)
+            ):
+                return False
+        return True
+
+    def pick_profile(self, *shape_sets: dict[str, tuple[int, ...]]) -> int:
+        """The profile that holds every given set of input shapes (the smallest maximum if
+        several do: its buffers are the smallest); a one-line error if none does."""
+        fits = [i for i in range(self.num_profiles) if all(self.holds(i, s) for s in shape_sets)]
+        if not fits:
+            name = next(iter(shape_sets[0]))
+            ranges = ", ".join(
+                "{}..{}".format(*self.profile_range(name, i)) for i in range(self.num_profiles)
+            )
+            raise BackendError(
+                f"{self.path.name}: no optimization profile holds {name} "
+                f"{' / '.join(str(s[name]) for s in shape_sets)} (profiles: {ranges}); choose "
+                "a size inside one or rebuild with dd-export build-engine --profile MIN:OPT:MAX"
+            )
+        return min(fits, key=lambda i: (int(np.prod(self.profile_range(self.inputs[0], i)[1])), i))
+
+    def context(self, profile: int = 0, stream: int = 0) -> Any:
+        """A new execution context on optimization profile ``profile``."""
         cfg, self.runtime_cache = runtime_config(self.trt, self.engine, self.runtime_cache)
         if cfg is not None:
             self._configs.append(cfg)
@@ -133,6 +178,11 @@ class _Engine:
         if ctx is None:
             raise EngineError(
                 f"TensorRT could not create an execution context for {self.path.name}"
+            )
+        multi = profile != 0 or self.num_profiles > 1
+        if multi and not ctx.set_optimization_profile_async(profile, stream):
+            raise BackendError(
+                f"{self.path.name}: TensorRT rejected optimization profile {profile}"
             )
         return ctx
 
@@ -183,76 +233,104 @@ def _same_dtype(pairs: list[tuple[_Engine, str, _Engine, str]]) -> None:
             )
 
 
-class _Chain:
-    """The device-resident sequence for one (mode, batch): own contexts, buffers and constants."""
+LrBox = tuple[tuple[int, int], tuple[int, int]]  # (min, max) LR (h, w) of one profile
 
-    def __init__(self, be: TrtBackend, mode: str, B: int) -> None:
+
+class _Chain:
+    """The device-resident sequence for one (mode, batch, optimization profile): own contexts,
+    each on the profile of its engine that holds the chain's whole LR range; buffers sized for
+    the range's maximum (a smaller size uses the front of each buffer, so every address stays
+    fixed); constants uploaded once.
+
+    Shapes: each call sets the input shapes of every context when the LR size differs from the
+    last call's. CUDA graphs are captured per LR size: a size's first call runs eagerly and is
+    its warm-up (TensorRT-RTX compiles that shape's kernels, TensorRT's first enqueue after a
+    shape change happens outside any capture); a second call in a row of the same size captures
+    it, and later calls of a captured size replay its graph (a graph holds the shapes it was
+    captured with, whatever the contexts were set to since). At most ``MAX_GRAPHS`` sizes are
+    captured per chain; further sizes run eagerly. So a folder of differently sized whole images
+    runs eagerly (no capture that would not pay off) and the tiles of a large image are replayed.
+    """
+
+    MAX_GRAPHS = 8
+
+    def __init__(self, be: TrtBackend, mode: str, B: int, profile: int, box: LrBox) -> None:
         m = be.m
-        self.be, self.mode, self.B = be, mode, B
-        mem = be.mem
-        th, tw = m.tile
-        sh, sw = m.state_hw()
-        self.state = (B, 3, sh, sw)
-        lr_shape = (B, 3, th, tw)
-        out_shape = (B, 3, m.scale * th, m.scale * tw)
+        self.be, self.mode, self.B, self.profile, self.box = be, mode, B, profile, box
+        mem, stream = be.mem, be.stream_handle
+        lo, hi = box
         self.noise_names = list(m.noise_names)
-        self.launches: list[tuple[_Engine, Any, dict[str, int]]] = []
+        # (engine, context, addresses, input shapes for an LR size)
+        self.launches: list[tuple[_Engine, Any, dict[str, int], Any]] = []
         if mode == "unrolled":
             eng = be.engine("unrolled")
-            ctx = eng.context()
-            in_shapes = {"lr": lr_shape, **{n: self.state for n in self.noise_names}}
-            outs = eng.set_shapes(ctx, in_shapes)
-            eng.expect({"image": (outs["image"], out_shape)})
-            self._inputs({n: (in_shapes[n], eng.dtypes[n]) for n in in_shapes})
+            ctx = eng.context(profile, stream)
+
+            def u_in(hw: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+                return {"lr": self.lr_shape(hw), **{n: self.state(hw) for n in self.noise_names}}
+
+            outs = eng.set_shapes(ctx, u_in(hi))
+            eng.expect({"image": (outs["image"], self.out_shape(hi))})
+            self._inputs({n: (shp, eng.dtypes[n]) for n, shp in u_in(hi).items()})
             img = mem.dev(_nbytes(outs["image"], eng.dtypes["image"]))
-            self.launches.append((eng, ctx, {**self.dev_in, "image": img}))
+            self.launches.append((eng, ctx, {**self.dev_in, "image": img}, u_in))
             last = eng
         else:
             first = m.resolve(f"step@{m.step_table.rows[0].t}", be.precision, be._target())
             enc, step, dec = be.engine("encoder"), be.engine(first), be.engine("decoder")
-            ectx, sctx, dctx = enc.context(), step.context(), dec.context()
-            e_in = {
-                "lr": lr_shape,
-                **({PRIOR_NOISE: self.state} if PRIOR_NOISE in enc.inputs else {}),
-            }
-            e_out = enc.set_shapes(ectx, e_in)
-            enc.expect({"x": (e_out["x"], self.state)})
+            ectx = enc.context(profile, stream)
+            prior = PRIOR_NOISE in enc.inputs
+
+            def e_in(hw: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+                return {"lr": self.lr_shape(hw), **({PRIOR_NOISE: self.state(hw)} if prior else {})}
+
+            e_lo = enc.set_shapes(ectx, e_in(lo))
+            e_out = enc.set_shapes(ectx, e_in(hi))
+            enc.expect({"x": (e_lo["x"], self.state(lo))})
+            enc.expect({"x": (e_out["x"], self.state(hi))})
+            enc_shapes = {lo: e_lo, hi: e_out}
             noisy = "noise" in step.inputs
             hand_over = [(enc, k, step, k) for k in ("x", "y", "cond")]
             hand_over += [(step, "x_next", step, "x"), (step, "x_next", dec, "x")]
             _same_dtype(hand_over)
-            host = {k: (s, enc.dtypes[k]) for k, s in e_in.items()}
+            host = {k: (shp, enc.dtypes[k]) for k, shp in e_in(hi).items()}
             for n in self.noise_names:
                 if n != PRIOR_NOISE:
-                    host[n] = (self.state, step.dtypes["noise"])
+                    host[n] = (self.state(hi), step.dtypes["noise"])
             self._inputs(host)
-            buf = {k: mem.dev(_nbytes(s, enc.dtypes[k])) for k, s in e_out.items()}
+            buf = {k: mem.dev(_nbytes(shp, enc.dtypes[k])) for k, shp in e_out.items()}
             x_b = mem.dev(_nbytes(e_out["x"], step.dtypes["x"]))  # ping-pong partner of buf["x"]
-            self.launches.append((enc, ectx, {**{k: self.dev_in[k] for k in e_in}, **buf}))
-            s_in = {
-                "x": e_out["x"],
-                "y": e_out["y"],
-                "cond": e_out["cond"],
-                "t": (1,),
-                "coef": (5,),
-            }
+
+            def enc_out(hw: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+                if hw not in enc_shapes:
+                    enc_shapes[hw] = enc.set_shapes(ectx, e_in(hw))
+                return enc_shapes[hw]
+
+            def s_in(hw: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+                e = enc_out(hw)
+                shp = {"x": e["x"], "y": e["y"], "cond": e["cond"], "t": (1,), "coef": (5,)}
+                return {**shp, "noise": self.state(hw)} if noisy else shp
+
+            def d_in(hw: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+                return {"x": enc_out(hw)["x"]}
+
+            self.launches.append(
+                (enc, ectx, {**{k: self.dev_in[k] for k in e_in(hi)}, **buf}, e_in)
+            )
             zeros = None
             if noisy:
-                s_in["noise"] = self.state
-                zbytes = _nbytes(self.state, step.dtypes["noise"])
+                zbytes = _nbytes(self.state(hi), step.dtypes["noise"])
                 zeros = mem.dev(zbytes)
                 _check(be.rt.cudaMemset(zeros, 0, zbytes), "cudaMemset")
-            s_out = step.set_shapes(sctx, s_in)
-            step.expect({"x_next": (s_out["x_next"], e_out["x"])})
             xa, xb = buf["x"], x_b
-            row_ctx = {first: (step, sctx)}
+            row_ctx: dict[str, tuple[_Engine, Any]] = {}
             for r in m.step_table.rows:
-                t = r.t
-                name = m.resolve(f"step@{t}", be.precision, be._target())  # INT8: per-row graphs
+                name = m.resolve(f"step@{r.t}", be.precision, be._target())  # INT8: per row
                 if name not in row_ctx:
                     eng_r = be.engine(name)
-                    ctx_r = eng_r.context()
-                    eng_r.set_shapes(ctx_r, s_in)
+                    ctx_r = eng_r.context(eng_r.pick_profile(s_in(lo), s_in(hi)), stream)
+                    s_out = eng_r.set_shapes(ctx_r, s_in(hi))
+                    eng_r.expect({"x_next": (s_out["x_next"], e_out["x"])})
                     row_ctx[name] = (eng_r, ctx_r)
                 step, sctx = row_ctx[name]
                 addr = {
@@ -264,31 +342,68 @@ class _Chain:
                     "coef": be.const(r.coef().astype(step.dtypes["coef"])),
                 }
                 if noisy:
-                    addr["noise"] = self.dev_in.get(noise_name(t), zeros)
-                self.launches.append((step, sctx, addr))
+                    addr["noise"] = self.dev_in.get(noise_name(r.t), zeros)
+                self.launches.append((step, sctx, addr, s_in))
                 xa, xb = xb, xa
-            d_out = dec.set_shapes(dctx, {"x": e_out["x"]})
-            dec.expect({"image": (d_out["image"], out_shape)})
+            dctx = dec.context(dec.pick_profile(d_in(lo), d_in(hi)), stream)
+            d_out = dec.set_shapes(dctx, d_in(hi))
+            dec.expect({"image": (d_out["image"], self.out_shape(hi))})
             img = mem.dev(_nbytes(d_out["image"], dec.dtypes["image"]))
-            self.launches.append((dec, dctx, {"x": xa, "image": img}))
+            self.launches.append((dec, dctx, {"x": xa, "image": img}, d_in))
             last = dec
+        be.sync()  # profile switches may have enqueued copies on the stream
         self.image_dev = img
-        self.host_out = mem.pinned(out_shape, last.dtypes["image"])
-        self.graph_exec: Any = None
-        self.graph_state = "untried"  # -> "captured" | "eager" (one attempt per chain)
+        self.host_out = mem.pinned(self.out_shape(hi), last.dtypes["image"])
+        self.current: tuple[int, int] | None = None  # LR size the contexts' shapes are set to
+        self.graphs: dict[tuple[int, int], Any] = {}  # LR size -> executable CUDA graph
+        self.graph_state = "untried"  # -> "captured" (some size) | "eager" (capture failed)
+
+    # ------------------------------------------------------------------ shapes
+    def lr_shape(self, hw: tuple[int, int]) -> tuple[int, ...]:
+        return (self.B, 3, *hw)
+
+    def state(self, hw: tuple[int, int]) -> tuple[int, ...]:
+        return (self.B, 3, *self.be.m.state_hw(hw))
+
+    def out_shape(self, hw: tuple[int, int]) -> tuple[int, ...]:
+        s = self.be.m.scale
+        return (self.B, 3, s * hw[0], s * hw[1])
 
     def _inputs(self, spec: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
-        """Pinned host + device buffers of the chain's inputs, in the consuming engine's dtype."""
+        """Pinned host + device buffers of the chain's inputs (at the range's maximum), in the
+        consuming engine's dtype."""
         self.host_in = {k: self.be.mem.pinned(s, dt) for k, (s, dt) in spec.items()}
         self.dev_in = {k: self.be.mem.dev(a.nbytes) for k, (_, a) in self.host_in.items()}
 
-    def enqueue(self) -> None:
+    def _view(self, arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """The front of a maximum-size buffer as a contiguous array of ``shape``."""
+        return arr.reshape(-1)[: int(np.prod(shape))].reshape(shape)
+
+    def _in_shapes(self, hw: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+        shp = {"lr": self.lr_shape(hw)}
+        return {**shp, **{n: self.state(hw) for n in self.noise_names}}
+
+    def _set_shapes(self, hw: tuple[int, int]) -> None:
+        """Set every context's input shapes for LR size ``hw`` (outside any capture)."""
+        if self.current == hw:
+            return
+        self.current = None
+        for eng, ctx, _addr, shapes in self.launches:
+            outs = eng.set_shapes(ctx, shapes(hw))
+            if "image" in outs:
+                eng.expect({"image": (outs["image"], self.out_shape(hw))})
+        self.current = hw
+
+    def enqueue(self, hw: tuple[int, int]) -> None:
         be = self.be
+        shapes = self._in_shapes(hw)
         for k, (hptr, arr) in self.host_in.items():
-            be.copy(self.dev_in[k], hptr, arr.nbytes, to_device=True)
-        for eng, ctx, addr in self.launches:
+            nbytes = int(np.prod(shapes[k])) * arr.dtype.itemsize
+            be.copy(self.dev_in[k], hptr, nbytes, to_device=True)
+        for eng, ctx, addr, _shapes in self.launches:
             eng.enqueue(ctx, addr, be.stream_handle)
-        be.copy(self.host_out[0], self.image_dev, self.host_out[1].nbytes, to_device=False)
+        nbytes = int(np.prod(self.out_shape(hw))) * self.host_out[1].dtype.itemsize
+        be.copy(self.host_out[0], self.image_dev, nbytes, to_device=False)
 
     def _no_graph(self, why: str) -> None:
         self.graph_state = "eager"
@@ -300,14 +415,11 @@ class _Chain:
             why,
         )
 
-    def capture(self) -> None:
-        """Warm up (lazy init and TensorRT-RTX's kernel compilation happen outside the capture),
-        then capture the chain once. Any failure leaves the chain eager, for good."""
+    def capture(self, hw: tuple[int, int]) -> Any:
+        """Capture the chain at LR size ``hw`` (the contexts' current shapes, warmed up by the
+        previous call). Any failure leaves the chain eager, for good; returns the graph or None."""
         be, rt = self.be, self.be.rt
-        self.enqueue()
-        be.sync()
-        self.graph_state = "eager"
-        for eng, ctx, _ in self.launches:
+        for eng, ctx, _, _ in self.launches:
             if hasattr(ctx, "is_stream_capturable") and not ctx.is_stream_capturable(
                 be.stream_handle
             ):
@@ -319,7 +431,7 @@ class _Chain:
             return self._no_graph(f"cudaStreamBeginCapture: {_err_name(err)}")
         failure = None
         try:
-            self.enqueue()
+            self.enqueue(hw)
         except Exception as exc:  # noqa: BLE001 - any refusal while capturing: run eagerly
             failure = f"enqueue during capture: {exc}"
         err, graph = rt.cudaStreamEndCapture(be.stream)  # always end it, even after a failure
@@ -337,28 +449,38 @@ class _Chain:
             return self._no_graph(f"cudaGraphInstantiate: {_err_name(err)}")
         if int(destroyed) != 0:
             log.warning("cudaGraphDestroy failed: %s", _err_name(destroyed))
-        self.graph_exec = graph_exec
+        self.graphs[hw] = graph_exec
         self.graph_state = "captured"
-        return None
+        return graph_exec
 
     def run(self, lr: np.ndarray, noise: dict[str, np.ndarray]) -> np.ndarray:
         be = self.be
-        self.host_in["lr"][1][...] = lr
+        hw = (int(lr.shape[2]), int(lr.shape[3]))
+        shapes = self._in_shapes(hw)
+        self._view(self.host_in["lr"][1], shapes["lr"])[...] = lr
         for n in self.noise_names:
-            self.host_in[n][1][...] = noise[n]
-        if self.graph_state == "untried" and be.cuda_graph:
-            self.capture()
-        if self.graph_exec is not None:
-            _check(be.rt.cudaGraphLaunch(self.graph_exec, be.stream), "cudaGraphLaunch")
+            self._view(self.host_in[n][1], shapes[n])[...] = noise[n]
+        graph = self.graphs.get(hw)
+        if (
+            graph is None
+            and be.cuda_graph
+            and self.graph_state != "eager"
+            and self.current == hw  # the previous call ran this size: its warm-up
+            and len(self.graphs) < self.MAX_GRAPHS
+        ):
+            graph = self.capture(hw)
+        if graph is not None:
+            _check(be.rt.cudaGraphLaunch(graph, be.stream), "cudaGraphLaunch")
         else:
-            self.enqueue()
+            self._set_shapes(hw)
+            self.enqueue(hw)
         be.sync()
-        return self.host_out[1].astype(np.float32, copy=True)
+        return self._view(self.host_out[1], self.out_shape(hw)).astype(np.float32, copy=True)
 
     def close(self) -> None:
-        if self.graph_exec is not None:
-            self.be.rt.cudaGraphExecDestroy(self.graph_exec)
-            self.graph_exec = None
+        for graph_exec in self.graphs.values():
+            self.be.rt.cudaGraphExecDestroy(graph_exec)
+        self.graphs.clear()
 
 
 class TrtBackend:
@@ -391,8 +513,8 @@ class TrtBackend:
         self.stream_handle = int(self.stream)
         self.mem = _Memory()
         self._engines: dict[str, _Engine] = {}
-        self._contexts: dict[str, Any] = {}
-        self._chains: dict[tuple[str, int], _Chain] = {}
+        self._contexts: dict[tuple[str, int], Any] = {}
+        self._chains: dict[tuple[str, int, int], _Chain] = {}  # (mode, batch, profile)
         self._consts: dict[bytes, int] = {}
         self._single: dict[tuple[str, str, tuple[int, ...]], tuple[int, np.ndarray, int]] = {}
 
@@ -472,10 +594,11 @@ class TrtBackend:
         feeds = {s.name: feeds[s.name] for s in rec.inputs if s.name in feeds}
         check_feeds(graph, rec.inputs, feeds)
         eng = self.engine(graph)
-        if graph not in self._contexts:  # one context per graph for single calls, reused
-            self._contexts[graph] = eng.context()
-        ctx = self._contexts[graph]
         shapes = {n: tuple(feeds[n].shape) for n in eng.inputs}
+        profile = eng.pick_profile(shapes)
+        if (graph, profile) not in self._contexts:  # one context per graph and profile, reused
+            self._contexts[(graph, profile)] = eng.context(profile, self.stream_handle)
+        ctx = self._contexts[(graph, profile)]
         out_shapes = eng.set_shapes(ctx, shapes)
         addr: dict[str, int] = {}
         for name in eng.inputs:
@@ -508,24 +631,35 @@ class TrtBackend:
 
     # ------------------------------------------------------------------ the whole sequence
     def run_sequence(self, mode: str, lr: np.ndarray, noise: dict[str, np.ndarray]) -> np.ndarray:
-        """LR batch -> image batch, the chain on the device; a CUDA-graph replay after the first call."""
+        """LR batch -> image batch, the chain on the device; any LR size inside one of the
+        engines' optimization profiles (a static export: its tile). The chain of the profile
+        that holds the size runs it (see ``_Chain`` for buffers and CUDA graphs)."""
         B = lr.shape[0]
         lo, hi = self.m.batch
         if not lo <= B <= hi:
             raise BackendError(f"batch {B} is outside the engines' range [{lo}, {hi}]")
-        th, tw = self.m.tile
-        if lr.shape != (B, 3, th, tw) or lr.dtype != np.float32:
+        if lr.ndim != 4 or lr.shape[1] != 3 or lr.dtype != np.float32:
             raise BackendError(
-                f"LR batch has shape {lr.shape} {lr.dtype}, expected ({B}, 3, {th}, {tw}) float32"
+                f"LR batch has shape {lr.shape} {lr.dtype}, expected (B, 3, h, w) float32"
             )
+        h, w = int(lr.shape[2]), int(lr.shape[3])
+        if not self.m.accepts(h, w):
+            (h0, w0), (h1, w1) = self.m.lr_range()
+            mult = f" in multiples of {self.m.lr_multiple}" if self.m.dynamic else ""
+            raise BackendError(
+                f"LR {h}x{w} is outside the model's shapes ({h0}x{w0}..{h1}x{w1}{mult}); "
+                "pad or tile it (the upscaler does)"
+            )
+        state = (B, 3, *self.m.state_hw((h, w)))
         for n in self.m.noise_names:
-            if n not in noise or noise[n].shape != (B, 3, *self.m.state_hw()):
-                raise BackendError(
-                    f"noise input {n} missing or mis-shaped (expected {(B, 3, *self.m.state_hw())})"
-                )
-        key = (mode, B)
+            if n not in noise or noise[n].shape != state:
+                raise BackendError(f"noise input {n} missing or mis-shaped (expected {state})")
+        first = self.engine("unrolled" if mode == "unrolled" else "encoder")
+        profile = first.pick_profile({"lr": (B, 3, h, w)})
+        key = (mode, B, profile)
         if key not in self._chains:
-            self._chains[key] = _Chain(self, mode, B)
+            mn, mx = first.profile_range("lr", profile)
+            self._chains[key] = _Chain(self, mode, B, profile, ((mn[2], mn[3]), (mx[2], mx[3])))
         return self._chains[key].run(lr, noise)
 
     # ------------------------------------------------------------------ teardown

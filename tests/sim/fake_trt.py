@@ -1,11 +1,18 @@
 """A CPU stand-in for the TensorRT-RTX Python API (the subset ``export/engine.py`` and
 ``runtime/backends/trt.py`` call), backed by ONNX Runtime sessions of the same graphs.
 
-* The builder "serializes" a plan that holds the ONNX bytes and the optimization profile;
+* The builder "serializes" a plan that holds the ONNX bytes and every optimization profile;
   ``set_compute_capability`` returns False for targets listed in ``FakeTrt.reject_targets``.
 * An engine reports its I/O tensors from the ONNX graph (names, modes, dtypes, shapes with -1
-  for the dynamic batch); ``io_dtypes`` makes it report other dtypes (e.g. FP16 I/O), and the
-  engine then converts at its boundary as a real FP16-I/O engine would.
+  for dynamic axes) and its profiles (``num_optimization_profiles``,
+  ``get_tensor_profile_shape(name, index)`` -> [min, opt, max]); ``io_dtypes`` makes it report
+  other dtypes (e.g. FP16 I/O), and the engine then converts at its boundary as a real FP16-I/O
+  engine would.
+* A context starts on profile 0; ``set_optimization_profile_async(index, stream)`` switches it
+  (False for an index out of range) and, as TensorRT documents, drops the input shapes set so
+  far. ``set_input_shape`` returns False for a shape outside the active profile. Output shapes
+  are resolved from the exporter's dim labels (``16*h`` from an input's ``4*h``), as TensorRT's
+  shape inference would.
 * ``execute_async_v3`` records a kernel on the fake CUDA stream with the tensor addresses and
   shapes bound *at enqueue time*; when the stream runs it, it reads its inputs from fake device
   memory, runs ONNX Runtime and writes its outputs back (bounds-checked).
@@ -180,7 +187,7 @@ class FakeTrt:
                 if network.onnx is None or not config.profiles:
                     return None
                 header = {
-                    "profile": config.profiles[0].shapes,
+                    "profiles": [p.shapes for p in config.profiles],
                     "targets": [c.name for c in config.cc if c is not None],
                 }
                 return MAGIC + json.dumps(header).encode() + b"\n" + network.onnx
@@ -209,6 +216,12 @@ class FakeTrt:
         mod.Builder, mod.OnnxParser, mod.Runtime = Builder, OnnxParser, Runtime
         mod.fake = sim
         return mod
+
+
+def _label(d: str) -> tuple[int, str]:
+    """A dim label of the exporter: ``16*h`` -> (16, "h"); ``batch`` -> (1, "batch")."""
+    k, sep, base = d.partition("*")
+    return (int(k), base) if sep and k.isdigit() else (1, d)
 
 
 class _Input:
@@ -347,6 +360,20 @@ class _Engine:
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
         return tuple(-1 if isinstance(d, str) else d for d in self.io[name][2])
 
+    @property
+    def num_optimization_profiles(self) -> int:
+        return len(self.header["profiles"])
+
+    def get_tensor_profile_shape(self, name: str, profile_index: int) -> list[tuple[int, ...]]:
+        if self.get_tensor_mode(name) != TensorIOMode.INPUT:
+            raise ValueError(f"{name} is not an input tensor")
+        if not 0 <= int(profile_index) < self.num_optimization_profiles:
+            raise ValueError(f"profile index {profile_index} is out of range")
+        prof = self.header["profiles"][int(profile_index)].get(name)
+        if prof is None:  # a static input: min = opt = max = its shape
+            return [self.get_tensor_shape(name)] * 3
+        return [tuple(d) for d in prof]
+
     def create_runtime_config(self) -> _RuntimeConfig:
         return _RuntimeConfig(self.sim)
 
@@ -363,6 +390,20 @@ class _Context:
         self.cache = config.cache or _RuntimeCache()  # no shared cache: one of its own
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.addresses: dict[str, int] = {}
+        self.profile = 0
+        self.profile_switches = 0
+
+    @property
+    def active_optimization_profile(self) -> int:
+        return self.profile
+
+    def set_optimization_profile_async(self, profile_index: int, stream_handle: int) -> bool:
+        if not 0 <= int(profile_index) < self.engine.num_optimization_profiles:
+            return False
+        self.profile = int(profile_index)
+        self.profile_switches += 1
+        self.shapes.clear()  # input shapes must be set again for the new profile
+        return True
 
     def set_input_shape(self, name: str, shape: Any) -> bool:
         e = self.engine
@@ -370,7 +411,7 @@ class _Context:
             return False
         shape = tuple(int(s) for s in shape)
         dims = e.io[name][2]
-        prof = e.header["profile"].get(name)
+        prof = e.header["profiles"][self.profile].get(name)
         if len(shape) != len(dims):
             return False
         for i, (d, s) in enumerate(zip(dims, shape, strict=True)):
@@ -382,18 +423,31 @@ class _Context:
         return True
 
     def _symbols(self) -> dict[str, int]:
+        """Dim labels -> sizes from the input shapes set (``4*h`` = 40 gives ``h`` = 10)."""
         sym: dict[str, int] = {}
         for name, shape in self.shapes.items():
             for d, s in zip(self.engine.io[name][2], shape, strict=True):
                 if isinstance(d, str):
                     sym[d] = s
+                    k, base = _label(d)
+                    if s % k == 0:
+                        sym.setdefault(base, s // k)
         return sym
 
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
         if name in self.shapes:
             return self.shapes[name]
         sym = self._symbols()
-        return tuple(sym.get(d, -1) if isinstance(d, str) else d for d in self.engine.io[name][2])
+
+        def size(d: int | str) -> int:
+            if isinstance(d, int):
+                return d
+            if d in sym:
+                return sym[d]
+            k, base = _label(d)
+            return k * sym[base] if base in sym else -1
+
+        return tuple(size(d) for d in self.engine.io[name][2])
 
     def set_tensor_address(self, name: str, ptr: int) -> bool:
         if name not in self.engine.io or int(ptr) == 0:
