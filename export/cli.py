@@ -387,7 +387,11 @@ def parse_profile(text: str) -> tuple[tuple[int, int], tuple[int, int], tuple[in
 def measure_memory(
     model: Annotated[Path, typer.Option(help="Model directory made by dd-export onnx --dynamic.")],
     sizes: Annotated[
-        str, typer.Option(help="LR sides to run at (comma list, >= 2; fit uses the two largest).")
+        str,
+        typer.Option(
+            help="LR sides to run at (comma list, >= 2; the fit uses the three largest: "
+            "a + b*px + c*px^2, a line with two)."
+        ),
     ] = "64,128,192",
     precision: Annotated[str, typer.Option(help="fp32 | fp16")] = "fp32",
     mode: Annotated[str, typer.Option(help="staged | unrolled")] = "staged",
@@ -401,7 +405,7 @@ def measure_memory(
         from dataclasses import replace
 
         from deltadiff.runtime.manifest import load_manifest, save_manifest
-        from deltadiff.runtime.memory import measure, record_key
+        from deltadiff.runtime.memory import measure, memory_text, record_key
 
         try:
             sides = [int(x) for x in sizes.split(",") if x.strip()]
@@ -421,10 +425,7 @@ def measure_memory(
             typer.echo(
                 f"LR {p['lr'][0]}x{p['lr'][1]}: peak RSS {p['peak_bytes'] / (1 << 20):.0f} MiB"
             )
-        typer.echo(
-            f"{key}: {rec['mib_per_hr_megapixel']} MiB per HR megapixel + "
-            f"{rec['base_bytes'] / (1 << 20):.0f} MiB base (recorded in {model / 'manifest.json'})"
-        )
+        typer.echo(f"{key}: {memory_text(rec)} (recorded in {model / 'manifest.json'})")
     except DeltaDiffError as exc:
         fail(exc)
 

@@ -196,6 +196,7 @@ def info(
     verification) and what fits: which image sizes run whole and which tile larger ones use."""
     setup_logging(False)
     from deltadiff.runtime.manifest import load_manifest
+    from deltadiff.runtime.memory import memory_text
     from deltadiff.runtime.upscaler import UpscaleOptions, default_model_dir
 
     try:
@@ -238,8 +239,7 @@ def info(
         )
     for k, r in m.memory.items():
         typer.echo(
-            f"memory      {k}: {r.get('mib_per_hr_megapixel')} MiB per HR megapixel + "
-            f"{r['base_bytes'] / (1 << 20):.0f} MiB (peak RSS, measured {r.get('date', '?')[:10]})"
+            f"memory      {k}: {memory_text(r)} (peak RSS, measured {r.get('date', '?')[:10]})"
         )
     v = m.verification
     if v:

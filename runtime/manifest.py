@@ -107,7 +107,8 @@ class Manifest:
     lr_min: tuple[int, int] | None = None
     lr_max: tuple[int, int] | None = None
     # Peak-RSS model of a real run, per "<backend>/<precision>/<mode>" (dd-export measure-memory):
-    # {"base_bytes", "bytes_per_hr_px", "sizes", ...}; the runtime sizes whole images / tiles with it.
+    # {"base_bytes", "bytes_per_hr_px", "bytes_per_hr_px2", "points", ...}: a + b*px + c*px^2 per
+    # image (runtime.memory.fit); the runtime sizes whole images / tiles with it.
     memory: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ derived

@@ -1,13 +1,16 @@
 """Peak memory of a real run, per output pixel, and the budget that sizes whole images and tiles.
 
 ``measure`` runs the model once per LR size, each in a fresh process (``python -m
-deltadiff.runtime.memory``), reads that process's peak RSS (VmHWM) and fits
-``peak = base_bytes + bytes_per_hr_px * HR pixels``: the slope through the two largest sizes, the
-base raised until the line is at or above every measured point (an upper bound, not a mean).
-The line is right for deltadiff-pixel (convolutions and 8x8 windows: linear in pixels). The
-latent families' VQ-f4 encoder/decoder have one global attention over all latent pixels, which is
-quadratic: measure them at the largest size you will run whole (``--max-lr`` no larger). ``dd-export measure-memory`` stores the record in
-the manifest under ``<backend>/<precision>/<mode>``; the upscaler reads it back (no torch here).
+deltadiff.runtime.memory``), reads that process's peak RSS (VmHWM) and fits, per image of a
+batch, ``peak = base_bytes + bytes_per_hr_px * px + bytes_per_hr_px2 * px**2`` (px: HR pixels):
+with three or more sizes the curve through the three largest, with two the line through them
+(``bytes_per_hr_px2`` = 0); the base is then raised until the curve is at or above every measured
+point (an upper bound, not a mean). The quadratic term is what the latent families' VQ-f4
+encoder/decoder need: their mid attention is global over all latent pixels, so its score matrix
+grows with px**2 and a line through two sizes underestimates every larger image. For
+deltadiff-pixel (convolutions and 8x8 windows) the term comes out near zero; a negative one
+(measurement noise) is dropped. ``dd-export measure-memory`` stores the record in the manifest
+under ``<backend>/<precision>/<mode>``; the upscaler reads it back (no torch here).
 """
 
 from __future__ import annotations
@@ -48,10 +51,31 @@ def default_budget() -> int:
     return int(avail * DEFAULT_BUDGET_FRACTION) if avail else FALLBACK_BUDGET
 
 
-def max_hr_pixels(rec: dict[str, Any], budget: int) -> int:
-    """HR pixels one backend call may produce within ``budget`` bytes of peak RSS."""
-    room = budget - float(rec["base_bytes"])
-    return max(0, int(room / max(1.0, float(rec["bytes_per_hr_px"]))))
+def peak_bytes(rec: dict[str, Any], hr_px: float, batch: int = 1) -> float:
+    """The record's peak RSS for one backend call of ``batch`` images of ``hr_px`` HR pixels."""
+    b, c = float(rec["bytes_per_hr_px"]), float(rec.get("bytes_per_hr_px2", 0.0))
+    return float(rec["base_bytes"]) + batch * (b * hr_px + c * hr_px * hr_px)
+
+
+def memory_text(rec: dict[str, Any]) -> str:
+    """One line for a record: its per-pixel slope, base and (if any) quadratic term."""
+    text = f"{rec.get('mib_per_hr_megapixel')} MiB per HR megapixel"
+    c = float(rec.get("bytes_per_hr_px2", 0.0))
+    if c > 0:  # bytes per px^2 -> MiB per (HR megapixel)^2
+        text += f" + {c * 1e12 / (1 << 20):.1f} MiB per (HR megapixel)^2"
+    return text + f" + {rec['base_bytes'] / (1 << 20):.0f} MiB"
+
+
+def max_hr_pixels(rec: dict[str, Any], budget: int, batch: int = 1) -> int:
+    """HR pixels per image that one backend call of ``batch`` images may produce within
+    ``budget`` bytes of peak RSS (the largest px with ``peak_bytes`` <= budget)."""
+    room = (budget - float(rec["base_bytes"])) / max(1, batch)
+    if room <= 0:
+        return 0
+    b, c = max(0.0, float(rec["bytes_per_hr_px"])), max(0.0, float(rec.get("bytes_per_hr_px2", 0)))
+    if c <= 0:
+        return int(room / max(1.0, b))
+    return int((-b + (b * b + 4 * c * room) ** 0.5) / (2 * c))
 
 
 def _peak_rss_bytes() -> int:
@@ -104,7 +128,7 @@ def measure(
     mode: str = "staged",
     threads: int = 0,
 ) -> dict[str, Any]:
-    """Peak RSS of one run per size (fresh process each); fit through the two largest sizes."""
+    """Peak RSS of one run per size (fresh process each); ``fit`` through the largest sizes."""
     if len(sizes) < 2:
         raise DeltaDiffError("measure memory at two LR sizes at least, e.g. --sizes 64,128")
     points = []
@@ -122,23 +146,36 @@ def measure(
         "threads": threads,
         "cpu": cpu_name(),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "how": "peak RSS (VmHWM) of one run per size in a fresh process; slope through "
-        "the two largest sizes, base bounding every point",
+        "how": "peak RSS (VmHWM) of one run per size in a fresh process; a + b*px + c*px^2 "
+        "through the three largest sizes (a line through two), base bounding every point",
     }
 
 
 def fit(points: list[dict[str, Any]]) -> dict[str, Any]:
-    """Slope through the two largest sizes; base = the largest residual (bounds every point)."""
+    """``a + b*px + c*px**2`` through the three largest sizes (two sizes: the line, c = 0; a
+    negative c: the line through the two largest; a negative b: c alone through the two
+    largest), then a = the largest residual, so the curve bounds every point."""
     pts = sorted(points, key=lambda r: r["hr_px"])
-    a, b = pts[-2], pts[-1]
-    if b["hr_px"] == a["hr_px"]:
+    xs = [float(p["hr_px"]) for p in pts]
+    ys = [float(p["peak_bytes"]) for p in pts]
+    if len(set(xs)) < 2:
         raise DeltaDiffError("measure memory at two different sizes")
-    slope = max(0.0, (b["peak_bytes"] - a["peak_bytes"]) / (b["hr_px"] - a["hr_px"]))
-    base = max(p["peak_bytes"] - slope * p["hr_px"] for p in pts)
+    (x1, y1), (x2, y2) = (xs[-2], ys[-2]), (xs[-1], ys[-1])
+    b, c = max(0.0, (y2 - y1) / (x2 - x1)), 0.0
+    if len(set(xs[-3:])) == 3:
+        sol = np.linalg.solve(np.array([[1.0, x, x * x] for x in xs[-3:]]), np.array(ys[-3:]))
+        if sol[2] > 0 and sol[1] >= 0:
+            b, c = float(sol[1]), float(sol[2])
+        elif sol[2] > 0:
+            b, c = 0.0, max(0.0, (y2 - y1) / (x2 * x2 - x1 * x1))
+    b, c = round(b, 4), float(f"{c:.6g}")  # as recorded; the base bounds with these
+    base = max(y - b * x - c * x * x for x, y in zip(xs, ys, strict=True))
     return {
-        "base_bytes": int(base),
-        "bytes_per_hr_px": round(slope, 1),
-        "mib_per_hr_megapixel": round(slope * 1e6 / (1 << 20), 1),
+        "base_bytes": int(np.ceil(base)),
+        "bytes_per_hr_px": b,
+        "bytes_per_hr_px2": c,
+        "mib_per_hr_megapixel": round(b * 1e6 / (1 << 20), 1),
+        "fit": "quadratic" if c > 0 else "linear",
     }
 
 

@@ -130,7 +130,7 @@ def max_lr_pixels(m: Manifest, opts: UpscaleOptions) -> int | None:
     if rec is None:
         return m.tile[0] * m.tile[1]
     budget = int(opts.max_memory * (1 << 30)) if opts.max_memory else default_budget()
-    return max_hr_pixels(rec, budget) // (m.scale * m.scale) // max(1, opts.batch)
+    return max_hr_pixels(rec, budget, max(1, opts.batch)) // (m.scale * m.scale)
 
 
 def plan_image(m: Manifest, opts: UpscaleOptions, h: int, w: int, max_px: int | None) -> TilePlan:

@@ -234,6 +234,53 @@ def test_measure_memory_records_peak_rss_per_pixel(dynamic_exported, tmp_path):
     assert rec["bytes_per_hr_px"] > 0 and "MiB per HR megapixel" in r.output
 
 
+def _points(peak, sides):
+    """Memory points as ``measure`` records them, from a peak(HR px) function in bytes."""
+    return [{"lr": [n, n], "hr_px": 16 * n * n, "peak_bytes": int(peak(16 * n * n))} for n in sides]
+
+
+def test_memory_fit_bounds_a_quadratic_peak_where_a_line_would_not():
+    """A latent-like peak (VQ-f4 mid attention: a score matrix over all latent pixels, 4 bytes
+    each, latent = HR / 16 pixels) measured at 64/128/192 LR. The old line through the two
+    largest sizes sends a budget-sized image past the budget; the fitted curve does not."""
+    from deltadiff.runtime.memory import fit, max_hr_pixels, peak_bytes
+
+    mib = 1 << 20
+
+    def true_peak(px):
+        return 300 * mib + 2500 * px + 4 * (px / 16) ** 2
+
+    pts = _points(true_peak, (64, 128, 192))
+    rec = fit(pts)
+    assert rec["fit"] == "quadratic" and rec["bytes_per_hr_px2"] > 0
+    for p in pts:  # the curve bounds every measured point
+        assert peak_bytes(rec, p["hr_px"]) >= p["peak_bytes"]
+    line = fit(pts[1:])  # two sizes: the linear model this replaces
+    assert line["fit"] == "linear" and line["bytes_per_hr_px2"] == 0
+    for gib in (8, 16, 32):
+        budget = gib << 30
+        lin, quad = max_hr_pixels(line, budget), max_hr_pixels(rec, budget)
+        # the line would run it whole and overrun: by 6 % at 8 GiB, 55 % at 16, 2.6x at 32
+        assert true_peak(lin) > budget * (1.05 if gib == 8 else 1.5)
+        assert true_peak(quad) <= budget * 1.001  # the curve stays within the budget
+        assert true_peak(quad * 1.05) > budget  # and is not needlessly small
+        two = max_hr_pixels(rec, budget, batch=2)  # a batch of two images per call
+        assert 2 * (true_peak(two) - 300 * mib) <= budget - 300 * mib
+
+
+def test_memory_fit_of_a_linear_peak_stays_linear():
+    from deltadiff.runtime.memory import fit, max_hr_pixels
+
+    pts = _points(lambda px: 53 * (1 << 20) + 8000 * px, (64, 128, 192))
+    pts[0]["peak_bytes"] -= 3 << 20  # noise that bends it down: the negative c is dropped
+    rec = fit(pts)
+    assert rec["fit"] == "linear" and rec["bytes_per_hr_px2"] == 0
+    assert rec["bytes_per_hr_px"] == pytest.approx(8000, rel=1e-6)
+    assert max_hr_pixels(rec, 8 << 30) == pytest.approx((8 << 30) / 8000, rel=0.01)
+    old = {"base_bytes": 53 << 20, "bytes_per_hr_px": 8000.0}  # a record from before the fit
+    assert max_hr_pixels(old, 8 << 30) == int(((8 << 30) - (53 << 20)) / 8000)
+
+
 def test_dynamic_export_errors_are_one_line(tmp_path):
     pipe = Pipeline.from_preset("deltadiff-pixel-small", seed=0)
     for opts, match in [
