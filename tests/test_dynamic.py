@@ -362,16 +362,32 @@ def test_latent_dynamic_equals_torch_at_odd_sizes_and_static(family, dynamic_exp
     for lr_hw in ODD_SIZES:
         rep = verify(d, lr_hw=lr_hw, record=False, seed=2)
         assert rep.passed and rep.psnr >= 60.0, (lr_hw, [r.line() for r in rep.end_to_end])
+    # Dynamic vs static graphs at the static tile: every state up to the decoder agrees
+    # (2.0e-4 worst, the final state of deltadiff-latent), and the two decoders agree on the same
+    # state (measured bit-equal). The images are not compared directly: a 2e-4 difference can
+    # flip a VQ near-tie code, which the decoder's global attention spreads over the image
+    # (seen: 46.7 dB, max 0.17 for deltadiff-latent, seed 5/7; "Tolerances").
+    from deltadiff.runtime.noise import noise_field
+
+    from .checks import REF_BATCH_STATE_ATOL
+
     lr = np.random.default_rng(5).random((1, 3, 64, 64), dtype=np.float32)
-    outs = []
+    traces, backends = [], []
     for md in (exported(family), d):
         mm = load_manifest(md)
-        from deltadiff.runtime.noise import noise_field
-
         noise = noise_field(mm.noise_names, (1, 3, 64, 64), 7)
-        with open_backend("onnxruntime", md, mm) as be:
-            outs.append(Executor(mm, be, mode="staged").run(lr, noise))
-    assert np.abs(outs[0] - outs[1]).max() < 1e-4
+        be = open_backend("onnxruntime", md, mm)
+        backends.append(be)
+        traces.append({})
+        Executor(mm, be, mode="staged").run(lr, noise, trace=traces[-1])
+    assert set(traces[0]) == set(traces[1]) and "x_-1" in traces[0]
+    for k in traces[0]:
+        assert np.abs(traces[0][k] - traces[1][k]).max() < REF_BATCH_STATE_ATOL, k
+    state = {"x": traces[0]["x_-1"]}
+    static_img, dynamic_img = (be.run("decoder", state)["image"] for be in backends)
+    assert np.abs(static_img - dynamic_img).max() < 1e-5
+    for be in backends:
+        be.close()
 
 
 @pytest.mark.slow

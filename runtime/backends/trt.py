@@ -142,8 +142,16 @@ class _Engine:
         mn, _opt, mx = self.engine.get_tensor_profile_shape(name, index)
         return tuple(int(d) for d in mn), tuple(int(d) for d in mx)
 
+    def dynamic(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """The inputs among ``shapes`` that the engine leaves open (-1 axes): what profiles set."""
+        return {
+            n: shp
+            for n, shp in shapes.items()
+            if any(int(d) < 0 for d in self.engine.get_tensor_shape(n))
+        }
+
     def holds(self, index: int, shapes: dict[str, tuple[int, ...]]) -> bool:
-        for name, shp in shapes.items():
+        for name, shp in self.dynamic(shapes).items():
             mn, mx = self.profile_range(name, index)
             if len(mn) != len(shp) or not all(
                 a <= s <= b for a, s, b in zip(mn, shp, mx, strict=True)
@@ -155,8 +163,9 @@ class _Engine:
         """The profile that holds every given set of input shapes (the smallest maximum if
         several do: its buffers are the smallest); a one-line error if none does."""
         fits = [i for i in range(self.num_profiles) if all(self.holds(i, s) for s in shape_sets)]
+        names = list(self.dynamic(shape_sets[0]))
         if not fits:
-            name = next(iter(shape_sets[0]))
+            name = names[0]
             ranges = ", ".join(
                 "{}..{}".format(*self.profile_range(name, i)) for i in range(self.num_profiles)
             )
@@ -165,7 +174,11 @@ class _Engine:
                 f"{' / '.join(str(s[name]) for s in shape_sets)} (profiles: {ranges}); choose "
                 "a size inside one or rebuild with dd-export build-engine --profile MIN:OPT:MAX"
             )
-        return min(fits, key=lambda i: (int(np.prod(self.profile_range(self.inputs[0], i)[1])), i))
+
+        def volume(i: int) -> int:
+            return sum(int(np.prod(self.profile_range(n, i)[1])) for n in names)
+
+        return min(fits, key=lambda i: (volume(i), i))
 
     def context(self, profile: int = 0, stream: int = 0) -> Any:
         """A new execution context on optimization profile ``profile``."""
