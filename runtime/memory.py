@@ -154,7 +154,8 @@ def measure(
 def fit(points: list[dict[str, Any]]) -> dict[str, Any]:
     """``a + b*px + c*px**2`` through the three largest sizes (two sizes: the line, c = 0; a
     negative c: the line through the two largest; a negative b: c alone through the two
-    largest), then a = the largest residual, so the curve bounds every point."""
+    largest), then a = the largest residual, so the curve bounds every point (a may be
+    negative: it is a curve's intercept, not a measured base)."""
     pts = sorted(points, key=lambda r: r["hr_px"])
     xs = [float(p["hr_px"]) for p in pts]
     ys = [float(p["peak_bytes"]) for p in pts]

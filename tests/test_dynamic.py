@@ -268,6 +268,27 @@ def test_memory_fit_bounds_a_quadratic_peak_where_a_line_would_not():
         assert 2 * (true_peak(two) - 300 * mib) <= budget - 300 * mib
 
 
+# Measured: deltadiff-latent-small, dynamic export, ONNX Runtime CPU FP32 staged, 2 threads, one
+# fresh process per size (runtime.memory.measure), Xeon AVX-512 VNNI shared with other jobs:
+# peak RSS 432 / 990 / 1,849 / 2,893 MiB at 64x64 / 64x128 / 64x192 / 128x128 LR.
+LATENT_PEAKS = [(64, 64, 453038080), (64, 128, 1038458880), (64, 192, 1939189760)]
+LATENT_128 = (128, 128, 3033292800)
+
+
+def test_memory_fit_of_measured_latent_peaks_bounds_the_next_size():
+    """The fit from the three smaller sizes bounds the measured 128x128 peak; the old line
+    through the two largest of them falls short of it (2,708 vs 2,893 MiB)."""
+    from deltadiff.runtime.memory import fit, peak_bytes
+
+    pts = [{"lr": [h, w], "hr_px": 16 * h * w, "peak_bytes": p} for h, w, p in LATENT_PEAKS]
+    h, w, measured = LATENT_128
+    px = 16 * h * w
+    rec = fit(pts)
+    assert rec["fit"] == "quadratic"
+    assert measured <= peak_bytes(rec, px) <= 1.1 * measured
+    assert peak_bytes(fit(pts[1:]), px) < 0.95 * measured  # the line: unsafe
+
+
 def test_memory_fit_of_a_linear_peak_stays_linear():
     from deltadiff.runtime.memory import fit, max_hr_pixels
 
