@@ -19,14 +19,15 @@ addresses; all contexts of one engine share one TensorRT-RTX runtime cache and c
 shape-specialised kernels eagerly, in the warm-up before the capture (``trt_compat.runtime_config``).
 Buffers are sized from the engines' own dtypes and shapes, which must agree with the manifest.
 
-Capture is given up for a chain at its first failure. If it cannot be done (``is_stream_capturable`` false, an error
-while enqueuing, an invalidated capture at ``cudaStreamEndCapture``, a failing
-``cudaGraphInstantiate``) the partial graph is destroyed, a warning says why, and that chain is
-enqueued normally from then on.
+Capture is given up for a chain at its first failure. If it cannot be done
+(``is_stream_capturable`` false, an error while enqueuing, an invalidated capture at
+``cudaStreamEndCapture``, a failing ``cudaGraphInstantiate``) the partial graph is destroyed, a
+warning says why, and that chain is enqueued normally from then on.
 
 Status: written against the TensorRT 10/11 and TensorRT-RTX Python APIs and cuda-python 12/13;
-not yet run on a GPU. ``tests/test_trt_sim.py`` runs it on a CPU simulation of cuda-python and
-TensorRT (ONNX Runtime underneath); ``scripts/device_check.sh`` runs it on a GPU.
+not yet run on a GPU. ``tests/test_trt_sim.py`` and ``tests/test_trt_dynamic_sim.py`` (profiles,
+sizes) run it on a CPU simulation of cuda-python and TensorRT (ONNX Runtime underneath);
+``scripts/device_check.sh`` runs it on a GPU.
 """
 
 from __future__ import annotations
