@@ -410,3 +410,18 @@ def test_bisection_finds_the_nodes_a_builder_rejects():
     assert sorted(culprits(nodes, builds)) == ["n11", "n3"]
     assert len(calls) < len(nodes) * 2
     assert culprits(nodes, lambda ns: True) == []
+
+
+@pytest.mark.trt
+@pytest.mark.skipif(
+    not HAVE_RTX, reason="tensorrt_rtx is not installed (pip install 'deltadiff-trt[trt]')"
+)
+def test_rtx_check_builds_dynamic_graphs_at_the_optimum_tile():
+    """The bundled demo is a dynamic-shape export: its FP32 step graph must pass the
+    calibrate-time RTX check (symbolic sizes built at the manifest tile, not left 0, which
+    made every node look like a culprit)."""
+    from deltadiff.calibration.trt_check import rtx_builds
+
+    m = load_manifest(DEMO)
+    assert m.dynamic
+    assert rtx_builds((DEMO / m.graph("step").file).read_bytes(), m.graph("step").inputs, m)
