@@ -208,6 +208,12 @@ def count_qdq(model: Any) -> int:
 
 
 def quantized_nodes(model: Any) -> list[str]:
-    """Conv / MatMul nodes that read a dequantized activation (both Q/DQ layouts)."""
+    """Conv / MatMul nodes whose second operand (the weight; the other activation of an
+    attention MatMul) is dequantized, in both Q/DQ layouts. (A float node can read a
+    dequantized activation: the ORT layout also quantizes a quantized Conv's output.)"""
     dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return [n.name for n in model.graph.node if n.op_type in OP_TYPES and n.input[0] in dq]
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type in OP_TYPES and len(n.input) > 1 and n.input[1] in dq
+    ]
