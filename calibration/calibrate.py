@@ -368,12 +368,12 @@ def calibrate(
             if blob is None:
                 continue
             ins = m.graph(t).inputs if isinstance(t, str) else step_rec.inputs
-            if rtx_builds(blob, ins):
+            if rtx_builds(blob, ins, m):
                 rtx[str(t)] = "builds"
                 continue
             nodes = pb.nodes(t, set(excluded))
             found = culprits(
-                nodes, lambda ns, t=t, ins=ins: rtx_builds(pb.graph(t, ns) or b"", ins)
+                nodes, lambda ns, t=t, ins=ins: rtx_builds(pb.graph(t, ns) or b"", ins, m)
             )
             rtx[str(t)] = {"kept_fp32": found}
             bad |= {f"{t}:{n}" if isinstance(t, str) else n for n in found}
