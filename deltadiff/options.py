@@ -47,6 +47,14 @@ class Mode(StrEnum):
 
 DEFAULT_MODE = Mode.STAGED
 
+
+class GroupNormForm(StrEnum):
+    """How an export writes GroupNorm (``export/lowering.py``)."""
+
+    INSTANCE = "instance"  # Reshape + InstanceNormalization + Reshape + affine (faster on ORT CPU)
+    NATIVE = "native"  # the opset-21 GroupNormalization op
+
+
 E = TypeVar("E", bound=StrEnum)
 
 

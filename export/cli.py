@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from deltadiff.errors import DeltaDiffError
-from deltadiff.options import Backend, Precision, parse
+from deltadiff.options import Backend, GroupNormForm, Precision, parse
 
 app = typer.Typer(
     name="dd-export",
@@ -161,6 +161,13 @@ def onnx(
     opset: Annotated[
         int, typer.Option(help="21: dynamo exporter; <=20: TorchScript exporter.")
     ] = 21,
+    group_norm: Annotated[
+        str,
+        typer.Option(
+            help="instance: GroupNorm as InstanceNormalization (faster on ONNX Runtime CPU); "
+            "native: the opset-21 GroupNormalization op."
+        ),
+    ] = "instance",
     seed: Annotated[
         int, typer.Option(help="Seed of random weights (presets without weights).")
     ] = 0,
@@ -206,6 +213,7 @@ def onnx(
                 dynamic=dynamic,
                 min_lr=_pairs(min_lr, "min-lr") if min_lr else None,
                 max_lr=_pairs(max_lr, "max-lr") if max_lr else None,
+                group_norm=parse(GroupNormForm, group_norm, "--group-norm"),
             ),
             source=source,
         )

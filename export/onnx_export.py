@@ -6,7 +6,9 @@ k in the range given by ``--min-lr`` / ``--max-lr`` (the manifest records the ra
 multiple; ``tile`` becomes the optimum size for TensorRT profiles and the default tile).
 Exporter: the dynamo exporter at opset 21 (native GroupNormalization, 2-3x smaller graphs;
 EXPORT-FINDINGS finding 4) or the TorchScript exporter at opset <= 20 (decomposed GroupNorm, for
-TensorRT 10 <= 10.7 that rejects opset-21 GroupNormalization; DEPLOY-NOTES P6). Every graph goes
+TensorRT 10 <= 10.7 that rejects opset-21 GroupNormalization; DEPLOY-NOTES P6). By default every
+GroupNormalization is then lowered to InstanceNormalization (``export/lowering.py``: ONNX Runtime's
+CPU provider has no GroupNormalization kernel); ``group_norm="native"`` keeps the op. Every graph goes
 through ``onnx.checker`` (full check), onnxslim (constant folding, dead-code removal, shape
 inference) and the checker again.
 """
@@ -38,6 +40,7 @@ from deltadiff.export.graphs import (
     state_shape,
 )
 from deltadiff.model.pipeline import Pipeline
+from deltadiff.options import GroupNormForm
 from deltadiff.runtime.atomic import atomic_path
 from deltadiff.runtime.manifest import (
     GraphRecord,
@@ -66,6 +69,8 @@ class ExportOptions:
     dynamic: bool = False  # symbolic LR height/width (multiples of the model's LR multiple)
     min_lr: tuple[int, int] | None = None  # dynamic range, LR pixels; default: one multiple
     max_lr: tuple[int, int] | None = None  # default: DEFAULT_MAX_LR
+    # GroupNorm lowered to InstanceNormalization (export/lowering.py) or kept as the opset-21 op
+    group_norm: GroupNormForm = GroupNormForm.INSTANCE
 
     @property
     def exporter(self) -> str:
@@ -317,6 +322,11 @@ def build_graphs(pipe: Pipeline, opts: ExportOptions) -> dict[str, Any]:
     if spatial:
         for m in models.values():
             _label_dims(m, _dim_labels(pipe))
+    if opts.group_norm == GroupNormForm.INSTANCE:
+        from deltadiff.export.lowering import lower_group_norm
+
+        for m in models.values():
+            lower_group_norm(m)
     models = {k: cleanup(m, k, slim=opts.slim) for k, m in models.items()}
     if "unrolled" in opts.graphs:
         un = compose_unrolled(models["encoder"], models["step"], models["decoder"], pipe.table)
@@ -392,7 +402,12 @@ def export_onnx(
         lr_multiple=mult,
         step_table=pipe.table,
         graphs=records,
-        exporter={**versions(), "opset": opts.opset, "exporter": opts.exporter},
+        exporter={
+            **versions(),
+            "opset": opts.opset,
+            "exporter": opts.exporter,
+            "group_norm": opts.group_norm,
+        },
         source=source,
         model_config=pipe.cfg.to_dict(),
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),

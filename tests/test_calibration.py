@@ -562,3 +562,18 @@ def test_search_from_another_target_skips_the_data_pass_and_the_search(
     bad.write_text("{}")
     with pytest.raises(DeltaDiffError, match="not a calibration report"):
         calibrate(_opts(d, images, cache=cache, target="tensorrt", search_from=bad))
+
+
+@pytest.mark.trt
+@pytest.mark.skipif(
+    not HAVE_RTX, reason="tensorrt_rtx is not installed (pip install 'deltadiff-trt[trt]')"
+)
+def test_rtx_check_builds_dynamic_graphs_at_the_optimum_tile():
+    """The bundled demo is a dynamic-shape export: its FP32 step graph must pass the
+    calibrate-time RTX check (symbolic sizes built at the manifest tile, not left 0, which
+    made every node look like a culprit)."""
+    from deltadiff.calibration.trt_check import rtx_builds
+
+    m = load_manifest(DEMO)
+    assert m.dynamic
+    assert rtx_builds((DEMO / m.graph("step").file).read_bytes(), m.graph("step").inputs, m)

@@ -116,3 +116,11 @@ def test_broken_manifest_gives_named_error(exported, tmp_path, edit, match):
     with pytest.raises(ManifestError, match=match) as e:
         load_manifest(d)
     assert "\n" not in str(e.value)
+
+
+def test_cpu_sessions_skip_the_memory_pattern(exported):
+    """The memory pattern doubled the peak RSS of a demo step at 512x512 for no speed (see
+    runtime/backends/ort.py); a dynamic model would also keep one plan per image size."""
+    d = exported("deltadiff-pixel")
+    with OrtBackend(d, load_manifest(d), threads=1) as be:
+        assert be.session("step").get_session_options().enable_mem_pattern is False

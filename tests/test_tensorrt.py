@@ -45,7 +45,8 @@ def test_fp16_graphs_keep_islands_in_fp32_and_io_in_fp32(fp16_models, family):
     }
     assert types["x"] == types["x_next"] == onnx.TensorProto.FLOAT
     vi = {v.name: v.type.tensor_type.elem_type for v in step.graph.value_info}
-    gn = [n for n in step.graph.node if n.op_type == "GroupNormalization"]
+    norms = ("GroupNormalization", "InstanceNormalization")  # native or lowered GroupNorm
+    gn = [n for n in step.graph.node if n.op_type in norms]
     assert gn and all(
         vi.get(n.input[0], onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT for n in gn
     )
