@@ -1,7 +1,8 @@
 """``dd-export calibrate``: FP32 model directory -> per-row INT8 step graphs that pass the gate.
 
 1. Data: real LR images run through the FP32 graphs; the step graph's inputs are captured at
-   all four rows (timestep-aware). Two passes collect per-row min/max and |x| histograms of
+   all four rows (timestep-aware), and for the latent families the VQ-f4 encoder's (LR tiles)
+   and decoder's (the final FP32 latent) inputs too. Two passes collect per-row min/max and |x| histograms of
    every Conv / MatMul activation; a ranges cache (JSON, keyed on the step graph's sha256)
    lets a re-run with another method / target / search skip this data pass.
 2. Ranges: one set per row (the rows differ: t = 3 carries the largest residual), by the
@@ -12,7 +13,9 @@
 4. Gate on all held-out images (never calibration images): INT8 vs FP32 end to end >= 35 dB on
    the worst image and, for paired data, PSNR-Y vs HR within 0.10 dB of FP32.
 5. Write: one graph per row (``step@3`` ...; a row with nothing quantized points at the FP32
-   file), the encoder / decoder records (FP32 files: no Conv worth quantizing), manifest records
+   file), the encoder / decoder records (latent families: INT8 VQ-f4 graphs with the VQ distance
+   + argmin kept as an FP32 island, searched and gated with the rows; the pixel family's
+   encoder / decoder have no Conv worth quantizing and point at the FP32 files), manifest records
    with precision ``int8``, the target and the calibration record; a report (JSON + Markdown).
    Graph files carry a content hash in their name and are written before the manifest is
    swapped atomically, so an interrupted run leaves the model directory as it was; files the
@@ -43,8 +46,8 @@ from deltadiff.calibration.data import (
     tiles,
 )
 from deltadiff.calibration.evaluate import MAX_HR_DROP_DB, MIN_E2E_DB, Evaluator, Score
-from deltadiff.calibration.qdq import TARGETS, quantizable_nodes, quantized_nodes
-from deltadiff.calibration.search import PlanBuilder, greedy, node_blocks, sensitivity
+from deltadiff.calibration.qdq import TARGETS, quantizable_nodes, quantized_nodes, stage_candidates
+from deltadiff.calibration.search import Key, PlanBuilder, Stage, greedy, node_blocks, sensitivity
 from deltadiff.calibration.trt_check import culprits, rtx_available, rtx_builds
 from deltadiff.errors import DeltaDiffError, ManifestError
 from deltadiff.runtime.atomic import write_bytes_atomic, write_text_atomic
@@ -73,6 +76,10 @@ class CalibrateOptions:
     cache: Path | None = None
     threads: int = 0
     search: bool = True
+    coarse: bool = False  # search units are whole graphs (rows, encoder, decoder), not blocks
+    # reuse another target's search (its report): its method, cost order and kept units are the
+    # starting point; only the gate (and, if it fails, a bisection over more kept units) runs
+    search_from: Path | None = None
     sens_images: int = 2  # images for the per-unit step costs
     search_images: int = 4  # held-out images the greedy search checks (the gate uses all)
     margin_db: float = 0.02  # the search aims this much inside the PSNR-Y gate
@@ -106,32 +113,71 @@ def _check_fp32(model_dir: Path) -> Manifest:
     return m
 
 
-def _step_feeds(
-    model_dir: Path, m: Manifest, images: ImageSet, threads: int, names: list[str]
-) -> dict[int, list]:
+def _feeds(
+    model_dir: Path,
+    m: Manifest,
+    images: ImageSet,
+    threads: int,
+    names: list[str],
+    stage_inputs: dict[str, list[str]],
+) -> tuple[dict[int, list], dict[str, list]]:
+    """Step inputs per row, and the inputs of the stage graphs being calibrated."""
     lr = tiles(m, images.calib)
     bmax = max(1, m.batch[1])
     feeds: dict[int, list] = {r.t: [] for r in m.step_table.rows}
+    stage: dict[str, list] = {g: [] for g in stage_inputs}
+    last = m.step_table.rows[-1].t
     for i in range(0, lr.shape[0], bmax):
         tr = fp32_trajectory(model_dir, m, lr[i : i + bmax], threads=threads)
         for r in m.step_table.rows:
             f = tr.feeds(m, r, names)
             for j in range(tr.lr.shape[0]):  # batch 1 per run: bounded memory
                 feeds[r.t].append({k: (v[j : j + 1] if v.ndim == 4 else v) for k, v in f.items()})
-    return feeds
+        have = {"lr": tr.lr, "x": tr.x_out[last], **tr.noise}
+        for g, ins in stage_inputs.items():
+            for j in range(tr.lr.shape[0]):
+                stage[g].append({k: have[k][j : j + 1] for k in ins})
+    return feeds, stage
+
+
+def _prior_search(path: Path, m: Manifest) -> dict[str, Any]:
+    """The search of another calibrate run (its int8-report.<target>.json) for this model."""
+    try:
+        rep = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DeltaDiffError(
+            f"--search-from {path} is unreadable ({type(exc).__name__}); pass the "
+            "int8-report.<target>.json of a calibrate run on this model"
+        ) from None
+    if not isinstance(rep, dict) or rep.get("kind") != "deltadiff-int8-calibration":
+        raise DeltaDiffError(
+            f"--search-from {path} is not a calibration report; pass DIR/int8-report.<target>.json"
+        )
+    if (
+        rep.get("model") != m.name
+        or rep.get("step_sha256", m.graph("step").sha256) != m.graph("step").sha256
+        or not rep.get("sensitivity")
+    ):
+        raise DeltaDiffError(
+            f"--search-from {path} is not a searched calibration of {m.name}; run calibrate "
+            "with the search on that model first"
+        )
+    return rep
 
 
 def compare_methods(
-    ev: Evaluator, model: Any, stats: dict, rows: list[int], blocks: dict, target: str, images: int
+    ev: Evaluator, builder: Callable[[str], PlanBuilder], keys: list[Key], images: int
 ) -> list[dict[str, Any]]:
-    """Teacher-forced step PSNR of each method's fully quantized row graphs."""
+    """Teacher-forced PSNR of each method's fully quantized graphs (step rows, VQ stages)."""
     out = []
     for meth in R.METHODS:
-        rng = {t: R.row_ranges(stats, meth, t) for t in rows}
-        pb = PlanBuilder(target, model, rng, blocks)
+        pb = builder(meth)
         per = {}
-        for t in rows:
-            mse = ev.step_mse(t, pb.graph(t, pb.nodes(t, set())), images)
+        for t in keys:
+            blob = pb.graph(t, pb.nodes(t, set()))
+            if blob is None:
+                continue
+            mse = ev.stage_mse(t, blob, images)
             per[t] = 10 * math.log10(1 / mse) if mse > 0 else math.inf
         out.append(
             {
@@ -141,7 +187,7 @@ def compare_methods(
                 "min_db": round(min(per.values()), 2),
             }
         )
-        log.info("range method %-10s step PSNR per row %s", meth, out[-1]["step_db"])
+        log.info("range method %-10s PSNR per graph %s", meth, out[-1]["step_db"])
     return out
 
 
@@ -165,6 +211,17 @@ def calibrate(
     names = [i.name for i in model.graph.input]
     rows = [r.t for r in m.step_table.rows]
     times: dict[str, float] = {}
+    # the VQ-f4 encoder / decoder of the latent families (the pixel family has no candidates)
+    smodels: dict[str, Any] = {}
+    scand: dict[str, tuple[list[str], list[dict[str, Any]]]] = {}
+    for g in ("encoder", "decoder"):
+        sm = onnx.load(str(model_dir / m.graph(g).file))
+        nodes, kept = stage_candidates(sm, g)
+        if nodes:
+            smodels[g], scand[g] = sm, (nodes, kept)
+    sblocks = {g: node_blocks(smodels[g], set(scand[g][0])) for g in smodels}
+    keys: list[Key] = [*(["encoder"] if "encoder" in smodels else []), *rows]
+    keys += ["decoder"] if "decoder" in smodels else []
 
     # ---- data: cache or a pass over the calibration images
     t0 = time.perf_counter()
@@ -173,6 +230,7 @@ def calibrate(
     data_pass = True
     if opts.cache is not None and Path(opts.cache).exists():
         stats, meta = R.load_cache(Path(opts.cache), step_rec.sha256)
+        sstats = {g: R.stage_stats(Path(opts.cache), meta, g, m.graph(g).sha256) for g in smodels}
         data_pass = False
         calib_hashes = list(meta.get("calibration_images", []))
         # the gate must never see a calibration image: hold out what the cache did not use
@@ -189,13 +247,20 @@ def calibrate(
         )
     else:
         say(f"data pass: {len(images.calib)} images x {len(rows)} rows through the FP32 graphs")
-        feeds = _step_feeds(model_dir, m, images, opts.threads, names)
+        ins = {g: [i.name for i in smodels[g].graph.input] for g in smodels}
+        feeds, sfeeds = _feeds(model_dir, m, images, opts.threads, names, ins)
         stats = R.collect(model, feeds, threads=opts.threads, on_feed=on_feed)
+        sstats = {
+            g: R.collect(smodels[g], {0: sfeeds[g]}, threads=opts.threads, on_feed=on_feed)
+            for g in smodels
+        }
+        del feeds, sfeeds
         if opts.cache is not None:
             R.save_cache(
                 Path(opts.cache),
                 step_rec.sha256,
                 stats,
+                stages={g: (m.graph(g).sha256, sstats[g]) for g in smodels},
                 model=m.name,
                 calibration_images=calib_hashes,
                 created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -213,16 +278,32 @@ def calibrate(
 
     # ---- range method
     t0 = time.perf_counter()
+
+    def builder(meth: str, fixed: set[str] | None = None) -> PlanBuilder:
+        return PlanBuilder(
+            opts.target,
+            model,
+            {t: R.row_ranges(stats, meth, t) for t in rows},
+            blocks,
+            fixed_exclude=fixed,
+            stages={
+                g: Stage(smodels[g], R.row_ranges(sstats[g], meth, 0), sblocks[g]) for g in smodels
+            },
+        )
+
     methods_table: list[dict[str, Any]] = []
     method = opts.method
+    prior = _prior_search(Path(opts.search_from), m) if opts.search_from is not None else None
+    if prior is not None and method == "auto":
+        method = prior["method"]
+        say(f"range method: {method} (from {opts.search_from})")
     if method == "auto":
-        methods_table = compare_methods(ev, model, stats, rows, blocks, opts.target, sens_n)
+        methods_table = compare_methods(ev, builder, keys, sens_n)
         method = max(methods_table, key=lambda r: r["mean_db"])["method"]
-        say(f"range method: {method} (best mean step PSNR over the rows of {', '.join(R.METHODS)})")
+        say(f"range method: {method} (best mean PSNR over the graphs of {', '.join(R.METHODS)})")
     times["methods"] = time.perf_counter() - t0
-    ranges = {t: R.row_ranges(stats, method, t) for t in rows}
     fixed = set(opts.tensorrt_fp32) if opts.target == "tensorrt" else set()
-    pb = PlanBuilder(opts.target, model, ranges, blocks, fixed_exclude=fixed)
+    pb = builder(method, fixed)
 
     # ---- sensitivity search
     t0 = time.perf_counter()
@@ -236,25 +317,38 @@ def calibrate(
     def ok_gate(s: Score) -> bool:
         return s.passes(opts.min_e2e_db, opts.max_drop_db)
 
-    if opts.search:
+    if prior is not None:
+        # another target's cost order: start from its kept count, bisect upwards if needed
+        table, row_table = prior["sensitivity"], prior["rows"]
+        order = [(r["row"], r["block"]) for r in table]
+        k0 = min(len(prior["kept_fp32"]), len(order))
+        say(f"search from {opts.search_from}: {len(order)} units, {k0} kept FP32 there")
+        k, _ = greedy(
+            ev, pb, keys, order[k0:], ok_search, limit=search_n, trail=trail, fixed=order[:k0]
+        )
+        keep = k0 + k
+    elif opts.search:
         # a row that alone keeps the gate with 4x margin stays one unit; the others are split
+        # (--coarse: no row / stage is split)
         table, row_table = sensitivity(
             ev,
             pb,
-            rows,
+            keys,
             images=sens_n,
-            refine=lambda sc: not sc.passes(opts.min_e2e_db, opts.max_drop_db / 4),
+            refine=lambda sc: (
+                not opts.coarse and not sc.passes(opts.min_e2e_db, opts.max_drop_db / 4)
+            ),
         )
         for r in table:
             say(f"  cost  t={r['row']}  {r['block']:<16} est. end to end {r['est_e2e_db']:7.2f} dB")
         order = [(r["row"], r["block"]) for r in table]
-        keep, _ = greedy(ev, pb, rows, order, ok_search, limit=search_n, trail=trail)
+        keep, _ = greedy(ev, pb, keys, order, ok_search, limit=search_n, trail=trail)
     times["search"] = time.perf_counter() - t0
 
     # ---- the gate, on every held-out image
     t0 = time.perf_counter()
     while True:
-        plan = pb.plan(rows, set(order[:keep]))
+        plan = pb.plan(keys, set(order[:keep]))
         score = ev.score(plan)
         trail.append(
             {"keep_fp32": keep, "images": len(score.per_image_db), "gate": True, **score.to_dict()}
@@ -273,24 +367,35 @@ def calibrate(
         for t, blob in plan.items():
             if blob is None:
                 continue
-            if rtx_builds(blob, step_rec.inputs):
+            ins = m.graph(t).inputs if isinstance(t, str) else step_rec.inputs
+            if rtx_builds(blob, ins, m):
                 rtx[str(t)] = "builds"
                 continue
             nodes = pb.nodes(t, set(excluded))
             found = culprits(
-                nodes, lambda ns, t=t: rtx_builds(pb.graph(t, ns) or b"", step_rec.inputs)
+                nodes, lambda ns, t=t, ins=ins: rtx_builds(pb.graph(t, ns) or b"", ins, m)
             )
             rtx[str(t)] = {"kept_fp32": found}
-            bad |= set(found)
+            bad |= {f"{t}:{n}" if isinstance(t, str) else n for n in found}
         if bad:  # keep them FP32 for this target and gate again
             fixed |= bad
-            pb = PlanBuilder(opts.target, model, ranges, blocks, fixed_exclude=fixed)
-            plan = pb.plan(rows, set(excluded))
+            pb = builder(method, fixed)
+            plan = pb.plan(keys, set(excluded))
             score = ev.score(plan)
             passed = ok_gate(score)
             say(f"gate after keeping {len(bad)} TensorRT-rejected nodes FP32: {score.line()}")
         say(f"TensorRT-RTX build check of the row graphs: {rtx}")
         times["rtx_check"] = time.perf_counter() - t0
+
+    # ---- per-graph fidelity of the final plan (teacher-forced on FP32 inputs, held-out images)
+    fidelity: dict[str, Any] = {}
+    n0 = len(images.held_out) if not ev.batches else ev.batches[0][0].stop
+    for t, blob in plan.items():
+        if blob is not None:
+            mse = ev.stage_mse(t, blob, n0)
+            fidelity[str(t)] = round(10 * math.log10(1 / mse), 2) if mse > 0 else None
+    if fidelity:
+        say(f"per-graph PSNR vs FP32 (teacher-forced, dB): {fidelity}")
 
     # ---- write graphs + manifest (atomically) and the report
     rel = _write(
@@ -306,10 +411,13 @@ def calibrate(
         images=(len(calib_hashes), images_sha, len(images.held_out)),
         blocks=blocks,
         fixed=fixed,
+        stage_kept={g: scand[g][1] for g in scand},
+        fidelity=fidelity,
     )
     report = {
         "kind": "deltadiff-int8-calibration",
         "model": m.name,
+        "step_sha256": step_rec.sha256,
         "target": opts.target,
         "passed": passed,
         "gate": {
@@ -328,7 +436,11 @@ def calibrate(
         "data_pass": data_pass,
         "rows": row_table,
         "sensitivity": table,
-        "kept_fp32": [{"row": t, "block": b, "nodes": blocks.get(b, "all")} for t, b in excluded],
+        "kept_fp32": [
+            {"row": t, "block": b, "nodes": pb.blocks_of(t).get(b, "all")} for t, b in excluded
+        ],
+        "stage_fp32_islands": {g: scand[g][1] for g in scand},
+        "graph_psnr_db": fidelity,
         "tensorrt_fp32_nodes": sorted(fixed),
         "tensorrt_rtx_check": rtx or None,
         "search_trail": trail,
@@ -349,7 +461,7 @@ def _write(
     m: Manifest,
     opts: CalibrateOptions,
     *,
-    plan: dict[int, bytes | None],
+    plan: dict[Key, bytes | None],
     method: str,
     excluded: list[tuple[int, str]],
     table: list[dict[str, Any]],
@@ -358,6 +470,8 @@ def _write(
     images: tuple[int, str, int],
     blocks: dict[str, list[str]],
     fixed: set[str],
+    stage_kept: dict[str, list[dict[str, Any]]],
+    fidelity: dict[str, Any],
 ) -> dict[str, GraphRecord]:
     import onnx
 
@@ -376,25 +490,60 @@ def _write(
     written: list[str] = []
     for g in ("encoder", "decoder"):
         src = m.graph(g)
+        blob = plan.get(g)
+        if g not in stage_kept:
+            q = {**common, "int8_nodes": 0, "why": "no Conv/MatMul worth quantizing: FP32"}
+            new[graph_key(g, "int8", target)] = replace(
+                src, precision="int8", target=target, quant=q
+            )
+            continue
+        kept = [
+            {"block": b, "why": f"sensitivity: costs most when the {g} alone is INT8"}
+            for (r, b) in excluded
+            if r == g
+        ] + stage_kept[g]
+        tfixed = sorted(n.split(":", 1)[1] for n in fixed if n.startswith(f"{g}:"))
+        if tfixed:
+            kept.append({"nodes": tfixed, "why": "TensorRT-RTX Myelin rejects these Q/DQ patterns"})
+        if blob is None:
+            q = {
+                **common,
+                "int8_nodes": 0,
+                "kept_fp32": kept,
+                "why": f"{g} kept FP32 by the search",
+            }
+            new[graph_key(g, "int8", target)] = replace(
+                src, precision="int8", target=target, quant=q
+            )
+            continue
+        digest = hashlib.sha256(blob).hexdigest()
+        file = f"{g}.int8.{target}.{digest[:10]}.onnx"
+        if not (model_dir / file).exists():
+            write_bytes_atomic(model_dir / file, blob)
+        q = {
+            **common,
+            "int8_nodes": len(quantized_nodes(onnx.load_from_string(blob))),
+            "candidates": len(stage_candidates(onnx.load(str(model_dir / src.file)), g)[0]),
+            "kept_fp32": kept,
+            "psnr_vs_fp32_db": fidelity.get(g),
+        }
         new[graph_key(g, "int8", target)] = replace(
-            src,
-            precision="int8",
-            target=target,
-            quant={**common, "int8_nodes": 0, "why": "no Conv/MatMul worth quantizing: FP32"},
+            src, file=file, sha256=digest, bytes=len(blob), precision="int8", target=target, quant=q
         )
     step = m.graph("step")
     cand = quantizable_nodes(onnx.load(str(model_dir / step.file)))
     for t, blob in plan.items():
+        if isinstance(t, str):
+            continue
         key = graph_key(f"step@{t}", "int8", target)
         kept = [
             {"block": b, "why": f"sensitivity: costs most when quantized at t={t}"}
             for (r, b) in excluded
             if r == t
         ]
-        if fixed:
-            kept.append(
-                {"nodes": sorted(fixed), "why": "TensorRT-RTX Myelin rejects these Q/DQ patterns"}
-            )
+        sfixed = sorted(n for n in fixed if ":" not in n)
+        if sfixed:
+            kept.append({"nodes": sfixed, "why": "TensorRT-RTX Myelin rejects these Q/DQ patterns"})
         if blob is None:
             new[key] = replace(
                 step,
@@ -428,6 +577,7 @@ def _write(
                 "int8_nodes": n_int8,
                 "candidates": len(cand),
                 "kept_fp32": kept,
+                "psnr_vs_fp32_db": fidelity.get(str(t)),
             },
         )
     graphs = {
@@ -444,9 +594,10 @@ def _write(
     m2 = replace(m, graphs=graphs, engines=stale_engines)
     save_manifest(model_dir, m2)  # the swap: from here on the new graphs are the model's
     referenced = {g.file for g in graphs.values()}
-    for p in model_dir.glob(f"step@*.int8.{target}.*.onnx"):
-        if p.name not in referenced:
-            p.unlink(missing_ok=True)
+    for pat in ("step@*", "encoder", "decoder"):
+        for p in model_dir.glob(f"{pat}.int8.{target}.*.onnx"):
+            if p.name not in referenced:
+                p.unlink(missing_ok=True)
     return new
 
 
@@ -471,7 +622,7 @@ def report_markdown(rep: dict[str, Any]) -> str:
     ]
     if rep["methods"]:
         lines += [
-            "| method | step PSNR per row (t=3,2,1,0), dB | worst | mean |",
+            f"| method | PSNR per graph ({', '.join(rep['methods'][0]['step_db'])}), dB | worst | mean |",
             "|---|---|---:|---:|",
         ]
         for r in rep["methods"]:
@@ -479,6 +630,18 @@ def report_markdown(rep: dict[str, Any]) -> str:
                 f"| {r['method']} | {' / '.join(str(v) for v in r['step_db'].values())} | {r['min_db']} | {r['mean_db']} |"
             )
         lines.append("")
+    if rep.get("graph_psnr_db"):
+        lines += [
+            "Per-graph fidelity of the written graphs (teacher-forced on FP32 inputs, PSNR vs FP32 "
+            "output): "
+            + ", ".join(f"{k} {v} dB" for k, v in rep["graph_psnr_db"].items())
+            + (
+                f"; VQ codes flipped end to end: {100 * g['vq_codes_flipped']:.3f} %"
+                if g.get("vq_codes_flipped") is not None
+                else ""
+            ),
+            "",
+        ]
     if rep["rows"]:
         lines += [
             "| row quantized alone | step PSNR | end to end vs FP32 | PSNR-Y delta |",

@@ -30,6 +30,49 @@ def quantizable_nodes(model: Any) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in OP_TYPES]
 
 
+def stage_candidates(model: Any, graph: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """Quantizable nodes of the encoder / decoder graph and the nodes kept FP32 with why.
+
+    Candidates: the VQ-f4 encoder's / decoder's own Conv (weights ``...vq.encoder.`` /
+    ``...vq.decoder.``) and the MatMuls of its mid attention. Kept FP32: the VQ distance +
+    argmin (the ``vq-distance-argmin`` FP16 island: its z.e^T MatMul decides the codes),
+    quant_conv / post_quant_conv (3 -> 3 channels: nothing to gain, they carry the latent)
+    and the bicubic x4 filter (its output is y itself). A pixel family has no candidates."""
+    from deltadiff.export.fp16 import load_rules, select_islands
+
+    rules = [r for r in load_rules() if r.name == "vq-distance-argmin"]
+    island = set(select_islands(model, graph, rules).get("vq-distance-argmin", []))
+    inits = {i.name for i in model.graph.initializer}
+    nodes: list[str] = []
+    vq_island, small = [], []
+    for n in model.graph.node:
+        if n.op_type not in OP_TYPES:
+            continue
+        w = next((i for i in n.input[1:2] if i in inits), None)
+        if n.name in island:
+            vq_island.append(n.name)
+        elif w is None or f"vq.{graph}." in w:
+            nodes.append(n.name)
+        else:
+            small.append(n.name)
+    kept = []
+    if vq_island:
+        kept.append(
+            {
+                "nodes": vq_island,
+                "why": "VQ distance + argmin: FP32 island as in FP16 (a near-tie code flips)",
+            }
+        )
+    if small and nodes:
+        kept.append(
+            {
+                "nodes": small,
+                "why": "quant_conv / post_quant_conv / bicubic filter: tiny, carry the latent",
+            }
+        )
+    return nodes, kept
+
+
 def write(
     target: str,
     model: Any,
@@ -165,6 +208,12 @@ def count_qdq(model: Any) -> int:
 
 
 def quantized_nodes(model: Any) -> list[str]:
-    """Conv / MatMul nodes that read a dequantized activation (both Q/DQ layouts)."""
+    """Conv / MatMul nodes whose second operand (the weight; the other activation of an
+    attention MatMul) is dequantized, in both Q/DQ layouts. (A float node can read a
+    dequantized activation: the ORT layout also quantizes a quantized Conv's output.)"""
     dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return [n.name for n in model.graph.node if n.op_type in OP_TYPES and n.input[0] in dq]
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type in OP_TYPES and len(n.input) > 1 and n.input[1] in dq
+    ]

@@ -235,22 +235,44 @@ def spread_table(stats: dict[str, dict[int, TensorStats]]) -> list[dict[str, Any
 # cache
 
 
+def _dump(stats: dict[str, dict[int, TensorStats]]) -> dict[str, Any]:
+    return {
+        t: {str(r): {"lo": s.lo, "hi": s.hi, "hist": s.hist.tolist()} for r, s in per_row.items()}
+        for t, per_row in stats.items()
+    }
+
+
+def _parse(tensors: dict[str, Any]) -> dict[str, dict[int, TensorStats]]:
+    return {
+        t: {
+            int(r): TensorStats(float(v["lo"]), float(v["hi"]), np.asarray(v["hist"], np.int64))
+            for r, v in per_row.items()
+        }
+        for t, per_row in tensors.items()
+    }
+
+
 def save_cache(
-    path: Path, graph_sha256: str, stats: dict[str, dict[int, TensorStats]], **meta: Any
+    path: Path,
+    graph_sha256: str,
+    stats: dict[str, dict[int, TensorStats]],
+    *,
+    stages: dict[str, tuple[str, dict[str, dict[int, TensorStats]]]] | None = None,
+    **meta: Any,
 ) -> None:
+    """``stages``: name -> (graph sha256, stats) of the graphs quantized once for all rows
+    (the VQ-f4 encoder / decoder; their single set of statistics is row 0)."""
     data = {
         "kind": "deltadiff-int8-ranges",
         "version": CACHE_VERSION,
         "graph_sha256": graph_sha256,
         "bins": BINS,
         **meta,
-        "tensors": {
-            t: {
-                str(r): {"lo": s.lo, "hi": s.hi, "hist": s.hist.tolist()}
-                for r, s in per_row.items()
-            }
-            for t, per_row in stats.items()
+        "stages": {
+            name: {"graph_sha256": sha, "tensors": _dump(st)}
+            for name, (sha, st) in (stages or {}).items()
         },
+        "tensors": _dump(stats),
     }
     write_text_atomic(path, json.dumps(data, separators=(",", ":")) + "\n")
 
@@ -274,12 +296,24 @@ def load_cache(path: Path, graph_sha256: str) -> tuple[dict[str, dict[int, Tenso
             f"{str(data.get('graph_sha256'))[:12]}… != {graph_sha256[:12]}…); delete it or pass "
             "another --cache"
         )
-    stats = {
-        t: {
-            int(r): TensorStats(float(v["lo"]), float(v["hi"]), np.asarray(v["hist"], np.int64))
-            for r, v in per_row.items()
-        }
-        for t, per_row in data["tensors"].items()
-    }
+    stats = _parse(data["tensors"])
     meta = {k: v for k, v in data.items() if k != "tensors"}
     return stats, meta
+
+
+def stage_stats(
+    path: Path, meta: dict[str, Any], name: str, graph_sha256: str
+) -> dict[str, dict[int, TensorStats]]:
+    """The cached statistics of one stage graph (from ``load_cache``'s meta)."""
+    st = (meta.get("stages") or {}).get(name)
+    if st is None:
+        raise CacheError(
+            f"ranges cache {path} has no {name} statistics (made before the VQ {name} was "
+            "calibrated); delete it to recalibrate"
+        )
+    if st.get("graph_sha256") != graph_sha256:
+        raise CacheError(
+            f"ranges cache {path} was made for another {name} graph; delete it or pass another "
+            "--cache"
+        )
+    return _parse(st["tensors"])

@@ -2,7 +2,10 @@
 
 Units are (row, block): a block is one UNet block (``input_blocks.1``, ``middle_block.1``, ...,
 from the Conv weight names; attention MatMuls belong to the block around them), a row is one
-step-table row, because the rows have their own graphs and their own ranges.
+step-table row, because the rows have their own graphs and their own ranges. For the latent
+families the VQ-f4 encoder and decoder are two more "rows" (one graph each, blocks such as
+``down.0.block.1`` / ``mid.attn_1``); their cost is their own output's MSE (encoder: the latent
+state, decoder: the image from the FP32 latent) scaled by the same propagation gain.
 
 1. Cost of each unit when it alone is quantized: its step graph is run teacher-forced on the
    FP32 state (one step, cheap) and the step-output MSE is scaled by the row's propagation
@@ -26,33 +29,58 @@ from deltadiff.calibration.qdq import quantizable_nodes, write
 
 log = logging.getLogger(__name__)
 
-Unit = tuple[int, str]  # (row t, block); block ROW = the whole row
+Key = int | str  # a step-table row t, or a stage ("encoder", "decoder")
+Unit = tuple[Key, str]  # (row t or stage, block); block ROW = the whole row / stage
 ROW = "*"
 
 
-def node_blocks(model: Any) -> dict[str, list[str]]:
-    """block -> its quantizable nodes, in graph order. A Conv's block is read from its weight
-    name (``...unet.<part>.<index>...``); a node without a named weight joins the block of the
-    previous named node (the attention MatMuls of a Swin block)."""
-    wanted = set(quantizable_nodes(model))
+def _block_of(weight: str) -> str:
+    """A weight name's block: ``input_blocks.1`` (UNet), ``down.0.block.1`` / ``mid.attn_1`` /
+    ``conv_in`` (VQ-f4 encoder / decoder)."""
+    parts = weight.split(".")
+    if "vq" in parts:
+        parts = parts[parts.index("vq") + 1 :]
+        if parts and parts[0] in ("encoder", "decoder"):
+            parts = parts[1:]
+        if parts and parts[0] in ("down", "up"):
+            return ".".join(parts[: 4 if len(parts) > 4 and parts[2] == "block" else 3])
+        return ".".join(parts[: 2 if parts and parts[0] == "mid" else 1])
+    if "unet" in parts:
+        parts = parts[parts.index("unet") + 1 :]
+    keep = 2 if len(parts) > 2 and parts[1].isdigit() else 1
+    return ".".join(parts[:keep])
+
+
+def node_blocks(model: Any, wanted: set[str] | None = None) -> dict[str, list[str]]:
+    """block -> its quantizable nodes (``wanted``, default every Conv / MatMul), in graph
+    order. A Conv's block is read from its weight name; a node without a named weight joins
+    the block of the previous named node (the attention MatMuls of a Swin block)."""
+    wanted = set(quantizable_nodes(model)) if wanted is None else wanted
     inits = {i.name for i in model.graph.initializer}
     out: dict[str, list[str]] = {}
     current = "stem"
     for n in model.graph.node:
         w = next((i for i in n.input[1:2] if i in inits and "." in i), None)
         if w is not None:
-            parts = w.split(".")
-            if "unet" in parts:
-                parts = parts[parts.index("unet") + 1 :]
-            keep = 2 if len(parts) > 2 and parts[1].isdigit() else 1
-            current = ".".join(parts[:keep])
+            current = _block_of(w)
         if n.name in wanted:
             out.setdefault(current, []).append(n.name)
     return out
 
 
+@dataclass(frozen=True)
+class Stage:
+    """A graph quantized once for all rows (the VQ-f4 encoder / decoder): its model, ranges
+    and blocks. Plan keys: the row t (int) for the step graph, the stage name for these."""
+
+    model: Any
+    ranges: dict[str, tuple[float, float]]
+    blocks: dict[str, list[str]]
+
+
 class PlanBuilder:
-    """Writes (and caches) the per-row step graphs of an exclusion set."""
+    """Writes (and caches) the graphs of an exclusion set: one step graph per row, and the
+    encoder / decoder graphs where ``stages`` has them."""
 
     def __init__(
         self,
@@ -61,37 +89,52 @@ class PlanBuilder:
         ranges: dict[int, dict[str, tuple[float, float]]],
         blocks: dict[str, list[str]],
         fixed_exclude: set[str] | None = None,
+        stages: dict[str, Stage] | None = None,
     ) -> None:
         self.target, self.model, self.ranges, self.blocks = target, model, ranges, blocks
         self.fixed_exclude = fixed_exclude or set()
-        self._cache: dict[tuple[int, frozenset[str]], bytes | None] = {}
+        self.stages = stages or {}
+        self._cache: dict[tuple[Key, frozenset[str]], bytes | None] = {}
 
-    def nodes(self, t: int, excluded: set[Unit]) -> list[str]:
+    def _fixed(self, t: Key) -> set[str]:
+        # node names repeat across graphs: TensorRT-rejected nodes are recorded as "stage:node"
+        if isinstance(t, str):
+            return {n.split(":", 1)[1] for n in self.fixed_exclude if n.startswith(f"{t}:")}
+        return {n for n in self.fixed_exclude if ":" not in n}
+
+    def blocks_of(self, t: Key) -> dict[str, list[str]]:
+        return self.stages[t].blocks if isinstance(t, str) else self.blocks
+
+    def nodes(self, t: Key, excluded: set[Unit]) -> list[str]:
         if (t, ROW) in excluded:
             return []
+        fixed = self._fixed(t)
         return [
             n
-            for b, ns in self.blocks.items()
+            for b, ns in self.blocks_of(t).items()
             if (t, b) not in excluded
             for n in ns
-            if n not in self.fixed_exclude
+            if n not in fixed
         ]
 
-    def graph(self, t: int, nodes: list[str]) -> bytes | None:
+    def graph(self, t: Key, nodes: list[str]) -> bytes | None:
         key = (t, frozenset(nodes))
         if key not in self._cache:
+            if isinstance(t, str):
+                model, ranges = self.stages[t].model, self.stages[t].ranges
+            else:
+                model, ranges = self.model, self.ranges[t]
             self._cache[key] = (
-                write(self.target, self.model, self.ranges[t], nodes).SerializeToString()
-                if nodes
-                else None
+                write(self.target, model, ranges, nodes).SerializeToString() if nodes else None
             )
         return self._cache[key]
 
-    def plan(self, rows: list[int], excluded: set[Unit]) -> dict[int, bytes | None]:
+    def plan(self, rows: list[Key], excluded: set[Unit]) -> dict[Key, bytes | None]:
         return {t: self.graph(t, self.nodes(t, excluded)) for t in rows}
 
-    def only(self, t: int, block: str) -> bytes | None:
-        return self.graph(t, [n for n in self.blocks[block] if n not in self.fixed_exclude])
+    def only(self, t: Key, block: str) -> bytes | None:
+        fixed = self._fixed(t)
+        return self.graph(t, [n for n in self.blocks_of(t)[block] if n not in fixed])
 
 
 def _db(mse: float) -> float:
@@ -111,7 +154,7 @@ class SearchResult:
 def sensitivity(
     ev: Evaluator,
     pb: PlanBuilder,
-    rows: list[int],
+    rows: list[Key],
     *,
     images: int = 2,
     refine: Callable[[Score], bool] | None = None,
@@ -124,7 +167,7 @@ def sensitivity(
         full = pb.graph(t, pb.nodes(t, set()))
         if full is None:
             continue
-        step = ev.step_mse(t, full, images)
+        step = ev.stage_mse(t, full, images)
         e2e_score = ev.score({t: full}, limit=images)
         e2e = 10 ** (-e2e_score.e2e_mean_db / 10)
         gain = e2e / step if step > 0 else 1.0
@@ -144,7 +187,7 @@ def sensitivity(
             }
         )
         log.info(
-            "row t=%d quantized alone: step %.2f dB, end to end %s", t, _db(step), e2e_score.line()
+            "row t=%s quantized alone: step %.2f dB, end to end %s", t, _db(step), e2e_score.line()
         )
         if not split:
             n = len(pb.nodes(t, set()))
@@ -152,21 +195,21 @@ def sensitivity(
                 {"row": t, "block": ROW, "nodes": n, "est_e2e_db": round(_db(e2e), 2), "_mse": e2e}
             )
             continue
-        for b in pb.blocks:
+        for b in pb.blocks_of(t):
             blob = pb.only(t, b)
             if blob is None:
                 continue
-            mse = ev.step_mse(t, blob, images) * gain
+            mse = ev.stage_mse(t, blob, images) * gain
             table.append(
                 {
                     "row": t,
                     "block": b,
-                    "nodes": len(pb.blocks[b]),
+                    "nodes": len(pb.blocks_of(t)[b]),
                     "est_e2e_db": round(_db(mse), 2),
                     "_mse": mse,
                 }
             )
-            log.info("  t=%d %-18s alone: est. end to end %.2f dB", t, b, _db(mse))
+            log.info("  t=%s %-18s alone: est. end to end %.2f dB", t, b, _db(mse))
     table.sort(key=lambda r: -r["_mse"])
     for r in table:
         r.pop("_mse")
@@ -196,19 +239,22 @@ def bisect_keep(
 def greedy(
     ev: Evaluator,
     pb: PlanBuilder,
-    rows: list[int],
+    rows: list[Key],
     order: list[Unit],
     ok: Callable[[Score], bool],
     *,
     limit: int | None,
     trail: list[dict[str, Any]],
+    fixed: list[Unit] | None = None,
 ) -> tuple[int, Score]:
-    """Fewest of ``order`` (most costly first) kept FP32 so that ``ok`` holds."""
+    """Fewest of ``order`` (most costly first) kept FP32, on top of ``fixed``, so that ``ok``
+    holds."""
 
     def check(k: int) -> Score:
-        s = ev.score(pb.plan(rows, set(order[:k])), limit=limit)
-        trail.append({"keep_fp32": k, "images": len(s.per_image_db), **s.to_dict()})
-        log.info("keep %2d units in FP32: %s", k, s.line())
+        s = ev.score(pb.plan(rows, {*(fixed or []), *order[:k]}), limit=limit)
+        n = len(fixed or []) + k
+        trail.append({"keep_fp32": n, "images": len(s.per_image_db), **s.to_dict()})
+        log.info("keep %2d units in FP32: %s", n, s.line())
         return s
 
     return bisect_keep(len(order), check, ok)

@@ -23,8 +23,9 @@ def rtx_available() -> bool:
     return importlib.util.find_spec("tensorrt_rtx") is not None
 
 
-def rtx_builds(blob: bytes, inputs: tuple[Any, ...]) -> bool:
-    """True if TensorRT-RTX parses and builds the serialized ONNX graph (batch 1, sm86)."""
+def rtx_builds(blob: bytes, inputs: tuple[Any, ...], m: Any = None) -> bool:
+    """True if TensorRT-RTX parses and builds the serialized ONNX graph (batch 1, sm86; a
+    dynamic-shape model ``m`` is built for its optimum tile, so no symbolic size is left 0)."""
     from deltadiff.errors import EngineError
     from deltadiff.export.engine import EngineOptions, build_engine
 
@@ -38,6 +39,11 @@ def rtx_builds(blob: bytes, inputs: tuple[Any, ...]) -> bool:
                 opts=EngineOptions(precision="int8", flavour="tensorrt_rtx", targets=("sm86",)),
                 batch=(1, 1, 1),
                 flavour="tensorrt_rtx",
+                **(
+                    {"profiles": [(m.tile, m.tile, m.tile)], "multiple": m.lr_multiple}
+                    if m is not None and m.dynamic
+                    else {}
+                ),
             )
         except (EngineError, RuntimeError) as exc:
             log.info("TensorRT-RTX rejects the graph: %s", str(exc).splitlines()[0][:160])

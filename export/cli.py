@@ -678,10 +678,21 @@ def calibrate(
         bool, typer.Option(help="Sensitivity search (keeps the fewest blocks FP32 for the gate).")
     ] = True,
     search_images: Annotated[int, typer.Option(help="Held-out images the search checks.")] = 4,
+    coarse: Annotated[
+        bool,
+        typer.Option(help="Search whole graphs (rows, VQ encoder / decoder), not UNet blocks."),
+    ] = False,
+    search_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Reuse another target's search (DIR/int8-report.onnxruntime.json): its method "
+            "and cost order; only the gate (and a bisection if it fails) runs."
+        ),
+    ] = None,
     threads: Annotated[int, typer.Option(help="onnxruntime CPU threads (0: all).")] = 0,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
-    """INT8 Q/DQ step graphs per row from real images; gate: >= 35 dB vs FP32 (and PSNR-Y vs HR
+    """INT8 Q/DQ graphs (step per row; the latent families' VQ encoder / decoder) from real images; gate: >= 35 dB vs FP32 (and PSNR-Y vs HR
     within 0.10 dB); exit 1 when the gate fails (graphs are then recorded as not usable)."""
     setup_logging(verbose)
     try:
@@ -698,10 +709,12 @@ def calibrate(
             threads=threads,
             search=search,
             search_images=search_images,
+            coarse=coarse,
+            search_from=search_from,
         )
         res = run_calibrate(opts, progress=typer.echo)
         for k, g in res.records.items():
-            if k.startswith("step"):
+            if k.startswith("step") or g.quant.get("int8_nodes"):
                 q = g.quant
                 typer.echo(
                     f"{k:<28} {g.file:<44} int8 nodes {q.get('int8_nodes', 0):>3}"
