@@ -71,7 +71,10 @@ class ModelContext:
             }
             return
         files = {g: r.file for g, r in self.m.graphs.items() if r.precision == Precision.FP32}
-        self.macs = GraphMacs(self.dir, files)
+        units = None
+        if self.m.dynamic:  # the harness runs the manifest tile
+            units = (self.m.tile[0] // self.m.lr_multiple, self.m.tile[1] // self.m.lr_multiple)
+        self.macs = GraphMacs(self.dir, files, units)
         self.macs_info = {"status": "ok", "reason": None, "graphs": []}
 
     def case_macs(self, spec: CaseSpec) -> int | None:

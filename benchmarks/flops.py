@@ -79,8 +79,19 @@ class MacCount:
         }
 
 
-def _shapes_only(model: Any, batch: int) -> Any:
-    """A copy of ``model`` with symbolic input dims set to ``batch`` and big weights as inputs."""
+def _dim_value(label: str, batch: int, units: tuple[int, int] | None) -> int:
+    """A symbolic dim's value: ``batch``, or ``k*h`` / ``k*w`` / ``h`` / ``w`` (the dynamic
+    export's labels, h and w counted in LR multiples) from ``units`` = (h, w)."""
+    if units is not None:
+        k, _, axis = label.rpartition("*")
+        if axis in ("h", "w") and (not k or k.isdigit()):
+            return int(k or 1) * units[0 if axis == "h" else 1]
+    return batch
+
+
+def _shapes_only(model: Any, batch: int, units: tuple[int, int] | None = None) -> Any:
+    """A copy of ``model`` with symbolic input dims fixed (batch, and a dynamic export's height /
+    width from ``units``) and big weights as inputs."""
     onnx = require("onnx", "export")
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -103,7 +114,7 @@ def _shapes_only(model: Any, batch: int) -> Any:
     for vi in g.input:
         for d in vi.type.tensor_type.shape.dim:
             if d.HasField("dim_param"):
-                d.dim_value = batch  # the only symbolic axis of our graphs is the batch
+                d.dim_value = _dim_value(d.dim_param, batch, units)
     for vi in g.output:
         vi.type.tensor_type.ClearField("shape")  # re-inferred from the fixed batch
     for node in g.node:
@@ -192,13 +203,16 @@ def _node_macs(node: Any, shapes: dict[str, tuple[int, ...] | None]) -> int | No
     return 0
 
 
-def count_macs(model: str | Path | Any, *, batch: int = 1) -> MacCount:
-    """MACs of an ONNX graph (a path or a ``ModelProto``) with its batch axis set to ``batch``."""
+def count_macs(
+    model: str | Path | Any, *, batch: int = 1, lr_units: tuple[int, int] | None = None
+) -> MacCount:
+    """MACs of an ONNX graph (a path or a ``ModelProto``) with its batch axis set to ``batch``;
+    a dynamic-shape graph needs ``lr_units``: the LR height and width in LR multiples."""
     onnx = require("onnx", "export")
     proto = (
         onnx.load(str(model), load_external_data=False) if isinstance(model, str | Path) else model
     )
-    inferred = _shapes_only(proto, batch)
+    inferred = _shapes_only(proto, batch, lr_units)
     shapes = _shape_table(inferred)
     by_op: dict[str, int] = {}
     uncounted: list[str] = []
@@ -226,16 +240,24 @@ def count_macs(model: str | Path | Any, *, batch: int = 1) -> MacCount:
 class GraphMacs:
     """MAC counts of a model directory's fp32 graphs, counted lazily and cached per batch."""
 
-    def __init__(self, model_dir: str | Path, graphs: dict[str, str]) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        graphs: dict[str, str],
+        lr_units: tuple[int, int] | None = None,
+    ) -> None:
         self.model_dir = Path(model_dir)
         self.graphs = dict(graphs)  # graph name -> file name
+        self.lr_units = lr_units  # dynamic graphs: the benchmarked LR size in LR multiples
         self._cache: dict[tuple[str, int], MacCount] = {}
 
     def get(self, graph: str, batch: int) -> MacCount:
         key = (graph, batch)
         if key not in self._cache:
             t0 = time.perf_counter()
-            self._cache[key] = count_macs(self.model_dir / self.graphs[graph], batch=batch)
+            self._cache[key] = count_macs(
+                self.model_dir / self.graphs[graph], batch=batch, lr_units=self.lr_units
+            )
             log.debug("counted %s at batch %d in %.2f s", graph, batch, time.perf_counter() - t0)
         return self._cache[key]
 

@@ -423,3 +423,20 @@ def test_rtx_builds_dynamic_profiles_latent(family, dynamic_exported, tmp_path):
         # TensorRT-RTX for > 4 GB in the encoder/decoder builds on this machine
         (((64, 64), (64, 64), (64, 128)),),
     )
+
+
+def test_mac_count_of_a_dynamic_graph_uses_the_benchmarked_size(dynamic_exported, exported):
+    """The bench's FLOP floor: symbolic height / width are fixed from the LR size (in LR
+    multiples), not set to the batch (which counted a 1x1 image: 0.001 GMACs per demo step)."""
+    from deltadiff.benchmarks.flops import count_macs
+
+    d, s = dynamic_exported("deltadiff-pixel"), exported("deltadiff-pixel")
+    m = load_manifest(s)
+    units = (m.tile[0] // m.lr_multiple, m.tile[1] // m.lr_multiple)
+    dyn = count_macs(d / load_manifest(d).graph("step").file, lr_units=units)
+    static = count_macs(s / m.graph("step").file)
+    assert static.by_op["Conv"] > 1e6 and dyn.by_op["Conv"] == static.by_op["Conv"]
+    assert (
+        count_macs(d / load_manifest(d).graph("step").file).by_op.get("Conv", 0)
+        < dyn.by_op["Conv"] / 100
+    )
