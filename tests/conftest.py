@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -40,9 +41,8 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="session")
-def exported(tmp_path_factory: pytest.TempPathFactory):
-    """family -> model dir with the small config exported (ONNX fp32), built lazily once."""
+def _lazy_exports(tmp_path_factory: pytest.TempPathFactory, prefix: str, **opts: Any):
+    """family -> model dir with the family's small config exported once with ``opts``."""
     cache: dict[str, Path] = {}
 
     def get(family: str) -> Path:
@@ -52,18 +52,24 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
             from deltadiff.model.pipeline import Pipeline
 
             preset, tile = SMALL[family]
-            out = tmp_path_factory.mktemp(f"model-{family}")
-            pipe = Pipeline.from_preset(preset, seed=0)
+            out = tmp_path_factory.mktemp(f"{prefix}-{family}")
+            kw = {k: v[family] if isinstance(v, dict) else v for k, v in opts.items()}
             export_onnx(
-                pipe,
+                Pipeline.from_preset(preset, seed=0),
                 out,
-                ExportOptions(TileShape(tile, tile), max_batch=4),
+                ExportOptions(TileShape(tile, tile), max_batch=4, **kw),
                 source=preset_source(preset, 0),
             )
             cache[family] = out
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory):
+    """family -> model dir with the small config exported (ONNX fp32), built lazily once."""
+    return _lazy_exports(tmp_path_factory, "model")
 
 
 # dynamic exports (dd-export onnx --dynamic): the largest LR each small model accepts
@@ -73,22 +79,4 @@ MAX_LR = {"deltadiff-pixel": (128, 128), "deltadiff-latent": (192, 192), "resshi
 @pytest.fixture(scope="session")
 def dynamic_exported(tmp_path_factory: pytest.TempPathFactory):
     """family -> model dir with the small config exported with dynamic H/W, built once."""
-    cache: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in cache:
-            from deltadiff.export.graphs import TileShape
-            from deltadiff.export.onnx_export import ExportOptions, export_onnx, preset_source
-            from deltadiff.model.pipeline import Pipeline
-
-            preset, tile = SMALL[family]
-            out = tmp_path_factory.mktemp(f"dyn-{family}")
-            pipe = Pipeline.from_preset(preset, seed=0)
-            opts = ExportOptions(
-                TileShape(tile, tile), max_batch=4, dynamic=True, max_lr=MAX_LR[family]
-            )
-            export_onnx(pipe, out, opts, source=preset_source(preset, 0))
-            cache[family] = out
-        return cache[family]
-
-    return get
+    return _lazy_exports(tmp_path_factory, "dyn", dynamic=True, max_lr=MAX_LR)

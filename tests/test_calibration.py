@@ -64,6 +64,13 @@ def _opts(d: Path, images: Path, **kw) -> CalibrateOptions:
     return CalibrateOptions(model=d, data=images, **kw)
 
 
+def _all_int8(d: Path, images: Path, **kw) -> CalibrateOptions:
+    """Every Conv/MatMul INT8 with no quality bar (random weights): for tests about what the
+    writers and builders see, not about the gate."""
+    lax = {"search": False, "min_e2e_db": 0.0, "max_drop_db": 1e9, "method": "percentile"}
+    return _opts(d, images, **{**lax, **kw})
+
+
 def test_calibrate_onnxruntime_records_int8_graphs_and_passes_the_gate(calibrated):
     d, cache, res, feeds = calibrated
     assert feeds > 0 and res.data_pass  # the first run did the data pass ...
@@ -248,18 +255,7 @@ def test_tensorrt_target_builds_int8_engines_with_rtx(calibrated, images, tmp_pa
     shutil.copytree(d0, d)
     # every Conv/MatMul quantized and no quality bar (random weights): this test is about the
     # engine build seeing real Q/DQ; the quality gate is tested above
-    res = calibrate(
-        _opts(
-            d,
-            images,
-            cache=cache,
-            target="tensorrt",
-            method="percentile",
-            search=False,
-            min_e2e_db=0.0,
-            max_drop_db=1e9,
-        )
-    )
+    res = calibrate(_all_int8(d, images, cache=cache, target="tensorrt"))
     assert res.passed
     m = load_manifest(d)
     qdq = 0
@@ -379,19 +375,7 @@ def test_full_preset_calibrates_gates_and_builds_int8_with_rtx(family, images, t
     # random weights may keep every graph FP32 above; the RTX build must see real Q/DQ: every
     # Conv/MatMul INT8 (no quality bar), each graph built by the calibrate-time RTX check, then
     # the engines
-    res = calibrate(
-        _opts(
-            d,
-            images,
-            cache=cache,
-            target="tensorrt",
-            method="percentile",
-            search=False,
-            min_e2e_db=0.0,
-            max_drop_db=1e9,
-            samples=1,
-        )
-    )
+    res = calibrate(_all_int8(d, images, cache=cache, target="tensorrt", samples=1))
     rtx = res.report["tensorrt_rtx_check"]
     print(family, "all INT8:", res.score.line(), "RTX check:", rtx, res.report["seconds"])
     assert res.passed and rtx and all(v == "builds" for v in rtx.values())
@@ -482,13 +466,10 @@ def test_latent_vq_encoder_decoder_int8_both_targets(exported, images, tmp_path)
     d = tmp_path / "m"
     shutil.copytree(exported(family), d)
     cache = tmp_path / "ranges.json"
-    lax = {"min_e2e_db": 0.0, "max_drop_db": 1e9, "search": False, "method": "percentile"}
-    lax |= {"samples": 1, "rtx_check": False}
     feeds: list[int] = []
     for target in ("onnxruntime", "tensorrt"):
-        res = calibrate(
-            _opts(d, images, cache=cache, target=target, **lax), on_feed=lambda: feeds.append(1)
-        )
+        opts = _all_int8(d, images, cache=cache, target=target, samples=1, rtx_check=False)
+        res = calibrate(opts, on_feed=lambda: feeds.append(1))
         assert res.passed and res.data_pass == (target == "onnxruntime")
         assert res.score.codes_flipped is not None and 0.0 <= res.score.codes_flipped <= 1.0
         assert {"encoder", "decoder", "3"} <= set(res.report["graph_psnr_db"])
