@@ -203,6 +203,26 @@ def _node_macs(node: Any, shapes: dict[str, tuple[int, ...] | None]) -> int | No
     return 0
 
 
+def _each_node_macs(
+    proto: Any, batch: int, lr_units: tuple[int, int] | None
+) -> list[tuple[Any, int | None]]:
+    inferred = _shapes_only(proto, batch, lr_units)
+    shapes = _shape_table(inferred)
+    return [(node, _node_macs(node, shapes)) for node in inferred.graph.node]
+
+
+def node_macs(
+    model: Any, *, batch: int = 1, lr_units: tuple[int, int] | None = None
+) -> dict[str, int | None]:
+    """MACs of each counted node (Conv / MatMul / ...) of a ``ModelProto`` by node name; None
+    where its shapes could not be inferred (the calibration search weighs blocks by these)."""
+    return {
+        node.name: macs
+        for node, macs in _each_node_macs(model, batch, lr_units)
+        if node.op_type in COUNTED_OPS
+    }
+
+
 def count_macs(
     model: str | Path | Any, *, batch: int = 1, lr_units: tuple[int, int] | None = None
 ) -> MacCount:
@@ -212,17 +232,14 @@ def count_macs(
     proto = (
         onnx.load(str(model), load_external_data=False) if isinstance(model, str | Path) else model
     )
-    inferred = _shapes_only(proto, batch, lr_units)
-    shapes = _shape_table(inferred)
     by_op: dict[str, int] = {}
     uncounted: list[str] = []
     nodes = 0
-    for node in inferred.graph.node:
+    for node, macs in _each_node_macs(proto, batch, lr_units):
         if node.op_type not in COUNTED_OPS:
             if any(a.type == onnx.AttributeProto.GRAPH for a in node.attribute):
                 uncounted.append(f"{node.op_type}:{node.name} (subgraph)")
             continue
-        macs = _node_macs(node, shapes)
         if macs is None:
             uncounted.append(f"{node.op_type}:{node.name}")
             continue

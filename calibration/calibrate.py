@@ -47,7 +47,15 @@ from deltadiff.calibration.data import (
 )
 from deltadiff.calibration.evaluate import MAX_HR_DROP_DB, MIN_E2E_DB, Evaluator, Score
 from deltadiff.calibration.qdq import TARGETS, quantizable_nodes, quantized_nodes, stage_candidates
-from deltadiff.calibration.search import Key, PlanBuilder, Stage, greedy, node_blocks, sensitivity
+from deltadiff.calibration.search import (
+    RANKS,
+    Key,
+    PlanBuilder,
+    Stage,
+    greedy,
+    node_blocks,
+    sensitivity,
+)
 from deltadiff.calibration.trt_check import culprits, rtx_available, rtx_builds
 from deltadiff.errors import DeltaDiffError, ManifestError
 from deltadiff.runtime.atomic import write_bytes_atomic, write_text_atomic
@@ -77,6 +85,7 @@ class CalibrateOptions:
     threads: int = 0
     search: bool = True
     coarse: bool = False  # search units are whole graphs (rows, encoder, decoder), not blocks
+    rank: str = "per-mac"  # search order: cost per MAC moved to INT8, or cost alone ("cost")
     # reuse another target's search (its report): its method, cost order and kept units are the
     # starting point; only the gate (and, if it fails, a bisection over more kept units) runs
     search_from: Path | None = None
@@ -202,6 +211,8 @@ def calibrate(
     say = progress or log.info
     if opts.target not in TARGETS:
         raise DeltaDiffError(f"--target {opts.target!r}: choose one of {', '.join(TARGETS)}")
+    if opts.rank not in RANKS:
+        raise DeltaDiffError(f"--rank {opts.rank!r}: choose one of {', '.join(RANKS)}")
     if opts.method not in METHOD_CHOICES:
         raise DeltaDiffError(f"--method {opts.method!r}: choose one of {', '.join(METHOD_CHOICES)}")
     model_dir = Path(opts.model)
@@ -289,6 +300,7 @@ def calibrate(
             stages={
                 g: Stage(smodels[g], R.row_ranges(sstats[g], meth, 0), sblocks[g]) for g in smodels
             },
+            lr_units=(m.tile[0] // m.lr_multiple, m.tile[1] // m.lr_multiple),
         )
 
     methods_table: list[dict[str, Any]] = []
@@ -328,7 +340,8 @@ def calibrate(
         )
         keep = k0 + k
     elif opts.search:
-        # a row that alone keeps the gate with 4x margin stays one unit; the others are split
+        # ranked by cost alone, a row that alone keeps the gate with 4x margin stays one unit;
+        # ranked per MAC every row is split, so a cheap-to-quantize row is not all or nothing
         # (--coarse: no row / stage is split)
         table, row_table = sensitivity(
             ev,
@@ -336,11 +349,16 @@ def calibrate(
             keys,
             images=sens_n,
             refine=lambda sc: (
-                not opts.coarse and not sc.passes(opts.min_e2e_db, opts.max_drop_db / 4)
+                not opts.coarse
+                and (opts.rank == "per-mac" or not sc.passes(opts.min_e2e_db, opts.max_drop_db / 4))
             ),
+            rank=opts.rank,
         )
         for r in table:
-            say(f"  cost  t={r['row']}  {r['block']:<16} est. end to end {r['est_e2e_db']:7.2f} dB")
+            say(
+                f"  cost  t={r['row']}  {r['block']:<16} est. end to end {r['est_e2e_db']:7.2f} dB"
+                f"  ({100 * r['mac_share']:5.1f} % of the graph's MACs)"
+            )
         order = [(r["row"], r["block"]) for r in table]
         keep, _ = greedy(ev, pb, keys, order, ok_search, limit=search_n, trail=trail)
     times["search"] = time.perf_counter() - t0
@@ -386,6 +404,17 @@ def calibrate(
             say(f"gate after keeping {len(bad)} TensorRT-rejected nodes FP32: {score.line()}")
         say(f"TensorRT-RTX build check of the row graphs: {rtx}")
         times["rtx_check"] = time.perf_counter() - t0
+
+    # ---- how much of each graph's compute the plan runs in INT8 (MACs at the tile size)
+    int8_share: dict[str, float] = {}
+    for t in keys:
+        total = pb.macs(t, list(pb.node_macs(t)))
+        if total:
+            int8_share[str(t)] = round(pb.macs(t, pb.nodes(t, set(excluded))) / total, 4)
+    say(
+        "INT8 share of each graph's MACs: "
+        + ", ".join(f"{k} {100 * v:.1f} %" for k, v in int8_share.items())
+    )
 
     # ---- per-graph fidelity of the final plan (teacher-forced on FP32 inputs, held-out images)
     fidelity: dict[str, Any] = {}
@@ -441,6 +470,8 @@ def calibrate(
         ],
         "stage_fp32_islands": {g: scand[g][1] for g in scand},
         "graph_psnr_db": fidelity,
+        "rank": opts.rank if opts.search and prior is None else None,
+        "int8_mac_share": int8_share,
         "tensorrt_fp32_nodes": sorted(fixed),
         "tensorrt_rtx_check": rtx or None,
         "search_trail": trail,
@@ -652,16 +683,24 @@ def report_markdown(rep: dict[str, Any]) -> str:
                 f"| t={r['row']} | {r['step_db']} dB | {r['e2e_db']} dB | {r.get('psnr_y_hr_delta_db', '')} |"
             )
         lines.append("")
+    if rep.get("int8_mac_share"):
+        lines += [
+            "INT8 share of each graph's MACs: "
+            + ", ".join(f"{k} {100 * v:.1f} %" for k, v in rep["int8_mac_share"].items())
+            + (f" (search order: {rep['rank']})" if rep.get("rank") else ""),
+            "",
+        ]
     if rep["sensitivity"]:
         kept = {(k["row"], k["block"]) for k in rep["kept_fp32"]}
         lines += [
-            "| row | block | nodes | est. end to end when alone INT8 | kept FP32 |",
-            "|---|---|---:|---:|---|",
+            "| row | block | nodes | MAC share | est. end to end when alone INT8 | kept FP32 |",
+            "|---|---|---:|---:|---:|---|",
         ]
         for r in rep["sensitivity"]:
             blk = "whole row" if r["block"] == "*" else r["block"]
+            share = f"{100 * r['mac_share']:.1f} %" if "mac_share" in r else ""
             lines.append(
-                f"| t={r['row']} | {blk} | {r['nodes']} | {r['est_e2e_db']} dB | {'yes' if (r['row'], r['block']) in kept else ''} |"
+                f"| t={r['row']} | {blk} | {r['nodes']} | {share} | {r['est_e2e_db']} dB | {'yes' if (r['row'], r['block']) in kept else ''} |"
             )
         lines.append("")
     if rep["search_trail"]:

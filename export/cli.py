@@ -689,6 +689,13 @@ def calibrate(
             "and cost order; only the gate (and a bisection if it fails) runs."
         ),
     ] = None,
+    rank: Annotated[
+        str,
+        typer.Option(
+            help="Search order: per-mac (quality cost per MAC moved to INT8: most compute in "
+            "INT8 for the gate) | cost (quality cost alone: fewest units kept FP32)."
+        ),
+    ] = "per-mac",
     threads: Annotated[int, typer.Option(help="onnxruntime CPU threads (0: all).")] = 0,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
@@ -711,6 +718,7 @@ def calibrate(
             search_images=search_images,
             coarse=coarse,
             search_from=search_from,
+            rank=rank,
         )
         res = run_calibrate(opts, progress=typer.echo)
         for k, g in res.records.items():

@@ -88,6 +88,11 @@ def test_calibrate_onnxruntime_records_int8_graphs_and_passes_the_gate(calibrate
     assert rep["sensitivity"] and rep["rows"] and len(rep["spread"]) > 10
     assert {"amax", "spread"} <= set(rep["spread"][0])  # the per-row spread of ranges
     assert (d / "int8-report.onnxruntime.md").read_text().startswith("# INT8 calibration")
+    # per-MAC ranking: every unit carries its MAC share; the plan's INT8 share is recorded
+    assert rep["rank"] == "per-mac" and all(0 <= u["mac_share"] <= 1 for u in rep["sensitivity"])
+    assert all(u["block"] != "*" for u in rep["sensitivity"])  # every row split into blocks
+    assert set(rep["int8_mac_share"]) == {"3", "2", "1", "0"}
+    assert any(v > 0 for v in rep["int8_mac_share"].values())
 
 
 def test_onnxruntime_runs_the_int8_graphs_and_verify_reports_them(calibrated):
@@ -420,6 +425,63 @@ def test_calibrate_works_on_dynamic_shape_graphs(exported, images, tmp_path):
     assert step.graph.input[0].type.tensor_type.shape.dim[2].dim_param == "h"
 
 
+class _StubScore:
+    def __init__(self, mse: float) -> None:
+        self.e2e_mean_db = 10 * np.log10(1 / mse)
+        self.hr_delta = None
+
+    def line(self) -> str:
+        return f"{self.e2e_mean_db:.2f} dB"
+
+    def passes(self, *_: float) -> bool:
+        return False
+
+
+class _StubEval:
+    """Cost of a unit = the sum of its nodes' costs (teacher-forced step MSE); gain 1."""
+
+    def __init__(self, cost: dict[str, float]) -> None:
+        self.cost = cost
+
+    def stage_mse(self, t, blob, images):
+        return sum(self.cost[n] for n in blob.decode().split(","))
+
+    def score(self, plan, limit=None):
+        (blob,) = [b for b in plan.values() if b]
+        return _StubScore(self.stage_mse(0, blob, 1))
+
+
+def test_search_ranks_units_by_cost_per_mac_or_by_cost():
+    """Per MAC, a big block that quantizes almost for free goes INT8 before a tiny damaging
+    one is given up; ranked by cost alone, the big block (more total damage) is kept first."""
+    from deltadiff.calibration.search import PlanBuilder, sensitivity
+
+    blocks = {"big": ["b1", "b2"], "tiny": ["s1"], "mid": ["m1"]}
+    macs = {"b1": 500, "b2": 500, "s1": 10, "m1": 100}
+    cost = {"b1": 5e-5, "b2": 5e-5, "s1": 8e-5, "m1": 5e-5}
+
+    class Stub(PlanBuilder):
+        def graph(self, t, nodes):
+            return ",".join(nodes).encode() if nodes else None
+
+        def node_macs(self, t):
+            return macs
+
+    pb = Stub("onnxruntime", None, {0: {}}, blocks)
+    ev = _StubEval(cost)
+    per_mac, _ = sensitivity(ev, pb, [0], images=1, rank="per-mac")
+    by_cost, _ = sensitivity(ev, pb, [0], images=1, rank="cost")
+    assert [u["block"] for u in per_mac] == ["tiny", "mid", "big"]  # 8e-6, 5e-7, 1e-7 per MAC
+    assert [u["block"] for u in by_cost] == ["big", "tiny", "mid"]
+    assert {u["block"]: u["mac_share"] for u in per_mac} == {
+        "big": 0.9009,
+        "tiny": 0.009,
+        "mid": 0.0901,
+    }
+    with pytest.raises(ValueError, match="rank"):
+        sensitivity(ev, pb, [0], rank="fastest")
+
+
 def test_bisection_finds_the_nodes_a_builder_rejects():
     from deltadiff.calibration.trt_check import culprits
 
@@ -498,6 +560,20 @@ def test_latent_vq_encoder_decoder_int8_both_targets(exported, images, tmp_path)
     m = load_manifest(d)
     assert {m.graph(g, "int8").file for g in ("encoder", "decoder")} <= sessions
     assert out.shape == (256, 256, 3) and np.isfinite(out).all()
+    # dd-run bench times the INT8 latent model beside FP32 (stage by stage, VQ stages included)
+    from deltadiff.runtime.cli import app as run_app
+
+    args = ["bench", "--model", str(d), "--precision", "fp32", "--precision", "int8"]
+    args += ["--threads", "2", "--warmup", "0", "--min-runs", "1", "--min-seconds", "0"]
+    args += ["--no-reference", "--no-peak", "--no-plots", "--label", "t", "-o", str(tmp_path)]
+    r = CliRunner().invoke(run_app, args)
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "bench-t.json").read_text())
+    cells = {(c["precision"], c["mode"]): c for c in rep["cases"] if c["backend"] == "onnxruntime"}
+    int8 = cells[("int8", "staged")]
+    assert int8["status"] == "ok" and cells[("fp32", "staged")]["status"] == "ok"
+    assert {"encode", "step_3", "decode"} <= set(int8["stages"])
+    assert all(v["median"] > 0 for v in int8["stages"].values())
 
 
 def test_latent_coarse_search_gates_the_vq_stages_with_the_rows(exported, images, tmp_path):
