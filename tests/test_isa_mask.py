@@ -237,3 +237,11 @@ def test_shim_source_ships_with_the_package():
     assert Path(isa.SHIM_SOURCE).is_file()
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert '"deltadiff.benchmarks" = ["*.json", "*.c"]' in pyproject
+
+
+def test_bench_markdown_names_the_isa_mask():
+    from deltadiff.benchmarks.report import _env_section
+
+    masked = "\n".join(_env_section({"environment": {"cpu": {"model": "X", "isa_mask": "avx2"}}}))
+    native = "\n".join(_env_section({"environment": {"cpu": {"model": "X", "isa_mask": None}}}))
+    assert "ISA mask avx2" in masked and "ISA mask" not in native
