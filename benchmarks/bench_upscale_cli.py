@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from deltadiff.benchmarks.harness import BenchOptions, environment
-from deltadiff.benchmarks.isa import ISAS, isa_env
+from deltadiff.benchmarks.isa import ISAS, active_isa, isa_env
 from deltadiff.errors import DeltaDiffError
 from deltadiff.runtime.atomic import write_text_atomic
 from deltadiff.runtime.manifest import write_json_atomic
@@ -114,13 +114,15 @@ def main(argv: list[str] | None = None) -> None:
         choices=ISAS,
         action="append",
         default=[],
-        help="run every variant with this ISA (repeatable: interleaved); avx2 = the ISA mask",
+        help="run every variant with this ISA (repeatable: interleaved); avx2 = the ISA mask; "
+        "default: this process's ISA",
     )
     ap.add_argument("extra", nargs="*", help="extra dd-run upscale options (after --)")
     a = ap.parse_args(argv)
     variants = dict(a.variant) if a.variant else {"default": []}
     variants = {k: [*v, *a.extra] for k, v in variants.items()}
-    variants, isas = cross_isas(variants, a.isa)
+    # no --isa: this process's own (so the ISA runner around this command masks the children too)
+    variants, isas = cross_isas(variants, a.isa or [active_isa()])
     try:
         res = time_upscale(a.image, a.runs, variants, isas)
     except DeltaDiffError as exc:

@@ -22,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from deltadiff.errors import DeltaDiffError
@@ -112,7 +113,7 @@ def build_shim() -> Path:
     return so
 
 
-def _masked_env(base: os._Environ[str] | dict[str, str], isa: str, so: Path) -> dict[str, str]:
+def _masked_env(base: Mapping[str, str], isa: str, so: Path) -> dict[str, str]:
     env = _native_env(base)
     env["LD_PRELOAD"] = ":".join(p for p in (env.get("LD_PRELOAD"), str(so)) if p)
     env["GLIBC_TUNABLES"] = ":".join(
@@ -122,7 +123,7 @@ def _masked_env(base: os._Environ[str] | dict[str, str], isa: str, so: Path) -> 
     return env
 
 
-def _native_env(base: os._Environ[str] | dict[str, str]) -> dict[str, str]:
+def _native_env(base: Mapping[str, str]) -> dict[str, str]:
     """``base`` without a mask inherited from a masked parent."""
     env = dict(base)
     isa = env.pop("DD_ISA", None)
@@ -142,7 +143,7 @@ def _native_env(base: os._Environ[str] | dict[str, str]) -> dict[str, str]:
     return env
 
 
-def isa_env(isa: str, base: dict[str, str] | None = None) -> dict[str, str]:
+def isa_env(isa: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for a child process that runs with ``isa``: "native" (no mask; one
     inherited from a masked parent is removed) or "avx2" (builds the shim on first use)."""
     check_isa(isa)

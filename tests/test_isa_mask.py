@@ -229,6 +229,13 @@ def test_bench_upscale_cli_interleaves_isas_and_records_them(monkeypatch, tmp_pa
     assert calls[1][0][-2:] == ["--precision", "int8"]
     md = (tmp_path / "upscale-cli-t.md").read_text()
     assert "| fp32@avx2 | avx2 |" in md and "not another machine" in md
+    # no --isa under a masked parent (the ISA runner): the children are masked too
+    monkeypatch.setattr(bench_upscale_cli, "active_isa", lambda: "avx2")
+    calls.clear()
+    bench_upscale_cli.main(argv)
+    rep = json.loads((tmp_path / "upscale-cli-t.json").read_text())
+    assert [v["isa"] for v in rep["variants"].values()] == ["avx2", "avx2"]
+    assert [c[1] for c in calls] == ["avx2"] * 4
     with pytest.raises(SystemExit):  # argparse: one line naming the choices
         bench_upscale_cli.main([str(img), "--isa", "avx512"])
 
