@@ -9,6 +9,10 @@ warm-up (file cache) and is reported separately.
 
 ``--variant NAME:OPTIONS`` (repeatable) times several option sets in one run, interleaved round by
 round, and reports each median and its speed relative to the first variant.
+
+``--isa native --isa avx2`` runs every variant natively and under the AVX2 ISA mask
+(``deltadiff.benchmarks.isa``: AVX-512 / VNNI / AMX hidden from CPUID, so onnxruntime takes its
+AVX2 kernels on this CPU), interleaved like the variants; the variant names get ``@ISA``.
 """
 
 from __future__ import annotations
@@ -24,15 +28,22 @@ import time
 from pathlib import Path
 
 from deltadiff.benchmarks.harness import BenchOptions, environment
+from deltadiff.benchmarks.isa import ISAS, active_isa, isa_env
+from deltadiff.errors import DeltaDiffError
 from deltadiff.runtime.atomic import write_text_atomic
 from deltadiff.runtime.manifest import write_json_atomic
 
 
-def time_upscale(image: Path, runs: int, variants: dict[str, list[str]]) -> dict:
+def time_upscale(
+    image: Path, runs: int, variants: dict[str, list[str]], isas: dict[str, str] | None = None
+) -> dict:
     """Time ``dd-run upscale`` once per variant per round (rounds interleave the variants, so
-    machine drift hits all of them alike); the first round is the cold run."""
+    machine drift hits all of them alike); the first round is the cold run. ``isas`` maps a
+    variant to the ISA its processes run with (default: native)."""
     exe = shutil.which("dd-run")
     cmd_head = [exe] if exe else [sys.executable, "-m", "deltadiff.runtime.cli"]
+    isas = {k: (isas or {}).get(k, "native") for k in variants}
+    envs = {k: isa_env(isa) for k, isa in isas.items()}
     times: dict[str, list[float]] = {k: [] for k in variants}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.png"
@@ -40,7 +51,7 @@ def time_upscale(image: Path, runs: int, variants: dict[str, list[str]]) -> dict
             for name, extra in variants.items():
                 cmd = [*cmd_head, "upscale", str(image), "-o", str(out), "--overwrite", *extra]
                 t0 = time.perf_counter()
-                proc = subprocess.run(cmd, capture_output=True, text=True)
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=envs[name])
                 dt = time.perf_counter() - t0
                 if proc.returncode != 0:
                     err = proc.stderr.strip().splitlines()[-1:]
@@ -55,6 +66,7 @@ def time_upscale(image: Path, runs: int, variants: dict[str, list[str]]) -> dict
         t = times[name]
         res[name] = {
             "command": " ".join(["dd-run", "upscale", image.name, "-o", "out.png", *extra]),
+            "isa": isas[name],
             "first_s": t[0],
             "runs_s": t[1:],
             "median_s": statistics.median(t[1:]),
@@ -71,6 +83,19 @@ def _variant(text: str) -> tuple[str, list[str]]:
     return name, shlex.split(opts)
 
 
+def cross_isas(
+    variants: dict[str, list[str]], isas: list[str]
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Every variant under every ISA (names get ``@ISA`` when there is more than one ISA)."""
+    isas = list(dict.fromkeys(isas or ["native"]))
+    out, isa_of = {}, {}
+    for isa in isas:
+        for name, extra in variants.items():
+            key = f"{name}@{isa}" if len(isas) > 1 else name
+            out[key], isa_of[key] = extra, isa
+    return out, isa_of
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("image", type=Path)
@@ -84,18 +109,38 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         help='NAME:OPTIONS, repeatable, e.g. "int8:--precision int8"; runs interleave',
     )
+    ap.add_argument(
+        "--isa",
+        choices=ISAS,
+        action="append",
+        default=[],
+        help="run every variant with this ISA (repeatable: interleaved); avx2 = the ISA mask; "
+        "default: this process's ISA",
+    )
     ap.add_argument("extra", nargs="*", help="extra dd-run upscale options (after --)")
     a = ap.parse_args(argv)
     variants = dict(a.variant) if a.variant else {"default": []}
     variants = {k: [*v, *a.extra] for k, v in variants.items()}
-    res = time_upscale(a.image, a.runs, variants)
+    # no --isa: this process's own (so the ISA runner around this command masks the children too)
+    variants, isas = cross_isas(variants, a.isa or [active_isa()])
+    try:
+        res = time_upscale(a.image, a.runs, variants, isas)
+    except DeltaDiffError as exc:
+        raise SystemExit(f"error: {exc}") from None
     res["environment"] = environment(BenchOptions(models=(), label=a.label))
     a.out.mkdir(parents=True, exist_ok=True)
     stem = a.out / f"upscale-cli-{a.label}"
     write_json_atomic(stem.with_suffix(".json"), res)
     first = next(iter(res["variants"].values()))["median_s"]
+    cpu = res["environment"]["cpu"]
+    isa_note = (
+        "; ISA avx2 = this CPU with AVX-512 / VNNI / AMX hidden from CPUID (an emulation of an "
+        "AVX2-only CPU's kernels, not another machine)"
+        if "avx2" in isas.values()
+        else ""
+    )
     rows = "".join(
-        f"| {k} | `{v['command']}` | {len(v['runs_s'])} | {v['median_s']:.2f} s | "
+        f"| {k} | {v['isa']} | `{v['command']}` | {len(v['runs_s'])} | {v['median_s']:.2f} s | "
         f"{v['min_s']:.2f} s | {v['max_s']:.2f} s | {v['first_s']:.2f} s | "
         f"{first / v['median_s']:.2f}x |\n"
         for k, v in res["variants"].items()
@@ -104,9 +149,10 @@ def main(argv: list[str] | None = None) -> None:
         f"# `dd-run upscale` end to end ({a.label})\n\n"
         f"{res['input_size'][0]}x{res['input_size'][1]} -> "
         f"{res['output_size'][0]}x{res['output_size'][1]}, fresh process per run, "
-        f"variants interleaved.\n\n"
-        f"| variant | command | runs | median | min | max | first (cold) | speed vs first |\n"
-        f"|---|---|---:|---:|---:|---:|---:|---:|\n{rows}"
+        f"variants interleaved. CPU: {cpu['model']} ({cpu['logical_cores']} logical cores)"
+        f"{isa_note}.\n\n"
+        f"| variant | ISA | command | runs | median | min | max | first (cold) | speed vs first |\n"
+        f"|---|---|---|---:|---:|---:|---:|---:|---:|\n{rows}"
     )
     write_text_atomic(stem.with_suffix(".md"), md)
     print(md)

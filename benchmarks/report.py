@@ -313,6 +313,12 @@ METRIC_HEADERS = [
 ]
 
 
+def _isa_note(cpu: dict[str, Any]) -> str:
+    """The ISA mask (benchmarks/isa.py), so masked numbers are never read as native ones."""
+    isa = cpu.get("isa_mask")
+    return f"; **ISA mask {isa}**: AVX-512 / VNNI / AMX hidden from CPUID (emulated)" if isa else ""
+
+
 def _env_section(d: dict[str, Any]) -> list[str]:
     env = d.get("environment") or {}
     cpu = env.get("cpu") or {}
@@ -327,7 +333,7 @@ def _env_section(d: dict[str, Any]) -> list[str]:
         f"| date | {env.get('date')} |",
         f"| machine | {env.get('label') or '—'} ({env.get('hostname')}) |",
         f"| CPU | {cpu.get('model')}; {cpu.get('logical_cores')} logical / {cpu.get('physical_cores')} physical cores, "
-        f"{cpu.get('affinity_cores')} usable |",
+        f"{cpu.get('affinity_cores')} usable{_isa_note(cpu)} |",
         f"| memory | {_num(env.get('memory_total_mb'), '.0f')} MB |",
         f"| GPU | {gpu_s} |",
         f"| versions | {ver_s} |",
