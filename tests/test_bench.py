@@ -6,6 +6,7 @@ No timing asserts: the comparison tests compare a run against saved reports scal
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import math
@@ -661,3 +662,26 @@ def test_ort_vs_torch_script_exports_when_the_cache_is_empty(tmp_path):
     assert (
         script.model_dir(tmp_path / "cache", "deltadiff-pixel-small", 16) / "manifest.json"
     ).exists()
+
+
+def test_int8_runtimes_script_times_fp32_and_each_int8_row(tmp_path, capsys):
+    """benchmarks/bench_int8_runtimes.py on the bundled demo (ONNX Runtime; OpenVINO too when
+    installed): one cell per runtime x graph, FP32 equal to itself, INT8 rows close but not
+    equal, the report written."""
+    from deltadiff.benchmarks import bench_int8_runtimes as b
+    from deltadiff.runtime.upscaler import default_model_dir
+
+    extra = ["--runtime", "openvino"] if importlib.util.find_spec("openvino") else []
+    args = ["--model", str(default_model_dir()), "--lr", "16", "--runs", "1", *extra]
+    b.main([*args, "--out", str(tmp_path), "--label", "t"])
+    res = json.loads((tmp_path / "int8-runtimes-t.json").read_text())
+    cells = {(c["runtime"], c["graph"]): c for c in res["cells"]}
+    rows = {g for _, g in cells if g.startswith("int8 t=")}
+    assert rows and ("onnxruntime", "fp32") in cells
+    assert cells[("onnxruntime", "fp32")]["psnr_vs_ort_fp32_db"] is None  # equal to itself
+    for g in rows:
+        assert 30 < cells[("onnxruntime", g)]["psnr_vs_ort_fp32_db"] < 150
+    assert all(c["median_ms"] > 0 for c in cells.values())
+    assert "| onnxruntime | fp32 |" in (tmp_path / "int8-runtimes-t.md").read_text()
+    with pytest.raises(SystemExit, match="NAME=FILE"):
+        b.main([*args, "--graph", "nofile", "--out", str(tmp_path)])

@@ -31,8 +31,8 @@ def test_bundled_model_is_packaged_and_matches_the_committed_weights():
     m = load_manifest(d)  # checks every graph's sha256
     assert m.family == "deltadiff-pixel" and m.name == "demo-pixel"
     files = {g.file: g.bytes for g in m.graphs.values()}  # INT8 stages reuse FP32 files
-    # FP32 + FP16 + three per-row INT8 step graphs for each target (onnxruntime, tensorrt): 38 MB
-    assert sum(files.values()) < 40e6
+    # FP32 + FP16 + four per-row INT8 step graphs for each target (onnxruntime, tensorrt): 47 MB
+    assert sum(files.values()) < 50e6
     # re-run (not read back) the verification: graphs vs the reference built from weights/demo-pixel
     for precision, floor in (("fp32", 60.0), ("fp16", 40.0)):
         rep = verify(d, precision=precision, min_psnr=floor, record=False)
