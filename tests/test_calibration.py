@@ -322,9 +322,9 @@ def test_demo_model_int8_gate_on_held_out_validation_images():
     assert len(held) == 16 - len(used)
     ev = Evaluator(DEMO, m, held, threads=2)
     plan = {}
-    for r in m.step_table["rows"]:
-        g = m.graph(f"step@{int(r['t'])}", "int8")
-        plan[int(r["t"])] = None if g.file == m.graph("step").file else (DEMO / g.file).read_bytes()
+    for r in m.step_table.rows:
+        g = m.graph(f"step@{r.t}", "int8")
+        plan[r.t] = None if g.file == m.graph("step").file else (DEMO / g.file).read_bytes()
     score = ev.score(plan)
     print("demo INT8:", score.line())
     assert score.passes(35.0, 0.10), score.line()
