@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from deltadiff.benchmarks.flops import _dim_value
 from deltadiff.benchmarks.harness import BenchOptions, environment
 from deltadiff.runtime.atomic import write_text_atomic
 from deltadiff.runtime.manifest import load_manifest, write_json_atomic
@@ -33,17 +32,15 @@ from deltadiff.runtime.manifest import load_manifest, write_json_atomic
 RUNTIMES = ("onnxruntime", "openvino")
 
 
-def _inputs(inputs: list[Any], lr: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Smooth random float inputs (x, y, cond, noise) at the LR size's scale."""
-    units = (lr // 4, lr // 4)  # the dynamic export's h / w count LR multiples of 4
-    out: dict[str, np.ndarray] = {}
+def _inputs(inputs: list[Any], hw: tuple[int, int], rng: np.random.Generator) -> dict[str, Any]:
+    """Smooth random float inputs (x, y, cond, noise) of the state size ``hw``."""
+    out: dict[str, Any] = {}
     for spec in inputs:
         if spec.name in ("t", "coef"):
             continue
-        shape = [d if isinstance(d, int) else _dim_value(str(d), 1, units) for d in spec.shape]
-        coarse = rng.uniform(-1, 1, (*shape[:2], 4, 4)).astype(np.float32)
-        up = np.kron(coarse, np.ones((-(-shape[2] // 4), -(-shape[3] // 4)), np.float32))
-        out[spec.name] = np.ascontiguousarray(up[..., : shape[2], : shape[3]])
+        coarse = rng.uniform(-1, 1, (1, spec.shape[1], 4, 4)).astype(np.float32)
+        up = np.kron(coarse, np.ones((-(-hw[0] // 4), -(-hw[1] // 4)), np.float32))
+        out[spec.name] = np.ascontiguousarray(up[..., : hw[0], : hw[1]])
     return out
 
 
@@ -68,6 +65,11 @@ def measure(
     model: Path, lr: int, runtimes: list[str], runs: int, threads: int, extra: dict[str, Path]
 ) -> dict[str, Any]:
     m = load_manifest(model)
+    if not m.accepts(lr, lr):
+        (h0, _), (h1, _) = m.lr_range()
+        raise SystemExit(
+            f"error: --lr {lr}: {m.name} accepts LR sides {h0}..{h1}, multiples of {m.lr_multiple}"
+        )
     rows = {r.t: r for r in m.step_table.rows}
     step = m.graph("step")
     graphs: dict[str, tuple[Path, Any]] = {}
@@ -80,7 +82,7 @@ def measure(
     first_row = next(iter(graphs.values()))[1]
     graphs = {"fp32": (model / step.file, first_row), **graphs}
     graphs.update({k: (p, first_row) for k, p in extra.items()})
-    base_in = _inputs(step.inputs, lr, np.random.default_rng(0))
+    base_in = _inputs(step.inputs, m.state_hw((lr, lr)), np.random.default_rng(0))
     feeds = {
         k: {**base_in, "t": row.t_input(1), "coef": row.coef()} for k, (_, row) in graphs.items()
     }

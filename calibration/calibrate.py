@@ -406,11 +406,11 @@ def calibrate(
         times["rtx_check"] = time.perf_counter() - t0
 
     # ---- how much of each graph's compute the plan runs in INT8 (MACs at the tile size)
-    int8_share: dict[str, float] = {}
-    for t in keys:
-        total = pb.macs(t, list(pb.node_macs(t)))
-        if total:
-            int8_share[str(t)] = round(pb.macs(t, pb.nodes(t, set(excluded))) / total, 4)
+    int8_share = {
+        str(t): round(pb.mac_share(t, pb.nodes(t, set(excluded))), 4)
+        for t in keys
+        if any(pb.node_macs(t).values())
+    }
     say(
         "INT8 share of each graph's MACs: "
         + ", ".join(f"{k} {100 * v:.1f} %" for k, v in int8_share.items())

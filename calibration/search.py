@@ -121,6 +121,11 @@ class PlanBuilder:
         per = self.node_macs(t)
         return sum(per.get(n, 0) for n in nodes)
 
+    def mac_share(self, t: Key, nodes: list[str]) -> float:
+        """The fraction of the graph's counted MACs that ``nodes`` carry (0 if none counted)."""
+        total = sum(self.node_macs(t).values())
+        return self.macs(t, nodes) / total if total else 0.0
+
     def _fixed(self, t: Key) -> set[str]:
         # node names repeat across graphs: TensorRT-rejected nodes are recorded as "stage:node"
         if isinstance(t, str):
@@ -180,16 +185,14 @@ RANKS = ("per-mac", "cost")
 
 
 def _unit(pb: PlanBuilder, t: Key, block: str, nodes: list[str], mse: float) -> dict[str, Any]:
-    macs = pb.macs(t, nodes)
-    total = max(1, pb.macs(t, list(pb.node_macs(t))))
     return {
         "row": t,
         "block": block,
         "nodes": len(nodes),
         "est_e2e_db": round(_db(mse), 2),
-        "mac_share": round(macs / total, 4),
+        "mac_share": round(pb.mac_share(t, nodes), 4),
         "_mse": mse,
-        "_macs": macs,
+        "_macs": pb.macs(t, nodes),
     }
 
 
@@ -205,9 +208,8 @@ def sensitivity(
     """(unit table sorted by ``rank``, most costly first; per-row table). Coarse to fine: each
     row is first measured whole (end to end, quantized alone); a row for which
     ``refine(score)`` is true is split into its blocks (cost of each block alone), the others
-    stay one unit (block ``*``). Each unit records its MACs and share of the graph's MACs."""
-    if rank not in RANKS:
-        raise ValueError(f"rank {rank!r}: choose one of {', '.join(RANKS)}")
+    stay one unit (block ``*``). Each unit records its MACs and share of the graph's MACs.
+    ``rank`` is one of ``RANKS`` (``calibrate`` checks the option before its data pass)."""
     row_table, table = [], []
     for t in rows:
         full = pb.graph(t, pb.nodes(t, set()))
