@@ -8,7 +8,10 @@ warm-up (file cache) and is reported separately.
         --out benchmarks/results/upscale-cli --label cpu-2core [-- extra dd-run upscale options]
 
 ``--variant NAME:OPTIONS`` (repeatable) times several option sets in one run, interleaved round by
-round, and reports each median and its speed relative to the first variant.
+round, and reports each median and its speed relative to the first variant. Leading ``KEY=VALUE``
+words of OPTIONS are environment variables for that variant's processes (e.g.
+``"per-session-arena:DELTADIFF_ORT_ARENA=session --precision int8"``). Each run's peak RSS is
+reported too (the child's own, from ``wait4``).
 
 ``--isa native --isa avx2`` runs every variant natively and under the AVX2 ISA mask
 (``deltadiff.benchmarks.isa``: AVX-512 / VNNI / AMX hidden from CPUID, so onnxruntime takes its
@@ -18,6 +21,8 @@ AVX2 kernels on this CPU), interleaved like the variants; the variant names get 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import shlex
 import shutil
 import statistics
@@ -33,6 +38,35 @@ from deltadiff.errors import DeltaDiffError
 from deltadiff.runtime.atomic import write_text_atomic
 from deltadiff.runtime.manifest import write_json_atomic
 
+_ENV_WORD = re.compile(r"[A-Z_][A-Z0-9_]*=")
+
+
+def _split_env(extra: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Leading ``KEY=VALUE`` words of a variant's options -> (environment, dd-run options)."""
+    env: dict[str, str] = {}
+    i = 0
+    while i < len(extra) and _ENV_WORD.match(extra[i]):
+        k, _, v = extra[i].partition("=")
+        env[k] = v
+        i += 1
+    return env, extra[i:]
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
+    """Wall seconds and the child's peak RSS (bytes); the child is waited with
+    ``wait4`` so the peak is its own, not the maximum over every child so far."""
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        dt = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        tail = err.read().decode(errors="replace").strip().splitlines()[-1:]
+    if proc.returncode != 0:
+        raise RuntimeError(tail[0] if tail else f"exit status {proc.returncode}")
+    return dt, usage.ru_maxrss * 1024
+
 
 def time_upscale(
     image: Path, runs: int, variants: dict[str, list[str]], isas: dict[str, str] | None = None
@@ -43,29 +77,33 @@ def time_upscale(
     exe = shutil.which("dd-run")
     cmd_head = [exe] if exe else [sys.executable, "-m", "deltadiff.runtime.cli"]
     isas = {k: (isas or {}).get(k, "native") for k in variants}
-    envs = {k: isa_env(isa) for k, isa in isas.items()}
+    split = {k: _split_env(v) for k, v in variants.items()}
+    envs = {k: {**isa_env(isas[k]), **split[k][0]} for k in variants}
     times: dict[str, list[float]] = {k: [] for k in variants}
+    peaks: dict[str, list[int]] = {k: [] for k in variants}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.png"
         for _ in range(runs + 1):
-            for name, extra in variants.items():
-                cmd = [*cmd_head, "upscale", str(image), "-o", str(out), "--overwrite", *extra]
-                t0 = time.perf_counter()
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=envs[name])
-                dt = time.perf_counter() - t0
-                if proc.returncode != 0:
-                    err = proc.stderr.strip().splitlines()[-1:]
-                    raise SystemExit(f"dd-run upscale ({name}) failed: {err}")
+            for name in variants:
+                cmd = [*cmd_head, "upscale", str(image), "-o", str(out), "--overwrite"]
+                try:
+                    dt, peak = _run([*cmd, *split[name][1]], envs[name])
+                except RuntimeError as exc:
+                    raise SystemExit(f"dd-run upscale ({name}) failed: {exc}") from None
                 times[name].append(dt)
+                peaks[name].append(peak)
         from PIL import Image
 
         with Image.open(image) as a, Image.open(out) as b:
             sizes = (a.size, b.size)
     res = {}
-    for name, extra in variants.items():
+    for name in variants:
         t = times[name]
+        env, opts = split[name]
+        words = [f"{k}={v}" for k, v in env.items()]
         res[name] = {
-            "command": " ".join(["dd-run", "upscale", image.name, "-o", "out.png", *extra]),
+            "command": " ".join([*words, "dd-run", "upscale", image.name, "-o", "out.png", *opts]),
+            "peak_rss_mib": statistics.median(peaks[name][1:]) / 2**20,
             "isa": isas[name],
             "first_s": t[0],
             "runs_s": t[1:],
@@ -142,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = "".join(
         f"| {k} | {v['isa']} | `{v['command']}` | {len(v['runs_s'])} | {v['median_s']:.2f} s | "
         f"{v['min_s']:.2f} s | {v['max_s']:.2f} s | {v['first_s']:.2f} s | "
-        f"{first / v['median_s']:.2f}x |\n"
+        f"{first / v['median_s']:.2f}x | {v['peak_rss_mib']:.0f} MiB |\n"
         for k, v in res["variants"].items()
     )
     md = (
@@ -151,8 +189,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{res['output_size'][0]}x{res['output_size'][1]}, fresh process per run, "
         f"variants interleaved. CPU: {cpu['model']} ({cpu['logical_cores']} logical cores)"
         f"{isa_note}.\n\n"
-        f"| variant | ISA | command | runs | median | min | max | first (cold) | speed vs first |\n"
-        f"|---|---|---|---:|---:|---:|---:|---:|---:|\n{rows}"
+        f"| variant | ISA | command | runs | median | min | max | first (cold) | speed vs first "
+        f"| peak RSS (median) |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n{rows}"
     )
     write_text_atomic(stem.with_suffix(".md"), md)
     print(md)

@@ -67,6 +67,8 @@ from deltadiff.runtime.manifest import (
     load_manifest,
     save_manifest,
 )
+from deltadiff.runtime.memory import measure as measure_memory
+from deltadiff.runtime.memory import memory_text, record_key
 
 log = logging.getLogger(__name__)
 
@@ -479,12 +481,46 @@ def calibrate(
         "seconds": {k: round(v, 1) for k, v in times.items()},
         "graphs": {k: g.file for k, g in rel.items()},
     }
+    if passed and opts.target == "onnxruntime":
+        t0 = time.perf_counter()
+        mem = record_int8_memory(model_dir, say)
+        if mem is not None:
+            times["memory"] = time.perf_counter() - t0
+            report["memory"] = {MEMORY_KEY: memory_text(mem)}
     rpath = model_dir / f"int8-report.{opts.target}.json"
     write_text_atomic(rpath, json.dumps(report, indent=1) + "\n")
     write_text_atomic(rpath.with_suffix(".md"), report_markdown(report))
     return CalibrationResult(
         passed, score, method, opts.target, rel, report, rpath, data_pass, times
     )
+
+
+MEMORY_KEY = record_key("onnxruntime", "int8", "staged")
+
+
+def record_int8_memory(model_dir: Path, say: Callable[[str], None]) -> dict[str, Any] | None:
+    """Measure the INT8 graphs' peak RSS at the sizes of the model's FP32 record and record it.
+
+    ``dd-run`` sizes whole-image CPU runs from these records; without one for INT8 it keeps INT8
+    runs inside the exported tile (a 128x128 demo image ran as four overlapping 68x68 tiles,
+    slower than FP32 run whole). Static models and models without an FP32 record: nothing to do.
+    """
+    m = load_manifest(model_dir)
+    fp32 = m.memory.get(record_key("onnxruntime", "fp32", "staged"))
+    if not m.dynamic or fp32 is None:
+        return None
+    sizes = [(int(p["lr"][0]), int(p["lr"][1])) for p in fp32["points"]]
+    say(f"INT8 peak memory at LR {', '.join(f'{h}x{w}' for h, w in sizes)} (fresh process each)")
+    try:
+        rec = measure_memory(
+            model_dir, sizes, precision="int8", threads=int(fp32.get("threads", 0))
+        )
+    except DeltaDiffError as exc:
+        say(f"INT8 memory not recorded ({exc}); dd-run keeps INT8 CPU runs inside the tile")
+        return None
+    save_manifest(model_dir, replace(m, memory={**m.memory, MEMORY_KEY: rec}))
+    say(f"{MEMORY_KEY}: {memory_text(rec)}")
+    return rec
 
 
 def _write(
@@ -622,7 +658,11 @@ def _write(
         for e in m.engines
         if not (e.get("precision") == "int8" and e.get("flavour") and target == "tensorrt")
     ]
-    m2 = replace(m, graphs=graphs, engines=stale_engines)
+    # an INT8 memory record measured the graphs this run replaces
+    memory = {
+        k: v for k, v in m.memory.items() if not (target == "onnxruntime" and k == MEMORY_KEY)
+    }
+    m2 = replace(m, graphs=graphs, engines=stale_engines, memory=memory)
     save_manifest(model_dir, m2)  # the swap: from here on the new graphs are the model's
     referenced = {g.file for g in graphs.values()}
     for pat in ("step@*", "encoder", "decoder"):

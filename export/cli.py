@@ -401,7 +401,9 @@ def measure_memory(
             "a + b*px + c*px^2, a line with two)."
         ),
     ] = "64,128,192",
-    precision: Annotated[str, typer.Option(help="fp32 | fp16")] = "fp32",
+    precision: Annotated[
+        str, typer.Option(help="fp32 | fp16 | int8 (calibrate records int8 by itself)")
+    ] = "fp32",
     mode: Annotated[str, typer.Option(help="staged | unrolled")] = "staged",
     threads: Annotated[int, typer.Option(help="onnxruntime threads (0: all).")] = 0,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,

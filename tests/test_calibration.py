@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +21,8 @@ from deltadiff.calibration import ranges as R
 from deltadiff.calibration.calibrate import CalibrateOptions, calibrate
 from deltadiff.errors import DeltaDiffError
 from deltadiff.export.cli import app as export_app
-from deltadiff.runtime.manifest import load_manifest
+from deltadiff.runtime.manifest import load_manifest, save_manifest
+from deltadiff.runtime.upscaler import max_lr_pixels
 
 from .conftest import DATA, need_shared
 
@@ -636,3 +641,61 @@ def test_rtx_check_builds_dynamic_graphs_at_the_optimum_tile():
     m = load_manifest(DEMO)
     assert m.dynamic
     assert rtx_builds((DEMO / m.graph("step").file).read_bytes(), m.graph("step").inputs, m)
+
+
+def test_calibrate_records_int8_memory_so_int8_runs_images_whole(
+    dynamic_exported, images, tmp_path
+):
+    """A dynamic model with an FP32 memory record gets an INT8 one from calibrate (measured at
+    the same sizes), so dd-run runs INT8 images whole instead of inside the exported tile; a
+    recalibration whose gate fails drops the record of the graphs it replaced. Also: the INT8
+    rows' sessions share one CPU arena (four arenas of full-size activations were kept before)."""
+    from deltadiff.runtime.memory import measure, record_key
+    from deltadiff.runtime.upscaler import UpscaleOptions, plan_image
+
+    d = tmp_path / "m"
+    shutil.copytree(dynamic_exported("deltadiff-pixel"), d)
+    m = load_manifest(d)
+    fp32 = measure(d, [(32, 32), (64, 64)], threads=1)
+    save_manifest(d, replace(m, memory={record_key("onnxruntime", "fp32", "staged"): fp32}))
+    int8 = UpscaleOptions(precision="int8", max_memory=8.0)
+    assert not plan_image(m, int8, 64, 64, max_lr_pixels(m, int8)).whole  # no INT8 record yet
+    res = calibrate(_all_int8(d, images, threads=1))
+    assert res.passed
+    m = load_manifest(d)
+    rec = m.memory["onnxruntime/int8/staged"]
+    assert [p["lr"] for p in rec["points"]] == [[32, 32], [64, 64]]
+    assert rec["points"][1]["peak_bytes"] > rec["points"][0]["peak_bytes"] > 0
+    assert "onnxruntime/int8/staged" in res.report["memory"]
+    assert plan_image(m, int8, 64, 64, max_lr_pixels(m, int8)).whole
+
+    def peak(arena: str) -> int:
+        cmd = [sys.executable, "-m", "deltadiff.runtime.memory", str(d), "128", "128"]
+        env = {**os.environ, "DELTADIFF_ORT_ARENA": arena}
+        out = subprocess.run(
+            [*cmd, "onnxruntime", "int8", "staged", "1"], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+    shared, own = peak("shared"), peak("session")
+    assert shared < 0.8 * own, (shared, own)
+
+    res = calibrate(_all_int8(d, images, threads=1, min_e2e_db=1000.0))
+    assert not res.passed
+    assert "onnxruntime/int8/staged" not in load_manifest(d).memory
+
+
+def test_ort_arena_switch_is_checked_in_one_line(monkeypatch):
+    import onnxruntime
+
+    from deltadiff.errors import BackendError
+    from deltadiff.runtime.backends import ort as ort_backend
+
+    monkeypatch.setattr(ort_backend, "_env_arena", None)
+    monkeypatch.setenv("DELTADIFF_ORT_ARENA", "bogus")
+    with pytest.raises(BackendError, match="use 'shared'") as e:
+        ort_backend.shared_cpu_arena(onnxruntime)
+    assert "\n" not in str(e.value)
+    monkeypatch.setenv("DELTADIFF_ORT_ARENA", "session")
+    assert ort_backend.shared_cpu_arena(onnxruntime) is False

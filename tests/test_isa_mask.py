@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -203,13 +202,14 @@ def test_bench_upscale_cli_interleaves_isas_and_records_them(monkeypatch, tmp_pa
     round, each process gets its ISA's environment, and the report names the ISA."""
     calls = []
 
-    def fake_run(cmd, env, **kw):
-        calls.append((cmd[cmd.index("-o") - 1 :], env.get("DD_ISA"), env.get("LD_PRELOAD")))
+    def fake_run(cmd, env):
+        calls.append(
+            (cmd[cmd.index("-o") - 1 :], env.get("DD_ISA"), env.get("LD_PRELOAD"), env.get("K_V"))
+        )
         Image.new("RGB", (8, 8)).save(cmd[cmd.index("-o") + 1], format="PNG")
-        return subprocess.CompletedProcess(cmd, 0, "", "")
+        return 0.5, 300 << 20  # seconds, peak RSS bytes
 
-    # only bench_upscale_cli's subprocess (platform.platform() runs one too)
-    monkeypatch.setattr(bench_upscale_cli, "subprocess", SimpleNamespace(run=fake_run))
+    monkeypatch.setattr(bench_upscale_cli, "_run", fake_run)
     monkeypatch.setattr(
         bench_upscale_cli,
         "isa_env",
@@ -218,7 +218,7 @@ def test_bench_upscale_cli_interleaves_isas_and_records_them(monkeypatch, tmp_pa
     img = tmp_path / "in.png"
     Image.new("RGB", (2, 2)).save(img)
     argv = [str(img), "--runs", "1", "--out", str(tmp_path), "--label", "t"]
-    argv += ["--variant", "fp32:", "--variant", "int8:--precision int8"]
+    argv += ["--variant", "fp32:", "--variant", "int8:K_V=a=b --precision int8"]
     bench_upscale_cli.main([*argv, "--isa", "native", "--isa", "avx2"])
     order = ["fp32@native", "int8@native", "fp32@avx2", "int8@avx2"]
     rep = json.loads((tmp_path / "upscale-cli-t.json").read_text())
@@ -227,8 +227,13 @@ def test_bench_upscale_cli_interleaves_isas_and_records_them(monkeypatch, tmp_pa
     assert [c[1] for c in calls] == [None, None, "avx2", "avx2"] * 2  # cold round + 1 run
     assert calls[2][2] == "/c/isa_mask-1.so" and calls[1][2] is None
     assert calls[1][0][-2:] == ["--precision", "int8"]
+    # leading KEY=VALUE words of a variant are its processes' environment, not dd-run options
+    assert [c[3] for c in calls[:4]] == [None, "a=b", None, "a=b"]
+    assert "K_V=a=b" not in calls[1][0]
+    assert rep["variants"]["int8@native"]["command"].startswith("K_V=a=b dd-run upscale")
+    assert rep["variants"]["fp32@native"]["peak_rss_mib"] == 300
     md = (tmp_path / "upscale-cli-t.md").read_text()
-    assert "| fp32@avx2 | avx2 |" in md and "not another machine" in md
+    assert "| fp32@avx2 | avx2 |" in md and "not another machine" in md and "| 300 MiB |" in md
     # no --isa under a masked parent (the ISA runner): the children are masked too
     monkeypatch.setattr(bench_upscale_cli, "active_isa", lambda: "avx2")
     calls.clear()
