@@ -25,20 +25,39 @@ log = logging.getLogger(__name__)
 # per-model context: manifest, MACs, inputs, the torch reference
 
 
+def lr_size(m: Manifest, lr: tuple[int, int] | None, model_dir: Path) -> tuple[int, int]:
+    """The LR (h, w) the harness feeds ``m``: ``--lr`` if the graphs accept it, else the tile."""
+    if lr is None or tuple(lr) == tuple(m.tile):
+        return tuple(m.tile)  # type: ignore[return-value]
+    h, w = lr
+    if not m.dynamic:
+        raise DeltaDiffError(
+            f"--lr {h}x{w}: {model_dir} is a static export ({m.tile[0]}x{m.tile[1]} tiles); "
+            "re-export with dd-export onnx --dynamic or leave --lr out"
+        )
+    if not m.accepts(h, w):
+        (h0, w0), (h1, w1) = m.lr_range()
+        raise DeltaDiffError(
+            f"--lr {h}x{w}: {model_dir} accepts {h0}x{w0} .. {h1}x{w1} in multiples of "
+            f"{m.lr_multiple}; choose a size in that range"
+        )
+    return (h, w)
+
+
 class ModelContext:
     def __init__(self, model_dir: Path, opts: BenchOptions, key: str) -> None:
         self.dir = model_dir
         self.m: Manifest = load_manifest(model_dir)
         self.opts = opts
         self.key = key
-        h, w = self.m.tile
+        h, w = self.hw = lr_size(self.m, opts.lr, model_dir)
         self.out_hw = (self.m.scale * h, self.m.scale * w)
         self.steps = len(self.m.step_table.rows)
         self.step_stages = [r.stage for r in self.m.step_table.rows]
         bmax = max(opts.batches)
         rng = np.random.default_rng(opts.seed)
         self.lr = rng.random((bmax, 3, h, w), dtype=np.float32)
-        sh, sw = self.m.state_hw()
+        sh, sw = self.m.state_hw(self.hw)
         self.noise = noise_field(self.m.noise_names, (bmax, 3, sh, sw), opts.seed + 1)
         self._pipe: Any = None
         self.build_s: float | None = None
@@ -72,8 +91,8 @@ class ModelContext:
             return
         files = {g: r.file for g, r in self.m.graphs.items() if r.precision == Precision.FP32}
         units = None
-        if self.m.dynamic:  # the harness runs the manifest tile
-            units = (self.m.tile[0] // self.m.lr_multiple, self.m.tile[1] // self.m.lr_multiple)
+        if self.m.dynamic:  # the harness runs the manifest tile, or --lr
+            units = (self.hw[0] // self.m.lr_multiple, self.hw[1] // self.m.lr_multiple)
         self.macs = GraphMacs(self.dir, files, units)
         self.macs_info = {"status": "ok", "reason": None, "graphs": []}
 
@@ -177,6 +196,7 @@ class ModelContext:
             "family": m.family,
             "dir": str(self.dir),
             "tile": list(m.tile),
+            "lr_hw": list(self.hw),
             "output_hw": list(self.out_hw),
             "batch_range": list(m.batch),
             "precisions": m.precisions(),

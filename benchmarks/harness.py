@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from deltadiff.benchmarks.cases import CaseResult, CaseSpec, plan_cases
-from deltadiff.benchmarks.context import ModelContext
+from deltadiff.benchmarks.context import ModelContext, lr_size
 from deltadiff.benchmarks.machine import environment, loadavg
 from deltadiff.benchmarks.measure import measure_peaks, quality_vs_hr, run_case
 from deltadiff.benchmarks.options import (
@@ -111,11 +111,12 @@ class BenchReport:
         }
 
 
-def _model_keys(dirs: tuple[Path, ...]) -> list[str]:
+def _model_keys(dirs: tuple[Path, ...], lr: tuple[int, int] | None) -> list[str]:
     keys: list[str] = []
     for d in dirs:
         m = load_manifest(d, check_hashes=False)
-        base = f"{m.name}@{m.tile[0]}x{m.tile[1]}"
+        h, w = lr_size(m, lr, d)
+        base = f"{m.name}@{h}x{w}"
         k, i = base, 2
         while k in keys:
             k, i = f"{base}#{i}", i + 1
@@ -145,7 +146,7 @@ def run_bench(
 
         old = load_report(opts.compare)
     env = environment(opts)
-    keys = _model_keys(opts.models)
+    keys = _model_keys(opts.models, opts.lr)
     pairs = None
     if opts.dataset is not None:
         from deltadiff.benchmarks.quality import load_dataset

@@ -55,6 +55,7 @@ class BenchOptions:
     peak_seconds: float = 1.0
     plots: bool = True
     command: str | None = None  # recorded in the report; default: this process's argv
+    lr: tuple[int, int] | None = None  # LR (h, w) per call; None: each model's tile
 
     def __post_init__(self) -> None:
         """Parse backend / precision / mode text into the typed options (one line if unknown)."""
@@ -76,6 +77,8 @@ class BenchOptions:
                 f"need --warmup >= 0, --min-runs >= 1, --min-seconds >= 0 "
                 f"(got {self.warmup}, {self.min_runs}, {self.min_seconds})"
             )
+        if self.lr is not None and (len(self.lr) != 2 or min(self.lr) < 1):
+            raise DeltaDiffError(f"--lr {self.lr}: give the LR size as HxW, e.g. --lr 128x128")
         if not self.cov_warn > 0:
             raise DeltaDiffError(f"--cov-warn must be > 0, got {self.cov_warn}")
         if self.label is not None and (not self.label or any(c in self.label for c in "/\\ ")):
@@ -97,6 +100,7 @@ class BenchOptions:
             "seed": self.seed,
             "cov_warn": self.cov_warn,
             "dataset": str(self.dataset) if self.dataset else None,
+            "lr": list(self.lr) if self.lr else None,
             "label": self.label,
             "compare": str(self.compare) if self.compare else None,
             "fail_on_regression": self.fail_on_regression,

@@ -250,16 +250,17 @@ def info(
         typer.echo(line)
 
 
-def _size(text: str) -> tuple[int, int]:
-    """WxH (image convention) -> (h, w)."""
+def _size(text: str, option: str = "--size") -> tuple[int, int]:
+    """WxH (image convention) or N (square) -> (h, w)."""
     try:
-        w, h = (int(v) for v in text.lower().split("x"))
+        parts = [int(v) for v in text.lower().split("x")]
+        w, h = parts if len(parts) == 2 else (parts[0], parts[0]) if len(parts) == 1 else ()
     except ValueError:
         raise DeltaDiffError(
-            f"--size {text!r}: give WIDTHxHEIGHT in LR pixels, e.g. 640x480"
+            f"{option} {text!r}: give WIDTHxHEIGHT in LR pixels, e.g. 640x480"
         ) from None
     if w <= 0 or h <= 0:
-        raise DeltaDiffError(f"--size {text!r}: width and height must be positive")
+        raise DeltaDiffError(f"{option} {text!r}: width and height must be positive")
     return h, w
 
 
@@ -388,6 +389,13 @@ def bench(
         bool, typer.Option(help="Measure the conv peak for the achieved/peak column.")
     ] = True,
     plots: Annotated[bool, typer.Option(help="Write PNG plots (needs matplotlib).")] = True,
+    lr: Annotated[
+        str | None,
+        typer.Option(
+            help="LR size per call, WIDTHxHEIGHT or N (dynamic models; 128 = a 128x128 image "
+            "run whole); default: each model's tile."
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logging.")] = False,
 ) -> None:
     """Latency + fidelity report per model x backend x precision x mode x batch (JSON, Markdown, PNG).
@@ -421,6 +429,7 @@ def bench(
             reference=reference,
             peak=peak,
             plots=plots,
+            lr=_size(lr, "--lr") if lr else None,
         )
         code = bench_main(opts)
     except DeltaDiffError as exc:

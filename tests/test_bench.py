@@ -687,3 +687,32 @@ def test_int8_runtimes_script_times_fp32_and_each_int8_row(tmp_path, capsys):
         b.main([*args, "--graph", "nofile", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="accepts LR sides"):  # not a multiple of 4
         b.main(["--model", str(default_model_dir()), "--lr", "15", "--out", str(tmp_path)])
+
+
+def test_bench_at_an_lr_size_runs_a_dynamic_model_whole(dynamic_exported, exported, tmp_path):
+    """``--lr``: the harness feeds the dynamic model (and the torch reference) an LR image of that
+    size instead of the tile, so it times what ``dd-run upscale`` runs on a whole image; a static
+    export or a size the graphs do not accept is one line naming the fix."""
+    from deltadiff.runtime.manifest import load_manifest
+
+    d = dynamic_exported(PIXEL)
+    m = load_manifest(d)
+    hw = (2 * m.lr_multiple, 3 * m.lr_multiple)
+    assert hw != tuple(m.tile)
+    out = tmp_path / "o"
+    run_bench(_opts(d, lr=hw, reference=True, out=out, label="lr"))
+    rep = json.loads((out / "bench-lr.json").read_text())
+    validate_report(rep)
+    (model,) = rep["models"]
+    assert model["key"] == f"{m.name}@{hw[0]}x{hw[1]}" and model["lr_hw"] == list(hw)
+    assert rep["options"]["lr"] == list(hw)
+    (case,) = rep["cases"]
+    assert case["status"] == "ok" and case["output_hw"] == [4 * hw[0], 4 * hw[1]]
+    fid = case["fidelity"]  # ONNX Runtime vs the torch reference, both at this LR size
+    assert fid["psnr_inf"] or fid["psnr_db"] > 60, fid
+    with pytest.raises(DeltaDiffError, match="static export"):
+        run_bench(_opts(exported(PIXEL), lr=hw))
+    with pytest.raises(DeltaDiffError, match="multiples of"):
+        run_bench(_opts(d, lr=(m.lr_multiple + 1, m.lr_multiple)))
+    r = _dd_run("bench", "--model", str(d), "--lr", "0x3", "--out", str(tmp_path / "p"))
+    assert r.returncode == 1 and "--lr '0x3'" in r.stderr and "Traceback" not in r.stderr
