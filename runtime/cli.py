@@ -70,8 +70,14 @@ def upscale(
         str, typer.Option(help="onnxruntime | onnxruntime-cuda | tensorrt")
     ] = Backend.ONNXRUNTIME,
     precision: Annotated[
-        str, typer.Option(help="fp32 | fp16 | int8 (graphs/engines of that precision)")
-    ] = Precision.FP32,
+        str | None,
+        typer.Option(
+            help="fp32 | fp16 | int8 (graphs/engines of that precision). Default: int8 on "
+            "onnxruntime (CPU, staged) when the model has INT8 graphs that passed the "
+            "calibration gate, else fp32.",
+            show_default=False,
+        ),
+    ] = None,
     mode: Annotated[str, typer.Option(help="staged | unrolled graph execution")] = DEFAULT_MODE,
     tile: Annotated[
         int | None,
@@ -170,7 +176,7 @@ def upscale(
         out.print(f"[yellow]skipped[/] {escape(why)}")
     out.print(
         f"{len(summary.done)} upscaled, {len(summary.skipped)} skipped, {len(summary.failed)} failed "
-        f"in {summary.seconds:.1f} s (model {up.m.name}, {backend}/{precision}, {mode})"
+        f"in {summary.seconds:.1f} s (model {up.m.name}, {backend}/{up.opts.precision}, {mode})"
     )
     if not summary.ok:
         raise typer.Exit(1)
@@ -182,7 +188,10 @@ def info(
         Path | None, typer.Option(help="Model directory (default: bundled demo).")
     ] = None,
     backend: Annotated[str, typer.Option(help="Backend the fit is for.")] = "onnxruntime",
-    precision: Annotated[str, typer.Option(help="fp32 | fp16")] = "fp32",
+    precision: Annotated[
+        str | None,
+        typer.Option(help="fp32 | fp16 | int8 (default: as dd-run upscale chooses)"),
+    ] = None,
     mode: Annotated[str, typer.Option(help="staged | unrolled")] = "staged",
     max_memory: Annotated[
         float | None, typer.Option(help="GiB of peak memory (default: half of what is free).")
@@ -197,13 +206,14 @@ def info(
     setup_logging(False)
     from deltadiff.runtime.manifest import load_manifest
     from deltadiff.runtime.memory import memory_text
-    from deltadiff.runtime.upscaler import UpscaleOptions, default_model_dir
+    from deltadiff.runtime.upscaler import UpscaleOptions, default_model_dir, resolve
 
     try:
         d = model or default_model_dir()
         m = load_manifest(d)
-        opts = UpscaleOptions(
-            backend=backend, precision=precision, mode=mode, max_memory=max_memory
+        opts = resolve(
+            m,
+            UpscaleOptions(backend=backend, precision=precision, mode=mode, max_memory=max_memory),
         )
         sizes = [_size(x) for x in size or []]
     except DeltaDiffError as exc:
@@ -486,7 +496,10 @@ def batch(
     backend: Annotated[
         str, typer.Option(help="onnxruntime | onnxruntime-cuda | tensorrt")
     ] = Backend.ONNXRUNTIME,
-    precision: Annotated[str, typer.Option(help="fp32 | fp16 | int8")] = Precision.FP32,
+    precision: Annotated[
+        str | None,
+        typer.Option(help="fp32 | fp16 | int8 (default: as dd-run upscale chooses)"),
+    ] = None,
     mode: Annotated[str, typer.Option(help="staged | unrolled")] = DEFAULT_MODE,
     seed: Annotated[int, typer.Option(help="Noise seed (resshift-v3 only).")] = 0,
     suffix: Annotated[str | None, typer.Option(help="Output format suffix, e.g. .png.")] = None,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -62,7 +62,7 @@ def default_model_dir() -> Path:
 @dataclass(frozen=True)
 class UpscaleOptions:
     backend: Backend = Backend.ONNXRUNTIME
-    precision: Precision = Precision.FP32
+    precision: Precision | None = None  # None: the model's default here (default_precision)
     mode: Mode = DEFAULT_MODE
     threads: int = 0
     tile: int | None = None  # LR tile side; dynamic models: a choice, static: the export's
@@ -79,11 +79,31 @@ class UpscaleOptions:
     def __post_init__(self) -> None:
         """Accept text for the typed options (CLI, callers): one line if a value is unknown."""
         object.__setattr__(self, "backend", parse(Backend, self.backend, "--backend"))
-        object.__setattr__(self, "precision", parse(Precision, self.precision, "--precision"))
+        if self.precision is not None:
+            object.__setattr__(self, "precision", parse(Precision, self.precision, "--precision"))
         object.__setattr__(self, "mode", parse(Mode, self.mode, "--mode"))
 
 
 LrBox = tuple[tuple[int, int], tuple[int, int]]  # (min, max) LR (h, w)
+
+
+def default_precision(m: Manifest, opts: UpscaleOptions) -> Precision:
+    """What ``--precision`` means when it is not given: INT8 on ONNX Runtime's CPU provider
+    (staged) when the model has INT8 graphs for that target that passed the calibration gate
+    (there INT8 is the faster of the two at the gate's quality: README "INT8"); FP32 otherwise."""
+    if opts.precision is not None:
+        return opts.precision
+    cpu = opts.backend is Backend.ONNXRUNTIME and opts.mode is Mode.STAGED
+    if cpu and m.int8_status("onnxruntime") is None:
+        return Precision.INT8
+    return Precision.FP32
+
+
+def resolve(m: Manifest, opts: UpscaleOptions) -> UpscaleOptions:
+    """``opts`` with the precision made explicit (``default_precision``)."""
+    return (
+        opts if opts.precision is not None else replace(opts, precision=default_precision(m, opts))
+    )
 
 
 def fixed_tile(m: Manifest, opts: UpscaleOptions) -> bool:
@@ -162,9 +182,9 @@ class Upscaler:
     def __init__(
         self, model_dir: str | Path | None = None, opts: UpscaleOptions | None = None
     ) -> None:
-        self.opts = opts = opts or UpscaleOptions()
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.m: Manifest = load_manifest(self.model_dir, check_hashes=False)
+        self.opts = opts = resolve(self.m, opts or UpscaleOptions())
         if opts.precision == "int8":
             why = self.m.int8_status("tensorrt" if opts.backend == "tensorrt" else "onnxruntime")
             if why:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from deltadiff.calibration import ranges as R
@@ -651,7 +652,7 @@ def test_calibrate_records_int8_memory_so_int8_runs_images_whole(
     recalibration whose gate fails drops the record of the graphs it replaced. Also: the INT8
     rows' sessions share one CPU arena (four arenas of full-size activations were kept before)."""
     from deltadiff.runtime.memory import measure, record_key
-    from deltadiff.runtime.upscaler import UpscaleOptions, plan_image
+    from deltadiff.runtime.upscaler import UpscaleOptions, default_precision, plan_image
 
     d = tmp_path / "m"
     shutil.copytree(dynamic_exported("deltadiff-pixel"), d)
@@ -684,6 +685,44 @@ def test_calibrate_records_int8_memory_so_int8_runs_images_whole(
     res = calibrate(_all_int8(d, images, threads=1, min_e2e_db=1000.0))
     assert not res.passed
     assert "onnxruntime/int8/staged" not in load_manifest(d).memory
+    # graphs that failed the gate are never the default
+    assert default_precision(load_manifest(d), UpscaleOptions()) == "fp32"
+
+
+def test_default_precision_is_int8_on_onnxruntime_cpu_once_the_gate_passed(
+    calibrated, exported, tmp_path
+):
+    """No --precision: INT8 on ONNX Runtime's CPU provider (staged) for a model whose INT8
+    graphs passed the gate, FP32 for every other backend / mode and for models without them;
+    an explicit --precision always wins."""
+    from deltadiff.runtime.cli import app as run_app
+    from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler, default_precision
+
+    d, *_ = calibrated
+    m = load_manifest(d)
+    assert default_precision(m, UpscaleOptions()) == "int8"
+    assert default_precision(m, UpscaleOptions(mode="unrolled")) == "fp32"
+    assert default_precision(m, UpscaleOptions(backend="tensorrt")) == "fp32"
+    assert default_precision(m, UpscaleOptions(backend="onnxruntime-cuda")) == "fp32"
+    assert default_precision(m, UpscaleOptions(precision="fp32")) == "fp32"
+    assert default_precision(load_manifest(exported("deltadiff-pixel")), UpscaleOptions()) == "fp32"
+    rgb = np.random.default_rng(1).random((16, 16, 3), dtype=np.float32)
+    with Upscaler(d, UpscaleOptions(threads=1)) as up:
+        assert up.opts.precision == "int8"
+        default = up.upscale(rgb)
+    with Upscaler(d, UpscaleOptions(precision="int8", threads=1)) as up:
+        np.testing.assert_array_equal(default, up.upscale(rgb))
+    with Upscaler(d, UpscaleOptions(precision="fp32", threads=1)) as up:
+        assert np.abs(default - up.upscale(rgb)).max() > 0  # the INT8 graphs really ran
+    src = tmp_path / "in.png"
+    Image.fromarray((rgb * 255).astype(np.uint8)).save(src)
+    r = CliRunner().invoke(
+        run_app, ["upscale", str(src), "-o", str(tmp_path / "out.png"), "--model", str(d), "-q"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "onnxruntime/int8, staged" in r.output
+    r = CliRunner().invoke(run_app, ["info", "--model", str(d)])
+    assert r.exit_code == 0 and "onnxruntime/int8/staged" in r.output
 
 
 def test_ort_arena_switch_is_checked_in_one_line(monkeypatch):
