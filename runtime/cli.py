@@ -264,7 +264,7 @@ def _size(text: str, option: str = "--size") -> tuple[int, int]:
     """WxH (image convention) or N (square) -> (h, w)."""
     try:
         parts = [int(v) for v in text.lower().split("x")]
-        w, h = parts if len(parts) == 2 else (parts[0], parts[0]) if len(parts) == 1 else ()
+        w, h = parts * 2 if len(parts) == 1 else parts  # ValueError unless one or two numbers
     except ValueError:
         raise DeltaDiffError(
             f"{option} {text!r}: give WIDTHxHEIGHT in LR pixels, e.g. 640x480"
