@@ -66,10 +66,7 @@ def measure(
 ) -> dict[str, Any]:
     m = load_manifest(model)
     if not m.accepts(lr, lr):
-        (h0, _), (h1, _) = m.lr_range()
-        raise SystemExit(
-            f"error: --lr {lr}: {m.name} accepts LR sides {h0}..{h1}, multiples of {m.lr_multiple}"
-        )
+        raise SystemExit(f"error: --lr {lr}: {m.name} accepts {m.lr_range_text()}")
     rows = {r.t: r for r in m.step_table.rows}
     step = m.graph("step")
     graphs: dict[str, tuple[Path, Any]] = {}

@@ -57,14 +57,14 @@ def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
     ``wait4`` so the peak is its own, not the maximum over every child so far."""
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
+        pid = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env).pid
+        _, status, usage = os.wait4(pid, 0)
         dt = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        code = os.waitstatus_to_exitcode(status)
         err.seek(0)
         tail = err.read().decode(errors="replace").strip().splitlines()[-1:]
-    if proc.returncode != 0:
-        raise RuntimeError(tail[0] if tail else f"exit status {proc.returncode}")
+    if code != 0:
+        raise RuntimeError(tail[0] if tail else f"exit status {code}")
     return dt, usage.ru_maxrss * 1024
 
 

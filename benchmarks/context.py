@@ -36,10 +36,8 @@ def lr_size(m: Manifest, lr: tuple[int, int] | None, model_dir: Path) -> tuple[i
             "re-export with dd-export onnx --dynamic or leave --lr out"
         )
     if not m.accepts(h, w):
-        (h0, w0), (h1, w1) = m.lr_range()
         raise DeltaDiffError(
-            f"--lr {h}x{w}: {model_dir} accepts {h0}x{w0} .. {h1}x{w1} in multiples of "
-            f"{m.lr_multiple}; choose a size in that range"
+            f"--lr {h}x{w}: {model_dir} accepts {m.lr_range_text()}; choose a size in that range"
         )
     return (h, w)
 

@@ -88,13 +88,11 @@ def engine_profiles(m: Manifest, opts: EngineOptions) -> list[Profile]:
             )
         return []
     profiles = list(opts.profiles) or [(m.lr_range()[0], m.tile, m.lr_range()[1])]
-    (h0, w0), (h1, w1) = m.lr_range()
     for lo, opt, hi in profiles:
         for hw in (lo, opt, hi):
             if not m.accepts(*hw):
                 raise EngineError(
-                    f"--profile size {hw[0]}x{hw[1]}: the graphs accept LR {h0}x{w0}..{h1}x{w1} "
-                    f"in multiples of {m.lr_multiple}"
+                    f"--profile size {hw[0]}x{hw[1]}: the graphs accept {m.lr_range_text()}"
                 )
     lo, _, hi = profiles[0]
     th, tw = m.tile

@@ -112,10 +112,8 @@ def verify(
             raise DeltaDiffError("verify at another size (--size) takes random tiles, not --images")
         ph, pw = pad_amounts(*lr_hw, m.lr_multiple, m.lr_range()[0])
         if not m.accepts(lr_hw[0] + ph, lr_hw[1] + pw):
-            (h0, w0), (h1, w1) = m.lr_range()
             raise DeltaDiffError(
-                f"--size {lr_hw[0]}x{lr_hw[1]}: the graphs accept LR {h0}x{w0}..{h1}x{w1} "
-                + ("in multiples of " + str(m.lr_multiple) if m.dynamic else "(static export)")
+                f"--size {lr_hw[0]}x{lr_hw[1]}: the graphs accept {m.lr_range_text()}"
             )
         rng = np.random.default_rng(seed)
         lr = reflect_pad(rng.random((batch, 3, *lr_hw), dtype=np.float32), ph, pw)

@@ -130,6 +130,13 @@ class Manifest:
             return self.lr_min, self.lr_max
         return self.tile, self.tile
 
+    def lr_range_text(self) -> str:
+        """What ``accepts`` allows, for error messages: "LR 4x4..128x128 in multiples of 4"."""
+        (h0, w0), (h1, w1) = self.lr_range()
+        if not self.dynamic:
+            return f"LR {h0}x{w0} only (static export)"
+        return f"LR {h0}x{w0}..{h1}x{w1} in multiples of {self.lr_multiple}"
+
     def accepts(self, h: int, w: int) -> bool:
         """True if an LR input of exactly (h, w) is valid for the graphs."""
         (h0, w0), (h1, w1) = self.lr_range()

@@ -102,10 +102,8 @@ def probe(
 
     m = load_manifest(model_dir)
     if not m.accepts(h, w):
-        (h0, w0), (h1, w1) = m.lr_range()
         raise DeltaDiffError(
-            f"LR {h}x{w} is not accepted by {model_dir} ({h0}x{w0}..{h1}x{w1}, "
-            f"multiple {m.lr_multiple}); choose another size"
+            f"LR {h}x{w} is not accepted by {model_dir} ({m.lr_range_text()}); choose another size"
         )
     rng = np.random.default_rng(0)
     lr = rng.random((1, 3, h, w), dtype=np.float32)

@@ -88,9 +88,9 @@ LrBox = tuple[tuple[int, int], tuple[int, int]]  # (min, max) LR (h, w)
 
 
 def default_precision(m: Manifest, opts: UpscaleOptions) -> Precision:
-    """What ``--precision`` means when it is not given: INT8 on ONNX Runtime's CPU provider
-    (staged) when the model has INT8 graphs for that target that passed the calibration gate
-    (there INT8 is the faster of the two at the gate's quality: README "INT8"); FP32 otherwise."""
+    """The precision ``opts`` runs ``m`` at: the one asked for; else INT8 on ONNX Runtime's CPU
+    provider (staged) when the model has INT8 graphs for that target that passed the calibration
+    gate (there INT8 is the faster of the two at the gate's quality: README "INT8"); else FP32."""
     if opts.precision is not None:
         return opts.precision
     cpu = opts.backend is Backend.ONNXRUNTIME and opts.mode is Mode.STAGED
@@ -101,9 +101,7 @@ def default_precision(m: Manifest, opts: UpscaleOptions) -> Precision:
 
 def resolve(m: Manifest, opts: UpscaleOptions) -> UpscaleOptions:
     """``opts`` with the precision made explicit (``default_precision``)."""
-    return (
-        opts if opts.precision is not None else replace(opts, precision=default_precision(m, opts))
-    )
+    return replace(opts, precision=default_precision(m, opts))
 
 
 def fixed_tile(m: Manifest, opts: UpscaleOptions) -> bool:

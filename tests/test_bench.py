@@ -685,7 +685,7 @@ def test_int8_runtimes_script_times_fp32_and_each_int8_row(tmp_path, capsys):
     assert "| onnxruntime | fp32 |" in (tmp_path / "int8-runtimes-t.md").read_text()
     with pytest.raises(SystemExit, match="NAME=FILE"):
         b.main([*args, "--graph", "nofile", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="accepts LR sides"):  # not a multiple of 4
+    with pytest.raises(SystemExit, match="accepts LR 4x4..512x512 in multiples of 4"):  # 15: no
         b.main(["--model", str(default_model_dir()), "--lr", "15", "--out", str(tmp_path)])
 
 

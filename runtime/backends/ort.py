@@ -46,7 +46,7 @@ def shared_cpu_arena(ort: Any) -> bool:
             ort.create_and_register_allocator(info, None)
             _env_arena = True
         except Exception as exc:  # an older or stripped build: per-session arenas, as before
-            log.info("onnxruntime: no shared CPU arena (%s)", str(exc).strip().splitlines()[:1])
+            log.info("onnxruntime: no shared CPU arena (%s)", str(exc).strip().split("\n")[0])
             _env_arena = False
     return _env_arena
 

@@ -658,10 +658,8 @@ class TrtBackend:
             )
         h, w = int(lr.shape[2]), int(lr.shape[3])
         if not self.m.accepts(h, w):
-            (h0, w0), (h1, w1) = self.m.lr_range()
-            mult = f" in multiples of {self.m.lr_multiple}" if self.m.dynamic else ""
             raise BackendError(
-                f"LR {h}x{w} is outside the model's shapes ({h0}x{w0}..{h1}x{w1}{mult}); "
+                f"LR {h}x{w} is outside the model's shapes ({self.m.lr_range_text()}); "
                 "pad or tile it (the upscaler does)"
             )
         state = (B, 3, *self.m.state_hw((h, w)))
