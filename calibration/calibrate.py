@@ -49,6 +49,7 @@ from deltadiff.calibration.evaluate import MAX_HR_DROP_DB, MIN_E2E_DB, Evaluator
 from deltadiff.calibration.qdq import TARGETS, quantizable_nodes, quantized_nodes, stage_candidates
 from deltadiff.calibration.search import (
     RANKS,
+    UNITS,
     Key,
     PlanBuilder,
     Stage,
@@ -88,6 +89,7 @@ class CalibrateOptions:
     search: bool = True
     coarse: bool = False  # search units are whole graphs (rows, encoder, decoder), not blocks
     rank: str = "per-mac"  # search order: cost per MAC moved to INT8, or cost alone ("cost")
+    units: str = "block"  # search unit inside a row: a UNet block, or one layer ("layer")
     # reuse another target's search (its report): its method, cost order and kept units are the
     # starting point; only the gate (and, if it fails, a bisection over more kept units) runs
     search_from: Path | None = None
@@ -215,6 +217,8 @@ def calibrate(
         raise DeltaDiffError(f"--target {opts.target!r}: choose one of {', '.join(TARGETS)}")
     if opts.rank not in RANKS:
         raise DeltaDiffError(f"--rank {opts.rank!r}: choose one of {', '.join(RANKS)}")
+    if opts.units not in UNITS:
+        raise DeltaDiffError(f"--units {opts.units!r}: choose one of {', '.join(UNITS)}")
     if opts.method not in METHOD_CHOICES:
         raise DeltaDiffError(f"--method {opts.method!r}: choose one of {', '.join(METHOD_CHOICES)}")
     model_dir = Path(opts.model)
@@ -232,7 +236,10 @@ def calibrate(
         nodes, kept = stage_candidates(sm, g)
         if nodes:
             smodels[g], scand[g] = sm, (nodes, kept)
-    sblocks = {g: node_blocks(smodels[g], set(scand[g][0])) for g in smodels}
+    prior = _prior_search(Path(opts.search_from), m) if opts.search_from is not None else None
+    # another target's search is reused unit for unit: its unit names are its granularity's
+    units = prior.get("units", "block") if prior is not None else opts.units
+    sblocks = {g: node_blocks(smodels[g], set(scand[g][0]), units) for g in smodels}
     keys: list[Key] = [*(["encoder"] if "encoder" in smodels else []), *rows]
     keys += ["decoder"] if "decoder" in smodels else []
 
@@ -285,7 +292,7 @@ def calibrate(
     t0 = time.perf_counter()
     ev = Evaluator(model_dir, m, images.held_out, threads=opts.threads)
     times["fp32_reference"] = time.perf_counter() - t0
-    blocks = node_blocks(model)
+    blocks = node_blocks(model, units=units)
     sens_n = max(1, min(opts.sens_images, len(images.held_out), m.batch[1]))
     search_n = max(1, min(opts.search_images, len(images.held_out)))
 
@@ -307,7 +314,6 @@ def calibrate(
 
     methods_table: list[dict[str, Any]] = []
     method = opts.method
-    prior = _prior_search(Path(opts.search_from), m) if opts.search_from is not None else None
     if prior is not None and method == "auto":
         method = prior["method"]
         say(f"range method: {method} (from {opts.search_from})")
@@ -473,6 +479,7 @@ def calibrate(
         "stage_fp32_islands": {g: scand[g][1] for g in scand},
         "graph_psnr_db": fidelity,
         "rank": opts.rank if opts.search and prior is None else None,
+        "units": units,
         "int8_mac_share": int8_share,
         "tensorrt_fp32_nodes": sorted(fixed),
         "tensorrt_rtx_check": rtx or None,
@@ -727,7 +734,8 @@ def report_markdown(rep: dict[str, Any]) -> str:
         lines += [
             "INT8 share of each graph's MACs: "
             + ", ".join(f"{k} {100 * v:.1f} %" for k, v in rep["int8_mac_share"].items())
-            + (f" (search order: {rep['rank']})" if rep.get("rank") else ""),
+            + (f" (search order: {rep['rank']}" if rep.get("rank") else "")
+            + (f", units: {rep.get('units', 'block')})" if rep.get("rank") else ""),
             "",
         ]
     if rep["sensitivity"]:

@@ -1,7 +1,8 @@
 """Sensitivity search (Polygraphy's ``debug precision`` idea, done for this pipeline).
 
 Units are (row, block): a block is one UNet block (``input_blocks.1``, ``middle_block.1``, ...,
-from the Conv weight names; attention MatMuls belong to the block around them), a row is one
+from the Conv weight names; attention MatMuls belong to the block around them) or, with
+``units="layer"``, one layer of it (``output_blocks.3.0.skip_connection``); a row is one
 step-table row, because the rows have their own graphs and their own ranges. For the latent
 families the VQ-f4 encoder and decoder are two more "rows" (one graph each, blocks such as
 ``down.0.block.1`` / ``mid.attn_1``); their cost is their own output's MSE (encoder: the latent
@@ -57,10 +58,31 @@ def _block_of(weight: str) -> str:
     return ".".join(parts[:keep])
 
 
-def node_blocks(model: Any, wanted: set[str] | None = None) -> dict[str, list[str]]:
-    """block -> its quantizable nodes (``wanted``, default every Conv / MatMul), in graph
-    order. A Conv's block is read from its weight name; a node without a named weight joins
-    the block of the previous named node (the attention MatMuls of a Swin block)."""
+def _layer_of(weight: str) -> str:
+    """A weight name's layer: the module that owns it (``output_blocks.3.0.skip_connection``)."""
+    parts = weight.split(".")
+    for root in ("unet", "vq"):
+        if root in parts:
+            parts = parts[parts.index(root) + 1 :]
+            break
+    return ".".join(parts[:-1]) or weight
+
+
+UNITS = ("block", "layer")
+
+
+def node_blocks(
+    model: Any, wanted: set[str] | None = None, units: str = "block"
+) -> dict[str, list[str]]:
+    """unit -> its quantizable nodes (``wanted``, default every Conv / MatMul), in graph order.
+    ``units="block"``: a UNet block (``input_blocks.1``); ``"layer"``: the module owning the
+    weight (``output_blocks.3.0.skip_connection``), so a block whose error comes from one cheap
+    layer (a ResBlock's 1x1 skip conv adds unnormalised features straight to its output) is not
+    kept FP32 whole. The unit is read from a node's weight name; a node without a named weight
+    joins the unit of the previous named node (the attention MatMuls of a Swin block)."""
+    if units not in UNITS:
+        raise ValueError(f"units {units!r}: choose one of {', '.join(UNITS)}")
+    unit_of = _layer_of if units == "layer" else _block_of
     wanted = set(quantizable_nodes(model)) if wanted is None else wanted
     inits = {i.name for i in model.graph.initializer}
     out: dict[str, list[str]] = {}
@@ -68,7 +90,7 @@ def node_blocks(model: Any, wanted: set[str] | None = None) -> dict[str, list[st
     for n in model.graph.node:
         w = next((i for i in n.input[1:2] if i in inits and "." in i), None)
         if w is not None:
-            current = _block_of(w)
+            current = unit_of(w)
         if n.name in wanted:
             out.setdefault(current, []).append(n.name)
     return out

@@ -606,6 +606,8 @@ def train(
     batch: Annotated[int, typer.Option()] = 8,
     crop: Annotated[int, typer.Option(help="HR crop side (multiple of 16).")] = 96,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 2.5e-4,
+    lr_min: Annotated[float, typer.Option(help="Learning rate at the end of the cosine.")] = 2e-5,
+    warmup: Annotated[int, typer.Option(help="Linear warm-up iterations.")] = 200,
     seed: Annotated[int, typer.Option()] = 123456,
     val: Annotated[
         Path | None, typer.Option(help="gt/ + lq/ folder, PSNR-Y logged (never trained on).")
@@ -623,6 +625,17 @@ def train(
     resume: Annotated[
         bool, typer.Option(help="Continue from OUT/train_state.pth if present.")
     ] = True,
+    init: Annotated[
+        Path | None,
+        typer.Option(help="Start from these weights (.pth / .safetensors), e.g. to fine-tune."),
+    ] = None,
+    qat: Annotated[
+        bool,
+        typer.Option(
+            help="Quantization-aware: INT8 fake quantization (U8 activations, S8 per-channel "
+            "weights) in every Conv/Linear while training; use with --init."
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Train a deltadiff-pixel model with the DeltaDiff recipe (MSE on x0, EMA, resumable)."""
@@ -639,6 +652,8 @@ def train(
             batch=batch,
             crop=crop,
             lr=lr,
+            lr_min=lr_min,
+            warmup=warmup,
             seed=seed,
             val=val,
             save_every=save_every,
@@ -646,6 +661,8 @@ def train(
             rollout=rollout,
             rollout_rule=rollout_rule,
             stop_at=stop_at,
+            init=init,
+            qat=qat,
         )
         final = run_train(opts, resume=resume, progress=True)
         typer.echo(f"EMA weights: {final}")
@@ -698,6 +715,13 @@ def calibrate(
             "INT8 for the gate) | cost (quality cost alone: fewest units kept FP32)."
         ),
     ] = "per-mac",
+    units: Annotated[
+        str,
+        typer.Option(
+            help="Search unit inside a row: block (a UNet block) | layer (one Conv / MatMul "
+            "layer: finer, ~3x the sensitivity runs)."
+        ),
+    ] = "block",
     threads: Annotated[int, typer.Option(help="onnxruntime CPU threads (0: all).")] = 0,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
@@ -721,6 +745,7 @@ def calibrate(
             coarse=coarse,
             search_from=search_from,
             rank=rank,
+            units=units,
         )
         res = run_calibrate(opts, progress=typer.echo)
         for k, g in res.records.items():

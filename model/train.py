@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from deltadiff.errors import ConfigError
-from deltadiff.model.checkpoint import save_trainer_checkpoint
+from deltadiff.model.checkpoint import load_weights_into, save_trainer_checkpoint
 from deltadiff.model.config import ModelConfig, preset, to_upstream_yaml_dict
 from deltadiff.model.pipeline import Pipeline, randomize_
+from deltadiff.model.qat import FakeQuant
 from deltadiff.model.resize import BicubicUp4
 from deltadiff.model.schedule import StepTable, make_step_table
 from deltadiff.model.swin_unet import SwinUNet
@@ -67,6 +68,10 @@ class TrainOptions:
     rollout_rule: str = "posterior"
     # stop (after saving) at this iteration; the LR schedule still spans ``iters``
     stop_at: int | None = None
+    # start from these weights (any layout ``load_weights_into`` reads) instead of random ones
+    init: Path | None = None
+    # quantization-aware fine-tuning: INT8 fake quantization in every forward (model/qat.py)
+    qat: bool = False
 
 
 def load_hr_images(folder: Path, min_side: int) -> list[np.ndarray]:
@@ -175,11 +180,14 @@ def train(o: TrainOptions, *, resume: bool = False, progress: bool = True) -> Pa
     torch.manual_seed(o.seed)
     rng = np.random.default_rng(o.seed)
     net = SwinUNet(cfg.unet)
-    randomize_(net, o.seed)
-    with torch.no_grad():  # zero-init the last conv of every ResBlock and the head, as upstream
-        for name, p in net.named_parameters():
-            if "out_layers.3" in name or name.startswith("out.2"):
-                p.zero_()
+    if o.init is not None:
+        load_weights_into(net, o.init, what="UNet", config_desc=f"preset {o.preset}")
+    else:
+        randomize_(net, o.seed)
+        with torch.no_grad():  # zero-init the last conv of every ResBlock and the head (upstream)
+            for name, p in net.named_parameters():
+                if "out_layers.3" in name or name.startswith("out.2"):
+                    p.zero_()
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
     opt = torch.optim.AdamW(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     start = 0
@@ -200,6 +208,8 @@ def train(o: TrainOptions, *, resume: bool = False, progress: bool = True) -> Pa
     for r in table.rows:
         in_scale[r.t] = r.in_scale
     up4 = BicubicUp4("matlab")
+    if o.qat:  # the training net only: the EMA copy validated below runs in float
+        FakeQuant(net)
     sampler = CropSampler(load_hr_images(o.data, o.crop), o.crop, o.quantize_lr, rng)
     pairs = []
     if o.val:

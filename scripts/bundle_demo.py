@@ -3,6 +3,8 @@ weights/demo-pixel/, exported graphs + manifest under runtime/models/demo-pixel/
 then the INT8 graphs (calibrated on 4 validation images, gated on the other 12).
 
     python scripts/bundle_demo.py --run runs/demo --iters 3500 --rule posterior --tile 68
+    python scripts/bundle_demo.py --run runs/qat --iters 500 --rule posterior --tile 68 --dynamic \
+        --memory-sizes 64,128,192,256 --int8-target both     # the INT8-aware fine-tune (README)
     python scripts/bundle_demo.py --rule posterior --tile 68 --dynamic   # re-export the bundled weights
 
 ``--dynamic`` exports dynamic LR height/width (``--max-lr``, default 512) with ``--tile`` as the
@@ -13,7 +15,7 @@ ends with the INT8 calibration of the step graphs; only that step (after a re-ex
 
     python scripts/bundle_demo.py --int8-only
     (= dd-export calibrate --model runtime/models/demo-pixel --data ../shared/data/val-bicubic-x4
-       --samples 4 --threads 2 --cache runs/demo-int8-ranges.json)
+       --samples 4 --threads 2 --cache runs/demo-int8-ranges.json --units layer)
 
 ``--int8-target tensorrt`` (or ``both``) adds the TensorRT-style graphs cheaply: no second data
 pass (the ranges cache) and no second search (the onnxruntime report's cost order, only the gate
@@ -79,6 +81,12 @@ def main() -> None:
         help="ranges cache shared by the two targets (written by the first data pass)",
     )
     ap.add_argument(
+        "--int8-units",
+        choices=("block", "layer"),
+        default="layer",
+        help="search unit inside a row (dd-export calibrate --units)",
+    )
+    ap.add_argument(
         "--model-dir",
         type=Path,
         default=REPO / "runtime" / "models" / "demo-pixel",
@@ -118,6 +126,7 @@ def main() -> None:
             target=target,
             cache=args.int8_cache,
             search_from=prior if prior is not None and prior.exists() else None,
+            units=args.int8_units,
         )
         res = calibrate(opts, progress=print)
         print(f"int8 {target}", res.score.line(), "PASS" if res.passed else "FAIL", res.seconds)
@@ -140,8 +149,11 @@ def bundle(args: argparse.Namespace, mdir: Path) -> None:
         (wdir / "config.yaml").write_text(
             yaml.safe_dump(to_upstream_yaml_dict(cfg, "demo-pixel.pth"), sort_keys=False)
         )
+        # a fine-tune run (--init) keeps the base run's log beside its own
+        fine = json.loads((args.run / "options.json").read_text()).get("init") is not None
         for f in ("log.jsonl", "options.json"):
-            shutil.copy(args.run / f, wdir / f)
+            dst = f.replace(".", "-finetune.", 1) if fine else f
+            shutil.copy(args.run / f, wdir / dst)
     else:
         cfg = from_upstream_yaml(wdir / "config.yaml").replace(
             step_rule=args.rule, name="demo-pixel"

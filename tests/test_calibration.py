@@ -192,6 +192,7 @@ def test_cache_from_another_model_is_refused_in_one_line(calibrated, images, exp
         ("unreadable", "unreadable"),
         ("no_fp32", "no FP32"),
         ("bad_rank", "--rank 'fastest': choose one of per-mac, cost"),
+        ("bad_units", "--units 'node': choose one of block, layer"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_fix(case, match, exported, images, tmp_path):
@@ -215,6 +216,8 @@ def test_bad_input_is_one_line_naming_the_fix(case, match, exported, images, tmp
     extra = []
     if case == "bad_rank":  # refused before the data pass
         data, extra = images, ["--rank", "fastest"]
+    if case == "bad_units":
+        data, extra = images, ["--units", "node"]
     r = CliRunner().invoke(
         export_app, ["calibrate", "--model", str(d), "--data", str(data), "--samples", "2", *extra]
     )
@@ -627,6 +630,47 @@ def test_search_from_another_target_skips_the_data_pass_and_the_search(
     bad.write_text("{}")
     with pytest.raises(DeltaDiffError, match="not a calibration report"):
         calibrate(_opts(d, images, cache=cache, target="tensorrt", search_from=bad))
+
+
+def test_layer_units_split_blocks_and_the_other_target_reuses_them(calibrated, images, tmp_path):
+    """--units layer: a ResBlock's convs are separate search units (its 1x1 skip conv, which
+    adds unnormalised features to the block's output, can stay FP32 alone); the units partition
+    the same nodes as the blocks; a --search-from run takes the other report's units."""
+    import onnx
+
+    from deltadiff.calibration.search import node_blocks
+
+    d0, cache, _, _ = calibrated
+    model = onnx.load(str(d0 / load_manifest(d0).graph("step").file))
+    blocks, layers = node_blocks(model), node_blocks(model, units="layer")
+    assert len(layers) > len(blocks)
+    assert sorted(n for v in layers.values() for n in v) == sorted(
+        n for v in blocks.values() for n in v
+    )
+    owner = {n: b for b, ns in blocks.items() for n in ns}
+    for name, ns in layers.items():
+        assert len({owner[n] for n in ns}) == 1, name  # a layer never spans two blocks
+    skips = [k for k in layers if k.endswith("skip_connection")]
+    assert skips and all(len(layers[k]) == 1 for k in skips)
+
+    d = tmp_path / "m"
+    shutil.copytree(d0, d)
+    res = calibrate(_opts(d, images, cache=cache, method="percentile", units="layer"))
+    assert res.report["units"] == "layer"
+    assert {r["block"] for r in res.report["sensitivity"]} <= set(layers)
+    assert "units: layer" in (d / "int8-report.onnxruntime.md").read_text()
+    trt = calibrate(
+        _opts(
+            d,
+            images,
+            cache=cache,
+            target="tensorrt",
+            search_from=d / "int8-report.onnxruntime.json",
+            rtx_check=False,
+        )
+    )
+    assert trt.report["units"] == "layer"
+    assert trt.report["sensitivity"] == res.report["sensitivity"]
 
 
 @pytest.mark.trt

@@ -61,3 +61,68 @@ def test_resume_continues_exactly(hr_folder, tmp_path):
     sb = canonicalize(read_weights(b / "ckpts" / "model_4.pth"))
     # same machine, same kernels, state restored exactly: a resumed run is bit-identical
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_fake_quant_rounds_to_the_int8_grid_and_passes_gradients_straight():
+    from deltadiff.model.qat import fake_quant_activation, fake_quant_weight
+
+    x = (torch.randn(2, 8, 16, 16) * 3 + 1).requires_grad_()
+    q = fake_quant_activation(x)
+    lo, hi = min(float(x.detach().min()), 0.0), max(float(x.detach().max()), 0.0)
+    step = (hi - lo) / 255
+    assert torch.unique(q.detach()).numel() <= 256
+    assert float((q - x).detach().abs().max()) <= step / 2 + 1e-6
+    assert float(fake_quant_activation(torch.tensor([0.0, 2.0]))[0]) == 0.0  # 0 is exact
+    q.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))  # straight-through
+
+    w = torch.randn(4, 3, 3, 3)
+    w[1] *= 100  # per output channel: a large channel does not coarsen the others
+    qw = fake_quant_weight(w)
+    for c in range(4):
+        s = float(w[c].abs().max()) / 127
+        assert torch.unique(qw[c]).numel() <= 255
+        assert float((qw[c] - w[c]).abs().max()) <= s / 2 + 1e-6
+
+
+def test_fake_quant_changes_the_forward_and_removes_cleanly():
+    from deltadiff.model.config import preset
+    from deltadiff.model.pipeline import randomize_
+    from deltadiff.model.qat import FakeQuant
+    from deltadiff.model.swin_unet import SwinUNet
+
+    net = SwinUNet(preset("deltadiff-pixel-small").unet)
+    randomize_(net, 0)
+    net.eval()
+    x, c = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    t = torch.tensor([2])
+    keys = list(net.state_dict())
+    with torch.no_grad():
+        ref = net(x, t, c)
+        with FakeQuant(net) as fq:
+            n = len(fq.modules)
+            q = net(x, t, c)
+        back = net(x, t, c)
+    convs = sum(isinstance(m, torch.nn.Conv2d | torch.nn.Linear) for m in net.modules())
+    assert n == convs > 0
+    err = float((q - ref).abs().max())
+    assert 0 < err < 0.5 * float(ref.abs().max())  # INT8 noise, not a different network
+    assert torch.equal(back, ref) and list(net.state_dict()) == keys
+
+
+def test_qat_fine_tune_starts_from_the_given_weights(hr_folder, tmp_path):
+    from dataclasses import replace
+
+    from deltadiff.errors import DeltaDiffError
+
+    base = train(_opts(hr_folder, tmp_path / "base", 2), progress=False)
+    o = replace(_opts(hr_folder, tmp_path / "qat", 2), init=base, qat=True, lr=1e-5)
+    final = train(o, progress=False)
+    w0, w1 = canonicalize(read_weights(base)), canonicalize(read_weights(final))
+    diffs = [float((w1[k] - w0[k]).abs().max()) for k in w0 if w0[k].is_floating_point()]
+    # a fine-tune of the base weights: they moved, a little (a random start would be far away)
+    assert 0 < max(diffs) < 1e-2
+    Pipeline.from_yaml(tmp_path / "qat" / "config.yaml", final)  # loads like any EMA file
+    bad = replace(_opts(hr_folder, tmp_path / "bad", 2), preset="demo-pixel", init=base, qat=True)
+    with pytest.raises(DeltaDiffError, match="does not fit the UNet"):
+        train(bad, progress=False)
