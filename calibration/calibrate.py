@@ -734,8 +734,11 @@ def report_markdown(rep: dict[str, Any]) -> str:
         lines += [
             "INT8 share of each graph's MACs: "
             + ", ".join(f"{k} {100 * v:.1f} %" for k, v in rep["int8_mac_share"].items())
-            + (f" (search order: {rep['rank']}" if rep.get("rank") else "")
-            + (f", units: {rep.get('units', 'block')})" if rep.get("rank") else ""),
+            + (
+                f" (search order: {rep['rank']}, units: {rep.get('units', 'block')})"
+                if rep.get("rank")
+                else ""
+            ),
             "",
         ]
     if rep["sensitivity"]:

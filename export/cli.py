@@ -719,7 +719,8 @@ def calibrate(
         str,
         typer.Option(
             help="Search unit inside a row: block (a UNet block) | layer (one Conv / MatMul "
-            "layer: finer, ~3x the sensitivity runs)."
+            "layer: finer, ~2.5x the sensitivity runs on the demo). --search-from takes the "
+            "other report's units."
         ),
     ] = "block",
     threads: Annotated[int, typer.Option(help="onnxruntime CPU threads (0: all).")] = 0,
