@@ -38,7 +38,7 @@ def fake_quant_activation(x: torch.Tensor) -> torch.Tensor:
 def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
     """S8 symmetric per output channel (axis 0), levels -127..127."""
     with torch.no_grad():
-        amax = w.detach().abs().flatten(1).amax(1).clamp(min=1e-12)
+        amax = w.abs().flatten(1).amax(1).clamp(min=1e-12)
         scale = (amax / 127.0).view(-1, *([1] * (w.ndim - 1)))
         q = torch.clamp(torch.round(w / scale), -127, 127) * scale
     return w + (q - w).detach()
