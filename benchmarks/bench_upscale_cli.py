@@ -33,7 +33,14 @@ import time
 from pathlib import Path
 
 from deltadiff.benchmarks.harness import BenchOptions, environment
-from deltadiff.benchmarks.isa import ISAS, active_isa, isa_env
+from deltadiff.benchmarks.isa import (
+    ISAS,
+    METHOD_NOTES,
+    active_isa,
+    active_method,
+    isa_env,
+    mask_method,
+)
 from deltadiff.errors import DeltaDiffError
 from deltadiff.runtime.atomic import write_text_atomic
 from deltadiff.runtime.manifest import write_json_atomic
@@ -105,6 +112,7 @@ def time_upscale(
             "command": " ".join([*words, "dd-run", "upscale", image.name, "-o", "out.png", *opts]),
             "peak_rss_mib": statistics.median(peaks[name][1:]) / 2**20,
             "isa": isas[name],
+            "isa_method": None if isas[name] == "native" else (active_method() or mask_method()),
             "first_s": t[0],
             "runs_s": t[1:],
             "median_s": statistics.median(t[1:]),
@@ -171,10 +179,13 @@ def main(argv: list[str] | None = None) -> None:
     write_json_atomic(stem.with_suffix(".json"), res)
     first = next(iter(res["variants"].values()))["median_s"]
     cpu = res["environment"]["cpu"]
+    methods = {v["isa_method"] for v in res["variants"].values()} - {None}
     isa_note = (
         "; ISA avx2 = this CPU with AVX-512 / VNNI / AMX hidden from CPUID (an emulation of an "
-        "AVX2-only CPU's kernels, not another machine)"
-        if "avx2" in isas.values()
+        "AVX2-only CPU's kernels, not another machine; "
+        + "; ".join(METHOD_NOTES[m] for m in sorted(methods))
+        + ")"
+        if methods
         else ""
     )
     rows = "".join(

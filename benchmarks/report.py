@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from deltadiff._deps import require
+from deltadiff.benchmarks.isa import METHOD_NOTES
 from deltadiff.errors import DeltaDiffError
 from deltadiff.runtime.atomic import atomic_path, write_text_atomic
 
@@ -316,7 +317,10 @@ METRIC_HEADERS = [
 def _isa_note(cpu: dict[str, Any]) -> str:
     """The ISA mask (benchmarks/isa.py), so masked numbers are never read as native ones."""
     isa = cpu.get("isa_mask")
-    return f"; **ISA mask {isa}**: AVX-512 / VNNI / AMX hidden from CPUID (emulated)" if isa else ""
+    if not isa:
+        return ""
+    how = METHOD_NOTES.get(cpu.get("isa_mask_method") or "")
+    return f"; **ISA mask {isa}**: AVX-512 / VNNI / AMX hidden from CPUID (emulated{f'; {how}' if how else ''})"
 
 
 def _env_section(d: dict[str, Any]) -> list[str]:

@@ -8,7 +8,9 @@ in INT8 at the same gate.
 
 The noise imitates the ONNX Runtime target that ``dd-export calibrate`` writes: every Conv2d and
 Linear reads its input through per-tensor asymmetric U8 quantization (range: the batch's min/max,
-widened to include 0) and its weight through per-output-channel symmetric S8 quantization.
+widened to include 0) and its weight through per-output-channel symmetric quantization with the
+target's levels (-64..64: ``calibration.qdq.ORT_WEIGHT_QMAX``). The bundled demo weights were
+fine-tuned with -127..127, before the target moved to 7-bit weights.
 Gradients pass straight through the rounding (the straight-through estimator). The module's
 parameters and state-dict keys are untouched: the forward methods are replaced on the instances
 and ``FakeQuant.remove`` puts them back.
@@ -23,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltadiff.calibration.qdq import ORT_WEIGHT_QMAX
+
 
 def fake_quant_activation(x: torch.Tensor) -> torch.Tensor:
     """U8 asymmetric, one scale per tensor from its min/max (0 always representable)."""
@@ -35,12 +39,12 @@ def fake_quant_activation(x: torch.Tensor) -> torch.Tensor:
     return x + (q - x).detach()
 
 
-def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
-    """S8 symmetric per output channel (axis 0), levels -127..127."""
+def fake_quant_weight(w: torch.Tensor, qmax: int = ORT_WEIGHT_QMAX) -> torch.Tensor:
+    """Symmetric per output channel (axis 0), levels -qmax..qmax (the ONNX Runtime target's)."""
     with torch.no_grad():
         amax = w.abs().flatten(1).amax(1).clamp(min=1e-12)
-        scale = (amax / 127.0).view(-1, *([1] * (w.ndim - 1)))
-        q = torch.clamp(torch.round(w / scale), -127, 127) * scale
+        scale = (amax / qmax).view(-1, *([1] * (w.ndim - 1)))
+        q = torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
     return w + (q - w).detach()
 
 
