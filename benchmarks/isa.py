@@ -48,7 +48,7 @@ _TORCH_SWITCHES = {
     }
 }
 _PROBE = (
-    "import ctypes, json, numpy, onnxruntime; f = ctypes.CDLL(None).dd_isa_mask; "
+    "import ctypes, json, numpy, onnxruntime, PIL.Image; f = ctypes.CDLL(None).dd_isa_mask; "
     "f.restype = ctypes.c_char_p; "
     "print(json.dumps([(f() or b'native').decode(), numpy.__file__, onnxruntime.__file__]))"
 )
@@ -97,7 +97,7 @@ def unavailable_reason() -> str | None:
         return (
             "the ISA mask needs CPUID faulting (flag cpuid_fault in /proc/cpuinfo), which this "
             "CPU / hypervisor does not offer, or the capstone disassembler to patch the libraries' "
-            "CPUIDs instead: pip install capstone (in the [test] extra)"
+            "CPUIDs instead: pip install capstone (in the [bench] extra)"
         )
     if _compiler() is None:
         return "the ISA mask needs a C compiler (cc or gcc); install one, e.g. apt-get install gcc"
@@ -133,10 +133,10 @@ def patched_site(method: str) -> Path | None:
     if method == "fault":
         return None
     try:
-        return build_patched_site(_cache_dir())
-    except (OSError, DeltaDiffError) as exc:
+        return build_patched_site(_cache_dir().resolve())  # the shim wants an absolute path
+    except Exception as exc:  # OSError, IsaPatchError, capstone's own: one line, not a traceback
         raise IsaMaskError(
-            f"building the patched libraries for the ISA mask failed: {exc}"
+            f"building the patched libraries for the ISA mask failed: {type(exc).__name__}: {exc}"
         ) from None
 
 
@@ -200,7 +200,10 @@ def _masked_env(
     if site is not None:
         env["DD_ISA_PATCHED"] = str(site)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
-        env.update(_TORCH_SWITCHES[isa])
+        # PyTorch's switches, unless the user set them: DD_ISA_SET names ours, to undo exactly
+        ours = [k for k in _TORCH_SWITCHES[isa] if k not in env]
+        env.update({k: _TORCH_SWITCHES[isa][k] for k in ours})
+        env["DD_ISA_SET"] = ",".join(ours)
     return env
 
 
@@ -216,13 +219,12 @@ def _native_env(base: Mapping[str, str]) -> dict[str, str]:
         env.pop("LD_PRELOAD", None)
     site = env.pop("DD_ISA_PATCHED", None)
     if site:
-        path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != site]
+        path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p != site]
         env["PYTHONPATH"] = os.pathsep.join(path)
         if not path:
             env.pop("PYTHONPATH")
-        for k, v in _TORCH_SWITCHES.get(isa or "", {}).items():
-            if env.get(k) == v:
-                env.pop(k)
+    for k in filter(None, env.pop("DD_ISA_SET", "").split(",")):
+        env.pop(k, None)
     if isa in _GLIBC_TUNABLES:
         tun = [
             t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t != _GLIBC_TUNABLES[isa]

@@ -6,7 +6,7 @@ disassembly (capstone, a linear sweep that steps over data) and replaced with ``
 (``CC 90``). Under ``isa_mask.c`` in patch mode (``DD_ISA_PATCHED`` names the copy), the INT3
 traps, the shim answers with the masked CPUID and steps over the NOP. The copy goes first on
 ``PYTHONPATH``, so ``import onnxruntime`` in a masked child loads it; the installed packages are
-never touched. Built once per package set into the user cache (about 150 MB, 20 s).
+never touched. Built once per package set into the user cache (about 150 MB, ~15 s).
 
 This covers what the lean runtime runs (numpy + onnxruntime + Pillow). PyTorch is too big to copy
 and sweep; isa.py masks it with its own switches instead. A CPUID in any other library (the
@@ -20,9 +20,9 @@ import hashlib
 import importlib.machinery
 import importlib.metadata
 import json
-import os
 import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 from deltadiff.errors import DeltaDiffError
@@ -40,15 +40,28 @@ class IsaPatchError(DeltaDiffError):
     """The patched copy cannot be built."""
 
 
-def _exec_segments(data: bytes) -> list[tuple[int, int]]:
-    """(file offset, size) of the executable PT_LOAD segments of an x86-64 ELF64 file, else []."""
+def _code_ranges(data: bytes) -> list[tuple[int, int]]:
+    """(file offset, size) of the code of an x86-64 ELF64 file, else []: its executable sections
+    (SHF_EXECINSTR: .text, .plt, .init ...), or, without section headers, its executable PT_LOAD
+    segments. Sections, not segments, where there are any: a segment can also hold read-only data,
+    whose bytes must not be patched."""
     if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         return []
     if struct.unpack_from("<H", data, 0x12)[0] != 62:  # EM_X86_64
         return []
+    shoff = struct.unpack_from("<Q", data, 0x28)[0]
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    out = []
+    for i in range(shnum if shoff else 0):
+        _name, sh_type, sh_flags, _addr, sh_offset, sh_size = struct.unpack_from(
+            "<IIQQQQ", data, shoff + i * shentsize
+        )
+        if sh_flags & 0x4 and sh_type != 8 and sh_size:  # SHF_EXECINSTR, not SHT_NOBITS
+            out.append((sh_offset, sh_size))
+    if out:
+        return out
     phoff = struct.unpack_from("<Q", data, 0x20)[0]
     phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
-    out = []
     for i in range(phnum):
         p_type, p_flags, p_offset, _vaddr, _paddr, p_filesz = struct.unpack_from(
             "<IIQQQQ", data, phoff + i * phentsize
@@ -59,17 +72,16 @@ def _exec_segments(data: bytes) -> list[tuple[int, int]]:
 
 
 def cpuid_sites(data: bytes) -> list[int]:
-    """File offsets of the CPUID instructions of an ELF library (none for other files)."""
-    segments = _exec_segments(data)
-    if not segments:
+    """File offsets of the CPUID opcodes (``0F A2``) of an ELF library (none for other files)."""
+    ranges = _code_ranges(data)
+    if not ranges:
         return []
     import capstone
 
     md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
     md.skipdata = True  # data between functions: step over it instead of stopping
     sites = []
-    view = memoryview(data)
-    for off, size in segments:
+    for off, size in ranges:
         end = off + size
         if data.find(CPUID, off, end) < 0:
             continue
@@ -81,13 +93,18 @@ def cpuid_sites(data: bytes) -> list[int]:
             stop = min(pos + _WINDOW, end)
             last = stop if stop == end else stop - 16  # x86 instructions are at most 15 bytes
             nxt = pos
-            for addr, n, mnemonic, _ops in md.disasm_lite(view[pos:stop], pos):
+            for addr, n, mnemonic, _ops in md.disasm_lite(data[pos:stop], pos):
                 if addr + n > last:
                     break
                 if mnemonic == "cpuid":
-                    sites.append(addr)
+                    site = addr + n - 2  # the opcode: after any prefix bytes
+                    if data[site : site + 2] != CPUID:
+                        raise IsaPatchError(f"a cpuid at offset {addr:#x} is not 0F A2")
+                    sites.append(site)
                 nxt = addr + n
-            pos = nxt if nxt > pos else stop
+            if nxt == pos:
+                raise IsaPatchError(f"no instruction decoded at offset {pos:#x}")
+            pos = nxt
     return sites
 
 
@@ -98,7 +115,6 @@ def patch_file(path: Path) -> int:
     if sites:
         buf = bytearray(data)
         for s in sites:
-            assert buf[s : s + 2] == CPUID
             buf[s : s + 2] = TRAP
         path.chmod(path.stat().st_mode | 0o200)
         path.write_bytes(bytes(buf))
@@ -110,6 +126,7 @@ def _sources(skip: Path | None) -> list[tuple[str, Path, str]]:
     without the patched copies themselves (a masked parent has one on its path)."""
     import sys
 
+    skip = skip.resolve() if skip else None
     path = [p for p in sys.path if not (skip and Path(p or ".").resolve().is_relative_to(skip))]
     out = []
     for name, dist in PACKAGES.items():
@@ -119,9 +136,10 @@ def _sources(skip: Path | None) -> list[tuple[str, Path, str]]:
         pkg = Path(next(iter(spec.submodule_search_locations)))
         version = importlib.metadata.version(dist)
         out.append((name, pkg, version))
-        libs = pkg.parent / f"{dist}.libs"
-        if libs.is_dir():
-            out.append((libs.name, libs, version))
+        # auditwheel's folder of bundled libraries: pillow.libs, or Pillow.libs (Pillow 10)
+        for libs in pkg.parent.iterdir():
+            if libs.name.lower() == f"{dist}.libs" and libs.is_dir():
+                out.append((libs.name, libs, version))
     return out
 
 
@@ -133,7 +151,7 @@ def build_patched_site(cache: Path) -> Path:
     except ImportError:
         raise IsaPatchError(
             "the ISA mask without CPUID faulting needs the capstone disassembler; "
-            "pip install capstone (in the [test] extra)"
+            "pip install capstone (in the [bench] extra)"
         ) from None
     sources = _sources(cache)
     key = hashlib.sha256(
@@ -143,8 +161,7 @@ def build_patched_site(cache: Path) -> Path:
     if (dest / _MARK).is_file():
         return dest
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".isa-site-{key}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".isa-site-{key}-", dir=cache))
     try:
         sites = {}
         for name, src, _version in sources:

@@ -97,14 +97,19 @@ def test_torch_takes_its_avx2_kernels_under_the_mask(masked_env):
 
 
 _ORT_CHILD = """
-import ctypes, sys
-import numpy as np, onnxruntime as ort
+import ctypes, os, sys
+import numpy as np
 from deltadiff.benchmarks.isa import active_isa
+masked = active_isa() != "native"
+before = ctypes.CDLL(None).dd_isa_traps() if masked else 0
+import onnxruntime as ort
 so = ort.SessionOptions(); so.intra_op_num_threads = 1
 s = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
 x = np.random.default_rng(0).standard_normal((1, 32, 40, 40), dtype=np.float32)
 np.save(sys.argv[2], s.run(None, {"x": x})[0])
-traps = ctypes.CDLL(None).dd_isa_traps() if active_isa() != "native" else 0
+traps = ctypes.CDLL(None).dd_isa_traps() - before if masked else 0
+site = os.environ.get("DD_ISA_PATCHED")
+assert not site or ort.__file__.startswith(site), ort.__file__  # the patched copy
 print(active_isa(), traps)
 """
 
@@ -138,7 +143,7 @@ def test_onnxruntime_output_under_the_mask_equals_native(masked_env, tmp_path):
         seen, traps = proc.stdout.split()
         assert seen == name
         if name == "avx2":
-            assert int(traps) > 0  # onnxruntime's CPUIDs were answered by the shim
+            assert int(traps) > 0  # onnxruntime's own CPUIDs (after numpy's) went to the shim
         outs[name] = np.load(npy)
     assert np.abs(outs["native"]).max() > 0.1
     np.testing.assert_allclose(outs["avx2"], outs["native"], rtol=0, atol=1e-5)
@@ -189,16 +194,14 @@ def test_native_env_removes_only_the_mask():
         "GLIBC_TUNABLES": "glibc.malloc.check=0",
         "HOME": "/h",
     }
-    # patch method: the copy on PYTHONPATH and PyTorch's switches go too, the user's stay
+    # patch method: the copy on PYTHONPATH and the PyTorch switches it set go too; a switch the
+    # user had set is neither overridden nor removed
     so = Path("/c/deltadiff/isa_mask-0123.so")
-    patched = isa._masked_env({"PYTHONPATH": "/mine", "HOME": "/h"}, "avx2", so, Path("/c/site"))
+    user = {"PYTHONPATH": "/mine", "HOME": "/h", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}
+    patched = isa._masked_env(user, "avx2", so, Path("/c/site"))
     assert patched["PYTHONPATH"] == "/c/site:/mine" and patched["ATEN_CPU_CAPABILITY"] == "avx2"
-    patched["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE"  # set by the user after: kept
-    assert isa.isa_env("native", patched) == {
-        "PYTHONPATH": "/mine",
-        "HOME": "/h",
-        "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
-    }
+    assert patched["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE"
+    assert isa.isa_env("native", patched) == user
 
 
 def test_missing_compiler_is_one_clear_line(monkeypatch):
@@ -336,7 +339,7 @@ def test_patch_finds_cpuids_by_disassembly_and_the_shim_answers_only_patched_fol
     cc = [isa._compiler(), "-O1", "-shared", "-fPIC", str(tmp_path / "c.c"), "-o", str(lib)]
     subprocess.run(cc, check=True)
     data = lib.read_bytes()
-    execs = b"".join(data[o : o + n] for o, n in isa_patch._exec_segments(data))
+    execs = b"".join(data[o : o + n] for o, n in isa_patch._code_ranges(data))
     assert execs.count(isa_patch.CPUID) >= 2 and data.count(isa_patch.CPUID) >= 4
     sites = isa_patch.cpuid_sites(data)
     assert len(sites) == 1
