@@ -22,6 +22,7 @@ import importlib.metadata
 import json
 import shutil
 import struct
+import sys
 import tempfile
 from pathlib import Path
 
@@ -124,8 +125,6 @@ def patch_file(path: Path) -> int:
 def _sources(skip: Path | None) -> list[tuple[str, Path, str]]:
     """(name, folder, version) of each package and <dist>.libs folder to copy, found on sys.path
     without the patched copies themselves (a masked parent has one on its path)."""
-    import sys
-
     skip = skip.resolve() if skip else None
     path = [p for p in sys.path if not (skip and Path(p or ".").resolve().is_relative_to(skip))]
     out = []

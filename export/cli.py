@@ -632,8 +632,8 @@ def train(
     qat: Annotated[
         bool,
         typer.Option(
-            help="Quantization-aware: INT8 fake quantization (U8 activations, S8 per-channel "
-            "weights) in every Conv/Linear while training; use with --init."
+            help="Quantization-aware: INT8 fake quantization (U8 activations, 7-bit per-channel "
+            "weights, as calibrate writes for onnxruntime) in every Conv/Linear; use with --init."
         ),
     ] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,

@@ -38,6 +38,7 @@ from pathlib import Path
 import yaml
 
 from deltadiff.calibration.calibrate import CalibrateOptions, calibrate
+from deltadiff.calibration.search import UNITS
 from deltadiff.export.graphs import TileShape
 from deltadiff.export.onnx_export import ExportOptions, add_fp16, export_onnx
 from deltadiff.export.verify import verify
@@ -82,7 +83,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--int8-units",
-        choices=("block", "layer"),
+        choices=UNITS,
         default="layer",
         help="search unit inside a row (dd-export calibrate --units)",
     )
