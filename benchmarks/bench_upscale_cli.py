@@ -1,26 +1,23 @@
-"""End-to-end wall time of the ``dd-run upscale`` command, as a user runs it.
+"""``dd-run bench-cli``: end-to-end wall time of the ``dd-run upscale`` command, as a user runs it.
 
 Each run is a fresh process (interpreter start, imports, model load, image read, tiling, four steps,
-write), so the number includes everything a user waits for. Runs are sequential; the first is a
-warm-up (file cache) and is reported separately.
+write), so the number includes everything a user waits for. Runs are sequential; the first round is
+a warm-up (file cache) and is reported separately as "first (cold)".
 
-    python -m deltadiff.benchmarks.bench_upscale_cli examples/astronaut_lr.png --runs 5 \\
-        --out benchmarks/results/upscale-cli --label cpu-2core [-- extra dd-run upscale options]
+    dd-run bench-cli examples/astronaut_lr.png --runs 5 --label cpu-2core \\
+        --variant "fp32:--precision fp32" --variant "int8:--precision int8"
 
 ``--variant NAME:OPTIONS`` (repeatable) times several option sets in one run, interleaved round by
-round, and reports each median and its speed relative to the first variant. Leading ``KEY=VALUE``
-words of OPTIONS are environment variables for that variant's processes (e.g.
-``"per-session-arena:DELTADIFF_ORT_ARENA=session --precision int8"``). Each run's peak RSS is
-reported too (the child's own, from ``wait4``).
+round so machine drift hits them alike, and reports each median and its speed relative to the first
+variant. Leading ``KEY=VALUE`` words of OPTIONS are environment variables for that variant's
+processes (e.g. ``"per-session-arena:DELTADIFF_ORT_ARENA=session --precision int8"``). Options after
+``--`` go to every variant. Each run's peak RSS is the child's own (from ``wait4``).
 
-``--isa native --isa avx2`` runs every variant natively and under the AVX2 ISA mask
-(``deltadiff.benchmarks.isa``: AVX-512 / VNNI / AMX hidden from CPUID, so onnxruntime takes its
-AVX2 kernels on this CPU), interleaved like the variants; the variant names get ``@ISA``.
+Writes ``upscale-cli-LABEL.json`` and ``.md`` into the output folder.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shlex
@@ -30,38 +27,107 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from deltadiff.benchmarks.harness import BenchOptions, environment
-from deltadiff.benchmarks.isa import (
-    ISAS,
-    METHOD_NOTES,
-    active_isa,
-    active_method,
-    isa_env,
-    mask_method,
-)
 from deltadiff.errors import DeltaDiffError
-from deltadiff.runtime.atomic import write_text_atomic
-from deltadiff.runtime.manifest import write_json_atomic
 
 _ENV_WORD = re.compile(r"[A-Z_][A-Z0-9_]*=")
 
 
-def _split_env(extra: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Leading ``KEY=VALUE`` words of a variant's options -> (environment, dd-run options)."""
-    env: dict[str, str] = {}
-    i = 0
-    while i < len(extra) and _ENV_WORD.match(extra[i]):
-        k, _, v = extra[i].partition("=")
-        env[k] = v
-        i += 1
-    return env, extra[i:]
+@dataclass(frozen=True)
+class Variant:
+    """One option set to time: its name, extra environment and ``dd-run upscale`` options."""
+
+    name: str
+    env: dict[str, str] = field(default_factory=dict)
+    options: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        """``NAME:OPTIONS``; leading ``KEY=VALUE`` words of OPTIONS are environment variables."""
+        name, _, opts = text.partition(":")
+        if not name.strip():
+            raise DeltaDiffError(
+                f"--variant {text!r}: write NAME:OPTIONS, e.g. 'int8:--precision int8'"
+            )
+        try:
+            words = shlex.split(opts)
+        except ValueError as exc:
+            raise DeltaDiffError(f"--variant {text!r}: cannot split the options ({exc})") from None
+        env: dict[str, str] = {}
+        while words and _ENV_WORD.match(words[0]):
+            k, _, v = words.pop(0).partition("=")
+            env[k] = v
+        return cls(name.strip(), env, tuple(words))
+
+    def command(self, image: Path) -> str:
+        """The command as a user would type it (for the report)."""
+        words = [f"{k}={v}" for k, v in self.env.items()]
+        return shlex.join([*words, "dd-run", "upscale", image.name, "-o", "out.png", *self.options])
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Wall seconds and the child's peak RSS (bytes); the child is waited with
-    ``wait4`` so the peak is its own, not the maximum over every child so far."""
+@dataclass(frozen=True)
+class VariantTiming:
+    """Seconds per run of one variant (the cold first run apart) and its median peak RSS."""
+
+    command: str
+    peak_rss_mib: float
+    first_s: float
+    runs_s: list[float]
+    median_s: float
+    min_s: float
+    max_s: float
+
+
+@dataclass
+class CliBenchReport:
+    """What ``dd-run bench-cli`` writes: sizes (WIDTHxHEIGHT), one timing per variant, machine."""
+
+    input_size: list[int]
+    output_size: list[int]
+    variants: dict[str, VariantTiming]
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_markdown(self, label: str) -> str:
+        """A short table: median / min / max, the cold run, speed vs the first variant, peak RSS."""
+        first = next(iter(self.variants.values())).median_s
+        cpu = self.environment.get("cpu") or {}
+        rows = "".join(
+            f"| {k} | `{v.command}` | {len(v.runs_s)} | {v.median_s:.2f} s | {v.min_s:.2f} s | "
+            f"{v.max_s:.2f} s | {v.first_s:.2f} s | {first / v.median_s:.2f}x | "
+            f"{v.peak_rss_mib:.0f} MiB |\n"
+            for k, v in self.variants.items()
+        )
+        (w, h), (ow, oh) = self.input_size, self.output_size
+        return (
+            f"# `dd-run upscale` end to end ({label})\n\n"
+            f"{w}x{h} -> {ow}x{oh}, fresh process per run, variants interleaved. "
+            f"CPU: {cpu.get('model')} ({cpu.get('logical_cores')} logical cores); "
+            f"date {self.environment.get('date')}; command `{self.environment.get('command')}`.\n\n"
+            "| variant | command | runs | median | min | max | first (cold) | speed vs first "
+            "| peak RSS (median) |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
+            f"{rows}"
+        )
+
+
+def _dd_run() -> list[str]:
+    """The ``dd-run`` of this Python (beside the interpreter), else on PATH, else ``-m``."""
+    beside = Path(sys.executable).with_name("dd-run")
+    if beside.is_file():
+        return [str(beside)]
+    exe = shutil.which("dd-run")
+    return [exe] if exe else [sys.executable, "-m", "deltadiff.runtime.cli"]
+
+
+def _run_once(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
+    """Wall seconds and the child's peak RSS (bytes); the child is waited with ``wait4`` so the
+    peak is its own, not the maximum over every child so far. A failed run raises its last
+    stderr line."""
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         pid = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env).pid
@@ -71,141 +137,83 @@ def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
         err.seek(0)
         tail = err.read().decode(errors="replace").strip().splitlines()[-1:]
     if code != 0:
-        raise RuntimeError(tail[0] if tail else f"exit status {code}")
+        raise DeltaDiffError(tail[0] if tail else f"exit status {code}")
     return dt, usage.ru_maxrss * 1024
 
 
-def time_upscale(
-    image: Path, runs: int, variants: dict[str, list[str]], isas: dict[str, str] | None = None
-) -> dict:
-    """Time ``dd-run upscale`` once per variant per round (rounds interleave the variants, so
-    machine drift hits all of them alike); the first round is the cold run. ``isas`` maps a
-    variant to the ISA its processes run with (default: native)."""
-    exe = shutil.which("dd-run")
-    cmd_head = [exe] if exe else [sys.executable, "-m", "deltadiff.runtime.cli"]
-    isas = {k: (isas or {}).get(k, "native") for k in variants}
-    split = {k: _split_env(v) for k, v in variants.items()}
-    envs = {k: {**isa_env(isas[k]), **split[k][0]} for k in variants}
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    peaks: dict[str, list[int]] = {k: [] for k in variants}
+def _timing(variant: Variant, image: Path, times: list[float], peaks: list[int]) -> VariantTiming:
+    warm = times[1:]
+    return VariantTiming(
+        command=variant.command(image),
+        peak_rss_mib=statistics.median(peaks[1:]) / 2**20,
+        first_s=times[0],
+        runs_s=warm,
+        median_s=statistics.median(warm),
+        min_s=min(warm),
+        max_s=max(warm),
+    )
+
+
+def _check(image: Path, runs: int, variants: list[Variant]) -> None:
+    if not image.is_file():
+        raise DeltaDiffError(f"image {image} does not exist; pass an image file to upscale")
+    if runs < 1:
+        raise DeltaDiffError(f"--runs {runs}: time at least 1 run (after the cold one)")
+    names = [v.name for v in variants]
+    if not names or len(set(names)) != len(names):
+        raise DeltaDiffError(f"--variant names must be unique and non-empty, got {names}")
+
+
+def time_upscale(image: Path, runs: int, variants: list[Variant]) -> CliBenchReport:
+    """Time ``dd-run upscale`` once per variant per round, for ``runs + 1`` rounds (rounds
+    interleave the variants); the first round is the cold run."""
+    from PIL import Image
+
+    _check(image, runs, variants)
+    head = _dd_run()
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    peaks: dict[str, list[int]] = {v.name: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.png"
         for _ in range(runs + 1):
-            for name in variants:
-                cmd = [*cmd_head, "upscale", str(image), "-o", str(out), "--overwrite"]
+            for v in variants:
+                cmd = [*head, "upscale", str(image), "-o", str(out), "--overwrite", *v.options]
                 try:
-                    dt, peak = _run([*cmd, *split[name][1]], envs[name])
-                except RuntimeError as exc:
-                    raise SystemExit(f"dd-run upscale ({name}) failed: {exc}") from None
-                times[name].append(dt)
-                peaks[name].append(peak)
-        from PIL import Image
-
+                    dt, peak = _run_once(cmd, {**os.environ, **v.env})
+                except DeltaDiffError as exc:
+                    raise DeltaDiffError(f"dd-run upscale ({v.name}) failed: {exc}") from None
+                times[v.name].append(dt)
+                peaks[v.name].append(peak)
         with Image.open(image) as a, Image.open(out) as b:
-            sizes = (a.size, b.size)
-    res = {}
-    for name in variants:
-        t = times[name]
-        env, opts = split[name]
-        words = [f"{k}={v}" for k, v in env.items()]
-        res[name] = {
-            "command": " ".join([*words, "dd-run", "upscale", image.name, "-o", "out.png", *opts]),
-            "peak_rss_mib": statistics.median(peaks[name][1:]) / 2**20,
-            "isa": isas[name],
-            "isa_method": None if isas[name] == "native" else (active_method() or mask_method()),
-            "first_s": t[0],
-            "runs_s": t[1:],
-            "median_s": statistics.median(t[1:]),
-            "min_s": min(t[1:]),
-            "max_s": max(t[1:]),
-        }
-    return {"input_size": list(sizes[0]), "output_size": list(sizes[1]), "variants": res}
+            sizes = (list(a.size), list(b.size))  # PIL: (width, height)
+    timings = {v.name: _timing(v, image, times[v.name], peaks[v.name]) for v in variants}
+    return CliBenchReport(input_size=sizes[0], output_size=sizes[1], variants=timings)
 
 
-def _variant(text: str) -> tuple[str, list[str]]:
-    name, _, opts = text.partition(":")
-    if not name:
-        raise argparse.ArgumentTypeError(f"--variant {text!r}: write NAME:OPTIONS")
-    return name, shlex.split(opts)
+def run_cli_bench(
+    image: Path,
+    *,
+    runs: int = 5,
+    variants: list[Variant] | None = None,
+    extra: tuple[str, ...] = (),
+    out: Path = Path("bench-results"),
+    label: str = "local",
+) -> tuple[CliBenchReport, dict[str, Path]]:
+    """Time the variants (default: one, ``dd-run upscale``'s defaults), each with ``extra``
+    options appended; write ``upscale-cli-LABEL.json`` / ``.md`` into ``out`` atomically."""
+    from deltadiff.benchmarks.harness import BenchOptions, environment
+    from deltadiff.runtime.atomic import write_text_atomic
+    from deltadiff.runtime.manifest import write_json_atomic
 
-
-def cross_isas(
-    variants: dict[str, list[str]], isas: list[str]
-) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """Every variant under every ISA (names get ``@ISA`` when there is more than one ISA)."""
-    isas = list(dict.fromkeys(isas or ["native"]))
-    out, isa_of = {}, {}
-    for isa in isas:
-        for name, extra in variants.items():
-            key = f"{name}@{isa}" if len(isas) > 1 else name
-            out[key], isa_of[key] = extra, isa
-    return out, isa_of
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("image", type=Path)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=Path("bench-results"))
-    ap.add_argument("--label", default="local")
-    ap.add_argument(
-        "--variant",
-        type=_variant,
-        action="append",
-        default=[],
-        help='NAME:OPTIONS, repeatable, e.g. "int8:--precision int8"; runs interleave',
-    )
-    ap.add_argument(
-        "--isa",
-        choices=ISAS,
-        action="append",
-        default=[],
-        help="run every variant with this ISA (repeatable: interleaved); avx2 = the ISA mask; "
-        "default: this process's ISA",
-    )
-    ap.add_argument("extra", nargs="*", help="extra dd-run upscale options (after --)")
-    a = ap.parse_args(argv)
-    variants = dict(a.variant) if a.variant else {"default": []}
-    variants = {k: [*v, *a.extra] for k, v in variants.items()}
-    # no --isa: this process's own (so the ISA runner around this command masks the children too)
-    variants, isas = cross_isas(variants, a.isa or [active_isa()])
-    try:
-        res = time_upscale(a.image, a.runs, variants, isas)
-    except DeltaDiffError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    res["environment"] = environment(BenchOptions(models=(), label=a.label))
-    a.out.mkdir(parents=True, exist_ok=True)
-    stem = a.out / f"upscale-cli-{a.label}"
-    write_json_atomic(stem.with_suffix(".json"), res)
-    first = next(iter(res["variants"].values()))["median_s"]
-    cpu = res["environment"]["cpu"]
-    methods = {v["isa_method"] for v in res["variants"].values()} - {None}
-    isa_note = (
-        "; ISA avx2 = this CPU with AVX-512 / VNNI / AMX hidden from CPUID (an emulation of an "
-        "AVX2-only CPU's kernels, not another machine; "
-        + "; ".join(METHOD_NOTES[m] for m in sorted(methods))
-        + ")"
-        if methods
-        else ""
-    )
-    rows = "".join(
-        f"| {k} | {v['isa']} | `{v['command']}` | {len(v['runs_s'])} | {v['median_s']:.2f} s | "
-        f"{v['min_s']:.2f} s | {v['max_s']:.2f} s | {v['first_s']:.2f} s | "
-        f"{first / v['median_s']:.2f}x | {v['peak_rss_mib']:.0f} MiB |\n"
-        for k, v in res["variants"].items()
-    )
-    md = (
-        f"# `dd-run upscale` end to end ({a.label})\n\n"
-        f"{res['input_size'][0]}x{res['input_size'][1]} -> "
-        f"{res['output_size'][0]}x{res['output_size'][1]}, fresh process per run, "
-        f"variants interleaved. CPU: {cpu['model']} ({cpu['logical_cores']} logical cores)"
-        f"{isa_note}.\n\n"
-        f"| variant | ISA | command | runs | median | min | max | first (cold) | speed vs first "
-        f"| peak RSS (median) |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n{rows}"
-    )
-    write_text_atomic(stem.with_suffix(".md"), md)
-    print(md)
-
-
-if __name__ == "__main__":
-    main()
+    if not label or Path(label).name != label:
+        raise DeltaDiffError(f"--label {label!r}: a plain name (it becomes the file name)")
+    chosen = variants or [Variant("default")]
+    chosen = [Variant(v.name, v.env, (*v.options, *extra)) for v in chosen]
+    report = time_upscale(image, runs, chosen)
+    report.environment = environment(BenchOptions(models=(), label=label))
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"upscale-cli-{label}"
+    paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md")}
+    write_json_atomic(paths["json"], report.to_dict())
+    write_text_atomic(paths["md"], report.to_markdown(label))
+    return report, paths

@@ -12,14 +12,14 @@ counts MACs itself, from ``onnx.shape_inference`` shapes with the batch axis fix
     Gemm           prod(Y) * K                  K = A[1], or A[0] with transA
     Einsum         prod(size of every index)    (two or more operands; one operand counts 0)
 
-This is the convention of MODEL.md §7.4 (conv + linear + attention matmuls; bias adds, norms,
-activations, softmax and resizes are not counted). A node whose shapes cannot be inferred is
+Convention: MACs of conv + linear + attention matmuls; bias adds, norms,
+activations, softmax and resizes are not counted. A node whose shapes cannot be inferred is
 listed in ``MacCount.uncounted`` rather than guessed. Large initializers are turned into typed
 graph inputs before inference, so counting a 500 MB UNet does not copy its weights.
 
 Validated against an independent torch forward-hook count (Conv2d / Linear modules plus the
 window-attention matmuls computed by hand) in ``tests/test_bench.py``, and by hand against the
-full-size numbers of MODEL.md §7.4.
+full-size MACs of the upstream models.
 
 The peak: ``measure_peak`` times one 3x3 convolution, 128 -> 128 channels at 128 x 128, in
 ONNX Runtime (graph built with ``onnx.helper``) or in torch, with the thread count of the

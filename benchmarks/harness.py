@@ -1,4 +1,4 @@
-"""Latency + fidelity benchmark harness behind ``dd-run bench`` (DESIGN "Reports", STYLE §12).
+"""Latency + fidelity benchmark harness behind ``dd-run bench`` (docs/benchmarks.md).
 
 One *case* = model directory x backend x precision x mode x batch. For each case:
 
@@ -96,7 +96,7 @@ class BenchReport:
                 "stop_rule": "measure until both --min-runs and --min-seconds are reached",
                 "statistics": "seconds; percentiles: numpy linear interpolation; cov: sample stdev / mean",
                 "throughput": "images/s = batch / median e2e; MP/s = batch * output pixels / 1e6 / median e2e",
-                "flops": "MACs from the fp32 ONNX graphs (conv + linear + matmuls, MODEL.md 7.4); "
+                "flops": "MACs from the fp32 ONNX graphs (conv + linear + attention matmuls); "
                 "achieved = 2 * MACs / median e2e; peak = best of a 3x3 conv 128->128 @128x128",
                 "fidelity": "PSNR (data range 1) and max-abs vs the FP32 PyTorch reference (CPU) on the same "
                 "seeded inputs, computed once per model at the largest batch; smaller batches compare with "

@@ -15,7 +15,6 @@ from typing import Any
 
 import deltadiff
 from deltadiff._deps import require
-from deltadiff.benchmarks.isa import active_isa, active_method
 from deltadiff.benchmarks.memory import NVML, nvml_handle
 from deltadiff.benchmarks.options import BenchOptions
 from deltadiff.runtime.memory import cpu_name
@@ -115,11 +114,6 @@ def environment(opts: BenchOptions) -> dict[str, Any]:
             "logical_cores": os.cpu_count(),
             "physical_cores": _physical_cores(),
             "affinity_cores": affinity,
-            # "avx2" when this process runs under the ISA mask (benchmarks/isa.py): AVX2 kernels
-            # on this CPU, not a native AVX2 machine. None: native.
-            "isa_mask": None if (isa := active_isa()) == "native" else isa,
-            # how: "fault" (CPUID faulting) or "patch" (patched libraries); None: native
-            "isa_mask_method": active_method(),
         },
         "memory_total_mb": mem_total,
         "gpu": _gpu_info(),

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from deltadiff._deps import require
-from deltadiff.benchmarks.isa import METHOD_NOTES
 from deltadiff.errors import DeltaDiffError
 from deltadiff.runtime.atomic import atomic_path, write_text_atomic
 
@@ -314,15 +313,6 @@ METRIC_HEADERS = [
 ]
 
 
-def _isa_note(cpu: dict[str, Any]) -> str:
-    """The ISA mask (benchmarks/isa.py), so masked numbers are never read as native ones."""
-    isa = cpu.get("isa_mask")
-    if not isa:
-        return ""
-    how = METHOD_NOTES.get(cpu.get("isa_mask_method") or "")
-    return f"; **ISA mask {isa}**: AVX-512 / VNNI / AMX hidden from CPUID (emulated{f'; {how}' if how else ''})"
-
-
 def _env_section(d: dict[str, Any]) -> list[str]:
     env = d.get("environment") or {}
     cpu = env.get("cpu") or {}
@@ -337,7 +327,7 @@ def _env_section(d: dict[str, Any]) -> list[str]:
         f"| date | {env.get('date')} |",
         f"| machine | {env.get('label') or '—'} ({env.get('hostname')}) |",
         f"| CPU | {cpu.get('model')}; {cpu.get('logical_cores')} logical / {cpu.get('physical_cores')} physical cores, "
-        f"{cpu.get('affinity_cores')} usable{_isa_note(cpu)} |",
+        f"{cpu.get('affinity_cores')} usable |",
         f"| memory | {_num(env.get('memory_total_mb'), '.0f')} MB |",
         f"| GPU | {gpu_s} |",
         f"| versions | {ver_s} |",

@@ -46,6 +46,7 @@ from deltadiff.calibration.data import (
     tiles,
 )
 from deltadiff.calibration.evaluate import MAX_HR_DROP_DB, MIN_E2E_DB, Evaluator, Score
+from deltadiff.calibration.gate import GateOptions, GateResult, load_pairs, record_gate, run_gate
 from deltadiff.calibration.qdq import TARGETS, quantizable_nodes, quantized_nodes, stage_candidates
 from deltadiff.calibration.search import (
     RANKS,
@@ -66,7 +67,8 @@ from deltadiff.runtime.manifest import (
     Manifest,
     graph_key,
     load_manifest,
-    save_manifest,
+    update_manifest,
+    verify_graph,
 )
 from deltadiff.runtime.memory import measure as measure_memory
 from deltadiff.runtime.memory import memory_text, record_key
@@ -100,6 +102,11 @@ class CalibrateOptions:
     max_drop_db: float = MAX_HR_DROP_DB
     tensorrt_fp32: tuple[str, ...] = ()  # node names kept FP32 for the TensorRT target
     rtx_check: bool = True  # TensorRT target: TensorRT-RTX must build each row graph (if installed)
+    # the runtime gate (gate.py): x4 pairs (gt/ + lq/) run whole through the runtime at FP32 and
+    # INT8 once the graphs are written; it decides ``passed`` (the tile score above stays the
+    # search's internal check). None: the tile gate decides, as before.
+    gate_data: Path | None = None
+    gate_cache: Path | None = None  # FP32 output cache of the runtime gate (default: gate.py's)
 
 
 @dataclass
@@ -113,6 +120,7 @@ class CalibrationResult:
     report_path: Path | None = None
     data_pass: bool = True  # False when the ranges came from the cache
     seconds: dict[str, float] = field(default_factory=dict)
+    gate: GateResult | None = None  # the runtime gate, when --gate-data ran it
 
 
 def _check_fp32(model_dir: Path) -> Manifest:
@@ -221,10 +229,15 @@ def calibrate(
         raise DeltaDiffError(f"--units {opts.units!r}: choose one of {', '.join(UNITS)}")
     if opts.method not in METHOD_CHOICES:
         raise DeltaDiffError(f"--method {opts.method!r}: choose one of {', '.join(METHOD_CHOICES)}")
+    if opts.gate_data is not None and opts.target != "onnxruntime":
+        raise DeltaDiffError(
+            f"--gate-data runs the INT8 graphs through onnxruntime; use it with --target "
+            f"onnxruntime (got --target {opts.target})"
+        )
     model_dir = Path(opts.model)
     m = _check_fp32(model_dir)
     step_rec = m.graph("step")
-    model = onnx.load(str(model_dir / step_rec.file))
+    model = onnx.load(str(verify_graph(model_dir, step_rec, what="graph step")))
     names = [i.name for i in model.graph.input]
     rows = [r.t for r in m.step_table.rows]
     times: dict[str, float] = {}
@@ -232,7 +245,7 @@ def calibrate(
     smodels: dict[str, Any] = {}
     scand: dict[str, tuple[list[str], list[dict[str, Any]]]] = {}
     for g in ("encoder", "decoder"):
-        sm = onnx.load(str(model_dir / m.graph(g).file))
+        sm = onnx.load(str(verify_graph(model_dir, m.graph(g), what=f"graph {g}")))
         nodes, kept = stage_candidates(sm, g)
         if nodes:
             smodels[g], scand[g] = sm, (nodes, kept)
@@ -286,6 +299,8 @@ def calibrate(
                 created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             )
     times["data"] = time.perf_counter() - t0
+    if opts.gate_data is not None:
+        _check_gate_data(Path(opts.gate_data), set(calib_hashes))
     images_sha = hashlib.sha256("".join(calib_hashes).encode()).hexdigest()
 
     # ---- held-out FP32 trajectories
@@ -457,6 +472,7 @@ def calibrate(
         "step_sha256": step_rec.sha256,
         "target": opts.target,
         "passed": passed,
+        "tile_gate_passed": passed,  # the search's check; "passed" is the runtime gate's if run
         "gate": {
             "min_e2e_db": opts.min_e2e_db,
             "max_psnr_y_drop_db": opts.max_drop_db,
@@ -494,12 +510,65 @@ def calibrate(
         if mem is not None:
             times["memory"] = time.perf_counter() - t0
             report["memory"] = {MEMORY_KEY: memory_text(mem)}
+    gate = None
+    if opts.gate_data is not None:
+        t0 = time.perf_counter()
+        passed, report["runtime_gate"], gate = _runtime_gate(opts, model_dir, passed, say)
+        report["passed"] = passed
+        times["runtime_gate"] = time.perf_counter() - t0
     rpath = model_dir / f"int8-report.{opts.target}.json"
     write_text_atomic(rpath, json.dumps(report, indent=1) + "\n")
     write_text_atomic(rpath.with_suffix(".md"), report_markdown(report))
     return CalibrationResult(
-        passed, score, method, opts.target, rel, report, rpath, data_pass, times
+        passed, score, method, opts.target, rel, report, rpath, data_pass, times, gate
     )
+
+
+def _check_gate_data(folder: Path, calib_hashes: set[str]) -> None:
+    """The runtime gate's pairs load, and none of their LR images calibrated the ranges."""
+    from deltadiff.runtime.manifest import sha256_file
+
+    shared = [p.name for p in load_pairs(folder) if sha256_file(p.lr_path) in calib_hashes]
+    if shared:
+        raise DeltaDiffError(
+            f"--gate-data {folder} holds {len(shared)} calibration image(s) (e.g. {shared[0]}); "
+            "gate on pairs the calibration never saw (the corpus's gate split)"
+        )
+
+
+def _runtime_gate(
+    opts: CalibrateOptions, model_dir: Path, tile_passed: bool, say: Callable[[str], None]
+) -> tuple[bool, dict[str, Any], GateResult | None]:
+    """Run the runtime gate on the written INT8 graphs and record its verdict in the manifest
+    (``usable`` and ``runtime_gate`` of every INT8 record). Skipped when the tile gate failed:
+    the graphs are already recorded as not usable."""
+    if not tile_passed:
+        return False, {"ran": False, "why": "the tile gate failed; graphs not usable"}, None
+    say(f"runtime gate: whole images of {opts.gate_data} through the runtime, FP32 vs INT8")
+    res = run_gate(
+        GateOptions(
+            model=model_dir,
+            data=Path(opts.gate_data),  # type: ignore[arg-type]
+            precision="int8",
+            target=opts.target,
+            out=model_dir,
+            cache=opts.gate_cache,
+            threads=opts.threads,
+        ),
+        progress=say,
+    )
+    record_gate(model_dir, res)
+    say(res.line())
+    rec = {
+        "ran": True,
+        **res.summary(),
+        "report": res.report_path.name if res.report_path else None,
+        "criteria": [
+            {"name": c.name, "value_db": round(c.value, 4), "limit_db": c.limit, "where": c.where}
+            for c in res.criteria
+        ],
+    }
+    return res.passed, rec, res
 
 
 MEMORY_KEY = record_key("onnxruntime", "int8", "staged")
@@ -525,7 +594,7 @@ def record_int8_memory(model_dir: Path, say: Callable[[str], None]) -> dict[str,
     except DeltaDiffError as exc:
         say(f"INT8 memory not recorded ({exc}); dd-run keeps INT8 CPU runs inside the tile")
         return None
-    save_manifest(model_dir, replace(m, memory={**m.memory, MEMORY_KEY: rec}))
+    update_manifest(model_dir, lambda cur: replace(cur, memory={**cur.memory, MEMORY_KEY: rec}))
     say(f"{MEMORY_KEY}: {memory_text(rec)}")
     return rec
 
@@ -597,7 +666,9 @@ def _write(
         q = {
             **common,
             "int8_nodes": len(quantized_nodes(onnx.load_from_string(blob))),
-            "candidates": len(stage_candidates(onnx.load(str(model_dir / src.file)), g)[0]),
+            "candidates": len(
+                stage_candidates(onnx.load(str(verify_graph(model_dir, src, what=g))), g)[0]
+            ),
             "kept_fp32": kept,
             "psnr_vs_fp32_db": fidelity.get(g),
         }
@@ -605,7 +676,7 @@ def _write(
             src, file=file, sha256=digest, bytes=len(blob), precision="int8", target=target, quant=q
         )
     step = m.graph("step")
-    cand = quantizable_nodes(onnx.load(str(model_dir / step.file)))
+    cand = quantizable_nodes(onnx.load(str(verify_graph(model_dir, step, what="graph step"))))
     for t, blob in plan.items():
         if isinstance(t, str):
             continue
@@ -654,6 +725,18 @@ def _write(
                 "psnr_vs_fp32_db": fidelity.get(str(t)),
             },
         )
+    # the swap: from here on the new graphs are the model's (read-modify-write under the lock)
+    m2 = update_manifest(model_dir, lambda cur: _swap_int8(cur, new, target))
+    referenced = {g.file for g in m2.graphs.values()}
+    for pat in ("step@*", "encoder", "decoder"):
+        for p in model_dir.glob(f"{pat}.int8.{target}.*.onnx"):
+            if p.name not in referenced:
+                p.unlink(missing_ok=True)
+    return new
+
+
+def _swap_int8(m: Manifest, new: dict[str, GraphRecord], target: str) -> Manifest:
+    """``m`` with ``target``'s INT8 graphs replaced by ``new``, less the records they outdate."""
     graphs = {
         k: g
         for k, g in m.graphs.items()
@@ -669,22 +752,34 @@ def _write(
     memory = {
         k: v for k, v in m.memory.items() if not (target == "onnxruntime" and k == MEMORY_KEY)
     }
-    m2 = replace(m, graphs=graphs, engines=stale_engines, memory=memory)
-    save_manifest(model_dir, m2)  # the swap: from here on the new graphs are the model's
-    referenced = {g.file for g in graphs.values()}
-    for pat in ("step@*", "encoder", "decoder"):
-        for p in model_dir.glob(f"{pat}.int8.{target}.*.onnx"):
-            if p.name not in referenced:
-                p.unlink(missing_ok=True)
-    return new
+    return replace(m, graphs=graphs, engines=stale_engines, memory=memory)
 
 
 def report_markdown(rep: dict[str, Any]) -> str:
     g = rep["gate"]
+    rt = rep.get("runtime_gate")
     lines = [
         f"# INT8 calibration: {rep['model']} ({rep['target']})",
         "",
-        f"**Gate {'PASSED' if rep['passed'] else 'FAILED'}** on {g['held_out_images']} held-out images "
+    ]
+    if rt:
+        lines += [
+            f"**Runtime gate {'PASSED' if rt.get('passed') else 'FAILED'}**"
+            + (
+                f" on {rt['images']} whole images through the runtime ({rt['data']}): "
+                + ", ".join(
+                    f"{c['name']} {c['value_db']:+.3f} dB (limit {c['limit_db']:+.2f})"
+                    for c in rt["criteria"]
+                )
+                + f"; report {rt['report']}. It decides whether the graphs are usable."
+                if rt.get("ran")
+                else f": not run ({rt.get('why')})."
+            ),
+            "",
+        ]
+    lines += [
+        f"**{'Tile gate' if rt else 'Gate'} "
+        f"{'PASSED' if rep.get('tile_gate_passed', rep['passed']) else 'FAILED'}** on {g['held_out_images']} held-out images "
         f"(never used for calibration): end to end vs FP32 worst {g['e2e_vs_fp32_min_db']} dB "
         f"(mean {g['e2e_vs_fp32_mean_db']}, min {g['min_e2e_db']})"
         + (

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from deltadiff.calibration.data import Image, Trajectory, fp32_trajectory, tiles
-from deltadiff.runtime.manifest import Manifest
+from deltadiff.runtime.manifest import Manifest, verify_graph
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +132,11 @@ class Evaluator:
         import onnx
 
         self._sessions: dict[str, Any] = {}
-        self.codebook = vq_codebook(onnx.load(str(model_dir / m.graph("decoder").file)))
-        self._fp32 = {
-            g: self._session((model_dir / m.graph(g).file).read_bytes())
-            for g in ("step", "decoder")
+        files = {
+            g: verify_graph(model_dir, m.graph(g), what=f"graph {g}") for g in ("step", "decoder")
         }
+        self.codebook = vq_codebook(onnx.load(str(files["decoder"])))
+        self._fp32 = {g: self._session(f.read_bytes()) for g, f in files.items()}
         self._sessions.clear()  # the FP32 sessions are held in _fp32, outside the LRU
         self.step_inputs = [i.name for i in self._fp32["step"].get_inputs()]
         self.final = np.concatenate([t.x_out[self.rows[-1].t] for _, t in self.batches])

@@ -21,7 +21,7 @@ from deltadiff.calibration.data import Image
 from deltadiff.calibration.evaluate import Evaluator, Score
 from deltadiff.calibration.search import bisect_keep
 from deltadiff.export.fp16 import IslandRule, convert_to_fp16, load_rules
-from deltadiff.runtime.manifest import load_manifest
+from deltadiff.runtime.manifest import load_manifest, verify_graph
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def auto_islands(
 
     model_dir = Path(model_dir)
     m = load_manifest(model_dir)
-    step = onnx.load(str(model_dir / m.graph("step").file))
+    step = onnx.load(str(verify_graph(model_dir, m.graph("step"), what="graph step")))
     rng = np.random.default_rng(seed)
     imgs = [Image(f"random-{i}", rng.random((3, *m.tile), dtype=np.float32)) for i in range(tiles)]
     ev = Evaluator(model_dir, m, imgs, threads=threads)

@@ -6,11 +6,11 @@ QLinearConv / MatMulInteger): U8 asymmetric activations, S8 symmetric per-channe
 (AVX2-only, AVX-512 without VNNI) multiply U8 by S8 with VPMADDUBSW, which adds each pair of
 products in 16 bits and saturates: 255 * 127 * 2 overflows, 255 * 64 * 2 = 32640 does not, so the
 INT8 products are the same on every x86 CPU. With full S8 weights the demo's worst held-out image
-fell from 35.9 to 34.9 dB on AVX2 kernels (README "INT8"); ONNX Runtime's own remedy, the session
-option ``session.x64quantprecision`` (U8U8 kernels), made the demo slower than FP32 there and 1.6x
-slower on a VNNI CPU too. We call its ``QDQQuantizer`` with our own ranges (``quantize_static``
-would re-run its own calibration); no ``quant_pre_process`` (it inlines GroupNormalization-21 and
-then emits a QuantizeLinear inside it that does not load).
+fell from 35.9 to 34.9 dB on AVX2 kernels (docs/precision.md "INT8"); ONNX Runtime's own remedy,
+the session option ``session.x64quantprecision`` (U8U8 kernels), made the demo slower than FP32
+there and 1.6x slower on a VNNI CPU too. We call its ``QDQQuantizer`` with our own ranges
+(``quantize_static`` would re-run its own calibration); no ``quant_pre_process`` (it inlines
+GroupNormalization-21 and then emits a QuantizeLinear inside it that does not load).
 
 ``tensorrt``: TensorRT explicit quantization, written here with onnx.helper: symmetric S8
 Q/DQ (zero point 0) on the activation inputs of each quantized Conv / MatMul, S8 per-channel
@@ -208,10 +208,6 @@ def write_trt(model: Any, ranges: dict[str, tuple[float, float]], nodes: list[st
     del g.initializer[:]
     g.initializer.extend(keep)
     return m
-
-
-def count_qdq(model: Any) -> int:
-    return sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear")
 
 
 def quantized_nodes(model: Any) -> list[str]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from deltadiff.calibration.evaluate import Evaluator, Score
@@ -191,16 +191,6 @@ class PlanBuilder:
 
 def _db(mse: float) -> float:
     return math.inf if mse <= 0 else 10 * math.log10(1.0 / mse)
-
-
-@dataclass
-class SearchResult:
-    excluded: list[Unit]
-    table: list[dict[str, Any]]
-    rows: list[dict[str, Any]]
-    search_score: Score | None = None
-    evaluations: int = 0
-    trail: list[dict[str, Any]] = field(default_factory=list)
 
 
 RANKS = ("per-mac", "cost")

@@ -2,9 +2,10 @@
 
 TensorRT-RTX builds ahead of time on a CPU machine, so the TensorRT target's graphs are
 checked at calibration time. ModelOpt's placement of this network trips a Myelin CHECK
-(INT8-FINDINGS); ours (Q/DQ on Conv / MatMul inputs only, float biases, Gemm unquantized) has
-built for every graph tried, but if a build fails the quantized node set is bisected down to the
-nodes whose Q/DQ the builder rejects, and those stay FP32 for this target.
+(an internal assertion of TensorRT's builder); ours (Q/DQ on Conv / MatMul inputs only, float
+biases, Gemm unquantized) has built for every graph tried, but if a build fails the quantized
+node set is bisected down to the nodes whose Q/DQ the builder rejects, and those stay FP32 for
+this target.
 """
 
 from __future__ import annotations

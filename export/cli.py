@@ -414,7 +414,7 @@ def measure_memory(
     try:
         from dataclasses import replace
 
-        from deltadiff.runtime.manifest import load_manifest, save_manifest
+        from deltadiff.runtime.manifest import update_manifest
         from deltadiff.runtime.memory import measure, memory_text, record_key
 
         try:
@@ -428,9 +428,8 @@ def measure_memory(
             mode=mode,
             threads=threads,
         )
-        m = load_manifest(model)
         key = record_key("onnxruntime", precision, mode)
-        save_manifest(model, replace(m, memory={**m.memory, key: rec}))
+        update_manifest(model, lambda m: replace(m, memory={**m.memory, key: rec}))
         for p in rec["points"]:
             typer.echo(
                 f"LR {p['lr'][0]}x{p['lr'][1]}: peak RSS {p['peak_bytes'] / (1 << 20):.0f} MiB"
@@ -724,6 +723,17 @@ def calibrate(
         ),
     ] = "block",
     threads: Annotated[int, typer.Option(help="onnxruntime CPU threads (0: all).")] = 0,
+    gate_data: Annotated[
+        Path | None,
+        typer.Option(
+            help="x4 pairs (gt/ + lq/) for the runtime gate: once the graphs are written, each "
+            "LR image runs whole through the runtime at FP32 and INT8 (dd-export gate); its "
+            "verdict decides whether the graphs are usable. Must not hold calibration images."
+        ),
+    ] = None,
+    gate_cache: Annotated[
+        Path | None, typer.Option(help="FP32 output cache of the runtime gate.")
+    ] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """INT8 Q/DQ graphs (step per row; the latent families' VQ encoder / decoder) from real images; gate: >= 35 dB vs FP32 (and PSNR-Y vs HR
@@ -747,6 +757,8 @@ def calibrate(
             search_from=search_from,
             rank=rank,
             units=units,
+            gate_data=gate_data,
+            gate_cache=gate_cache,
         )
         res = run_calibrate(opts, progress=typer.echo)
         for k, g in res.records.items():
@@ -764,6 +776,7 @@ def calibrate(
         typer.echo(
             ("PASS" if res.passed else "FAIL")
             + f": INT8 ({res.target}, {res.method}) {res.score.line()}"
+            + (f"; runtime gate {'pass' if res.gate.passed else 'FAIL'}" if res.gate else "")
             + ("" if res.passed else "; the graphs are recorded as not usable")
         )
     except DeltaDiffError as exc:
@@ -773,13 +786,78 @@ def calibrate(
 
 
 @app.command()
+def gate(
+    model: Annotated[
+        Path, typer.Option(help="Model directory (dd-export onnx + calibrate / fp16).")
+    ],
+    data: Annotated[Path, typer.Option(help="x4 pairs: a folder with gt/ (HR) and lq/ (LR).")],
+    precision: Annotated[
+        str, typer.Option(help="The precision to gate against FP32: int8 | fp16.")
+    ] = "int8",
+    target: Annotated[str, typer.Option(help="INT8 graphs' target (onnxruntime).")] = "onnxruntime",
+    out: Annotated[
+        Path | None, typer.Option(help="Report folder (default: the model directory).")
+    ] = None,
+    cache: Annotated[
+        Path | None,
+        typer.Option(help="FP32 output cache (default: ~/.cache/deltadiff/gate-fp32)."),
+    ] = None,
+    threads: Annotated[int, typer.Option(help="onnxruntime CPU threads (0: all).")] = 0,
+    limit: Annotated[int | None, typer.Option(help="Gate the first N pairs only.")] = None,
+    sources: Annotated[
+        Path | None, typer.Option(help="Corpus manifest naming each image's source.")
+    ] = None,
+    record: Annotated[
+        bool,
+        typer.Option(
+            help="Write the verdict into the manifest's INT8 records (usable + runtime_gate)."
+        ),
+    ] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Runtime gate: every LR image whole through the runtime at FP32 and --precision, PSNR-Y vs HR.
+    Passes if the mean loss <= 0.10 dB, the worst image loses <= 0.30 dB and no 8 px border strip
+    loses 0.30 dB more than the interior. Report (JSON + Markdown + worst-five strip) in --out;
+    exit 1 on failure."""
+    setup_logging(verbose)
+    try:
+        from deltadiff.calibration.gate import GateOptions, record_gate, run_gate
+
+        opts = GateOptions(
+            model=model,
+            data=data,
+            precision=precision,
+            target=target,
+            out=out,
+            cache=cache,
+            threads=threads,
+            limit=limit,
+            sources=sources,
+        )
+        res = run_gate(opts, progress=logging.getLogger("deltadiff.gate").info)
+        if record:
+            record_gate(model, res)
+    except DeltaDiffError as exc:
+        fail(exc)
+    typer.echo(res.line() + (" (recorded in the manifest)" if record else ""))
+    if not res.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def golden(
-    folder: Annotated[Path, typer.Argument(help="Folder laid out like shared/golden.")],
+    folder: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Folder laid out like tests/golden (default: the repository's tests/golden).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Check the reference against a golden folder (same as python -m deltadiff.model.golden)."""
     from deltadiff.model.golden import main as golden_main
 
-    raise typer.Exit(golden_main([str(folder)]))
+    raise typer.Exit(golden_main([str(folder)] if folder else []))
 
 
 def main() -> None:

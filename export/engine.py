@@ -15,12 +15,19 @@ import json
 import logging
 import re
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from deltadiff.errors import EngineError
+from deltadiff.errors import EngineError, ManifestError
 from deltadiff.runtime.atomic import write_bytes_atomic
-from deltadiff.runtime.manifest import Manifest, load_manifest, save_manifest, sha256_file
+from deltadiff.runtime.manifest import (
+    Manifest,
+    load_manifest,
+    update_manifest,
+    verify_file,
+    verify_graph,
+)
 from deltadiff.runtime.trt_compat import (
     RTX_DEFAULT_TARGETS,
     current_device,
@@ -303,20 +310,14 @@ def build_engines(
             None,
         )
         path = model_dir / file
-        if (
-            not opts.force
-            and old
-            and old.get("cache_key") == key
-            and path.exists()
-            and sha256_file(path) == old.get("sha256")
-        ):
+        if not opts.force and old and old.get("cache_key") == key and _intact(model_dir, old):
             log.info("%s is up to date (cache key %s…)", file, key[:12])
             built.append({**old, "reused": True})
             continue
         log.info("building %s from %s (%s %s)", file, rec.file, flavour, version)
         t0 = _dt.datetime.now()
         plan, tc_new = build_engine(
-            model_dir / rec.file,
+            verify_graph(model_dir, rec, what=f"graph {g}"),  # inside the folder, sha256
             inputs=rec.inputs,
             opts=replace(opts, targets=tuple(build_targets)),
             batch=(1, opts.batch_opt, hi),
@@ -326,21 +327,39 @@ def build_engines(
             multiple=m.lr_multiple,
         )
         seconds = (_dt.datetime.now() - t0).total_seconds()
-        write_bytes_atomic(path, plan)
         if tc_new:
             tc = tc_new
             write_bytes_atomic(tc_path, tc_new)
         new = {
             **info,
             "file": file,
-            "sha256": sha256_file(path),
-            "bytes": path.stat().st_size,
+            "sha256": hashlib.sha256(plan).hexdigest(),
+            "bytes": len(plan),
             "cache_key": key,
             "build_seconds": round(seconds, 1),
             "built": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
-        engines = [e for e in engines if e is not old] + [new]
+        # after each engine: the manifest always vouches for the files. The engine file and its
+        # record change together under the manifest lock, so a concurrent build-engine (or any
+        # other manifest writer) neither loses this record nor records another run's file.
+        m = update_manifest(model_dir, partial(_record_engine, path=path, plan=plan, new=new))
         built.append(new)
-        m = replace(m, engines=engines)
-        save_manifest(model_dir, m)  # after each engine: the manifest always vouches for the files
     return m, built
+
+
+def _record_engine(cur: Manifest, path: Path, plan: bytes, new: dict[str, Any]) -> Manifest:
+    """Under the manifest lock: write the engine file, and replace the record of its (graph,
+    precision, flavour) in the manifest as it is on disk now."""
+    write_bytes_atomic(path, plan)
+    slot = ("graph", "precision", "flavour")
+    keep = [e for e in cur.engines if any(e.get(k) != new[k] for k in slot)]
+    return replace(cur, engines=[*keep, new])
+
+
+def _intact(model_dir: Path, rec: dict[str, Any]) -> bool:
+    """The recorded engine file is inside the model directory and matches its sha256."""
+    try:
+        verify_file(model_dir, str(rec["file"]), str(rec.get("sha256", "")), what="engine")
+    except ManifestError:
+        return False
+    return True

@@ -6,8 +6,8 @@ sinusoids, the VQ distance + argmin, the state update between rows, the image ou
 Why not onnxconverter-common's ``float16`` (the usual choice)? Measured here on our exports
 (onnxconverter-common 1.16, onnx 1.23): 5 of 6 converted graphs fail to load in onnxruntime
 (stale value_info types, ``Cast(to=FLOAT)`` left behind, FP32 inputs wired into FP16 Concats;
-EXPORT-FINDINGS finding 2), and its block lists put Cast16->Cast32 pairs between blocked nodes
-so an "FP32" chain is still rounded to FP16 (finding 3). Patching its output takes three passes
+docs/precision.md), and its block lists put Cast16->Cast32 pairs between blocked nodes
+so an "FP32" chain is still rounded to FP16. Patching its output takes three passes
 plus pair collapsing; this pass instead assigns a precision per node and inserts each Cast once,
 which keeps islands exactly FP32 and the result type-consistent by construction.
 """

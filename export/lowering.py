@@ -4,9 +4,9 @@ onnxruntime (1.32) has no CPU kernel for GroupNormalization: it inlines the ONNX
 (Cast to the stash type, ReduceMean, Sub, Mul, Sqrt, Div, ... over the whole activation), which is
 memory-bound and cut off from the NCHWc convolutions around it. The same normalization written as
 an InstanceNormalization over ``(N, G, C/G * H * W)`` runs on ORT's InstanceNormalization kernel:
-on the demo model's step graph at 512x512 that made the FP32 step 13 % faster (README
-"GroupNorm lowering" for the side-by-side numbers). TensorRT and TensorRT-RTX parse both forms into
-a normalization layer (EXPORT-FINDINGS: no parse or build errors from either op).
+on the demo model's step graph at 512x512 that made the FP32 step 13 % faster (1954 -> 1692 ms;
+docs/results/2026-11-30-xeon-int8-dynamic-scaleout.md). TensorRT and TensorRT-RTX parse both
+forms into a normalization layer (no parse or build errors from either op).
 
 The lowered nodes are named ``<GroupNorm node name>/<role>`` and keep the GroupNorm's metadata, so
 tools that locate nodes by name prefix (the FP16 islands, the INT8 block search) still find them;

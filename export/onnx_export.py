@@ -4,9 +4,9 @@ Static spatial shape per export by default, dynamic batch (the batch range is re
 manifest). ``--dynamic`` exports symbolic height and width too: the LR side is ``multiple * k`` for
 k in the range given by ``--min-lr`` / ``--max-lr`` (the manifest records the range and the pad
 multiple; ``tile`` becomes the optimum size for TensorRT profiles and the default tile).
-Exporter: the dynamo exporter at opset 21 (native GroupNormalization, 2-3x smaller graphs;
-EXPORT-FINDINGS finding 4) or the TorchScript exporter at opset <= 20 (decomposed GroupNorm, for
-TensorRT 10 <= 10.7 that rejects opset-21 GroupNormalization; DEPLOY-NOTES P6). By default every
+Exporter: the dynamo exporter at opset 21 (native GroupNormalization, 2-3x smaller graphs) or
+the TorchScript exporter at opset <= 20 (decomposed GroupNorm, for
+TensorRT 10 <= 10.7 that rejects opset-21 GroupNormalization). By default every
 GroupNormalization is then lowered to InstanceNormalization (``export/lowering.py``: ONNX Runtime's
 CPU provider has no GroupNormalization kernel); ``group_norm="native"`` keeps the op. Every graph goes
 through ``onnx.checker`` (full check), onnxslim (constant folding, dead-code removal, shape
@@ -231,7 +231,7 @@ def _spatial_dims(
     if opts.exporter != "dynamo":
         raise DeltaDiffError(
             "--dynamic needs the dynamo exporter (--opset 21): the TorchScript exporter bakes the "
-            "trace size's Swin mask into the graph (DYNAMIC-FINDINGS)"
+            "trace size's Swin mask into the graph"
         )
     mult = pipe.cfg.lr_multiple
     r = spatial_range(mult, opts)
@@ -433,7 +433,7 @@ def add_fp16(
     from dataclasses import replace
 
     from deltadiff.export.fp16 import convert_to_fp16
-    from deltadiff.runtime.manifest import load_manifest
+    from deltadiff.runtime.manifest import load_manifest, update_manifest, verify_graph
 
     onnx = require("onnx")
     out = Path(model_dir)
@@ -441,7 +441,7 @@ def add_fp16(
     staged = {}
     islands: dict[str, dict[str, int]] = {}
     for name in ("encoder", "step", "decoder"):
-        src = onnx.load(str(out / m.graph(name).file))
+        src = onnx.load(str(verify_graph(out, m.graph(name), what=f"graph {name}")))
         staged[name], islands[name] = convert_to_fp16(src, name, (rules or {}).get(name))
     models = dict(staged)
     if "unrolled" in m.graphs:
@@ -450,9 +450,8 @@ def add_fp16(
         islands["unrolled"] = {
             k: sum(v.get(k, 0) for v in islands.values()) for k in set().union(*islands.values())
         }
-    graphs = dict(m.graphs)
-    for name, model in models.items():
-        graphs[f"{name}.fp16"] = write_graph(out, name, model, "fp16", islands[name])
-    m2 = replace(m, graphs=graphs)
-    save_manifest(out, m2)
-    return m2
+    fp16 = {
+        f"{name}.fp16": write_graph(out, name, model, "fp16", islands[name])
+        for name, model in models.items()
+    }
+    return update_manifest(out, lambda cur: replace(cur, graphs={**cur.graphs, **fp16}))

@@ -25,14 +25,25 @@ that ``deltadiff`` names stage models that exist.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from deltadiff._deps import require
 from deltadiff.errors import DeltaDiffError, ManifestError
 from deltadiff.runtime.atomic import write_text_atomic
-from deltadiff.runtime.manifest import MANIFEST, Manifest, TensorSpec, load_manifest, sha256_file
+from deltadiff.runtime.manifest import (
+    MANIFEST,
+    GraphRecord,
+    Manifest,
+    TensorSpec,
+    confined_path,
+    external_files,
+    load_manifest,
+    sha256_file,
+    verify_file,
+    verify_graph,
+)
 from deltadiff.runtime.serve import INPUT, OUTPUT, SEED, model_config, model_source
 
 ENGINES = ("tensorrt", "onnxruntime", "python")
@@ -119,7 +130,10 @@ def stage_config(name: str, m: Manifest, graph: str, opts: TritonRepoOptions, ki
     return head + body
 
 
-def _engine_record(m: Manifest, graph: str, opts: TritonRepoOptions, model_dir: Path) -> dict:
+def _engine_record(
+    m: Manifest, graph: str, opts: TritonRepoOptions, model_dir: Path
+) -> tuple[dict, Path]:
+    """The engine record for ``graph`` and the real path of its checked plan file."""
     found = [
         e
         for e in m.engines
@@ -134,12 +148,35 @@ def _engine_record(m: Manifest, graph: str, opts: TritonRepoOptions, model_dir: 
             f"--precision {opts.precision} --graphs {graph}"
         )
     e = found[-1]
+    fix = f"rebuild it with dd-export build-engine --model {model_dir} --precision {opts.precision}"
     if e.get("graph_sha256") != m.graph(graph, opts.precision).sha256:
+        raise DeltaDiffError(f"engine {e['file']} was built from another {graph} graph; {fix}")
+    # the file is copied as model.plan: it must be the engine the manifest vouches for
+    real = verify_file(
+        model_dir, e["file"], str(e.get("sha256", "")), what=f"engine {graph}", hint=fix
+    )
+    return e, real
+
+
+def _copy_checked(src: Path, dst: Path, sha256: str, what: str) -> None:
+    """Copy a checked file, then check the copy's sha256 too (the source may change between
+    the check and the copy)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    if sha256_file(dst) != sha256:
+        dst.unlink()
         raise DeltaDiffError(
-            f"engine {e['file']} was built from another {graph} graph; rebuild it with "
-            f"dd-export build-engine --model {model_dir} --precision {opts.precision}"
+            f"{what}: {src} changed while it was copied; run dd-export triton again"
         )
-    return e
+
+
+def _copy_graph(model_dir: Path, rec: GraphRecord, dst: Path, *, what: str) -> None:
+    """Copy a checked graph (inside the model directory, sha256) and its external data, which
+    keeps its location relative to the graph."""
+    real = verify_graph(model_dir, rec, what=what)
+    _copy_checked(real, dst, rec.sha256, what)
+    for loc, src in external_files(model_dir, rec, real).items():
+        _copy_checked(src, dst.parent / loc, rec.external_data[loc], f"{what} external data")
 
 
 def write_repository(model_dir: Path, repo: Path, opts: TritonRepoOptions) -> Path:
@@ -156,11 +193,12 @@ def write_repository(model_dir: Path, repo: Path, opts: TritonRepoOptions) -> Pa
     graphs = STAGES[opts.mode]
     for g in graphs:
         m.graph(g, opts.precision)  # a clear error when the graph is missing
-    engines = (
+    checked = (
         {g: _engine_record(m, g, opts, model_dir) for g in graphs}
         if opts.engine == "tensorrt"
         else {}
     )
+    engines = {g: e for g, (e, _) in checked.items()}
     if repo.exists() and any(repo.iterdir()):
         if not opts.overwrite:
             raise DeltaDiffError(f"{repo} is not empty; pass --overwrite or choose another -o")
@@ -173,11 +211,12 @@ def write_repository(model_dir: Path, repo: Path, opts: TritonRepoOptions) -> Pa
         v.mkdir(parents=True)
         rec = m.graph(g, opts.precision)
         if opts.engine == "onnxruntime":
-            shutil.copyfile(model_dir / rec.file, v / "model.onnx")
+            _copy_graph(model_dir, rec, v / "model.onnx", what=f"graph {g}")
         elif opts.engine == "tensorrt":
-            shutil.copyfile(model_dir / engines[g]["file"], v / "model.plan")
+            e, real = checked[g]
+            _copy_checked(real, v / "model.plan", e["sha256"], f"engine {g}")
         else:
-            shutil.copyfile(model_dir / rec.file, v / rec.file)
+            _copy_graph(model_dir, rec, v / rec.file, what=f"graph {g}")
             (v / MANIFEST).write_text(manifest_text, encoding="utf-8")
             (v / "model.py").write_text(model_source("stage"), encoding="utf-8")
         write_text_atomic(repo / name / "config.pbtxt", stage_config(name, m, g, opts, kind))
@@ -391,22 +430,30 @@ def _check_stage(d: Path, m: Manifest, graph: str, precision: str) -> list[str]:
             probs.append(f"parameters graph/precision should be {graph}/{precision}")
         if not (v / "model.py").exists():
             probs.append("1/model.py is missing")
-        if not (v / rec.file).exists() or sha256_file(v / rec.file) != rec.sha256:
-            probs.append(f"1/{rec.file} is missing or differs from the manifest's sha256")
+        try:  # inside 1/, sha256, external data: as the stage model will load it
+            verify_graph(v, rec, what=f"1/{rec.file}")
+        except ManifestError as exc:
+            probs.append(f"1/{rec.file} is missing or differs from the manifest ({exc})")
         try:
             if load_manifest(v, check_hashes=False).to_dict() != m.to_dict():
                 probs.append(f"1/{MANIFEST} differs from deltadiff's")
         except ManifestError as exc:
             probs.append(str(exc))
     elif cfg.platform == "onnxruntime_onnx":
-        f = v / (cfg.default_model_filename or "model.onnx")
-        if not f.exists() or sha256_file(f) != rec.sha256:
-            probs.append(f"{f.name} is missing or is not the manifest's {rec.file} (sha256)")
+        name = cfg.default_model_filename or "model.onnx"
+        try:  # the graph under the name Triton loads, checked as the manifest's own file
+            f = verify_graph(v, replace(rec, file=name), what=f"1/{name}")
+        except ManifestError as exc:
+            probs.append(f"{name} is missing or is not the manifest's {rec.file} ({exc})")
         else:
             probs += _check_onnx_file(f, rec)
     elif cfg.platform == "tensorrt_plan":
-        f = v / (cfg.default_model_filename or "model.plan")
-        digest = sha256_file(f) if f.exists() else None
+        name = cfg.default_model_filename or "model.plan"
+        try:
+            f = confined_path(v, name, what=f"1/{name}")
+            digest = sha256_file(f)
+        except ManifestError:
+            f, digest = v / name, None
         e = next((e for e in m.engines if e.get("sha256") == digest), None)
         if e is None:
             probs.append(f"{f.name} is missing or is not an engine recorded in the manifest")

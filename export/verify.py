@@ -24,7 +24,7 @@ from deltadiff.options import Backend, Mode, Precision, parse
 from deltadiff.runtime.backends import open_backend
 from deltadiff.runtime.compare import CompareResult, compare
 from deltadiff.runtime.executor import Executor
-from deltadiff.runtime.manifest import Manifest, load_manifest, save_manifest
+from deltadiff.runtime.manifest import Manifest, load_manifest, update_manifest
 from deltadiff.runtime.noise import noise_field
 from deltadiff.runtime.steps import StepRow
 
@@ -196,8 +196,11 @@ def verify(
         raise VerificationError(f"no {precision} graphs to verify in {model_dir}")
     if record:
         rec = report.to_record()
-        verifs = dict(m.verification.get("by_backend", {})) if m.verification else {}
-        verifs[f"{backend}/{precision}"] = rec
-        m2 = replace(m, verification={**rec, "by_backend": verifs})
-        save_manifest(model_dir, m2)
+
+        def add_record(cur: Manifest) -> Manifest:  # the manifest on disk now, under its lock
+            verifs = dict(cur.verification.get("by_backend", {})) if cur.verification else {}
+            verifs[f"{backend}/{precision}"] = rec
+            return replace(cur, verification={**rec, "by_backend": verifs})
+
+        update_manifest(model_dir, add_record)
     return report

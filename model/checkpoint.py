@@ -1,4 +1,4 @@
-"""Checkpoint loading for every upstream layout (MODEL.md §5), in four stages:
+"""Checkpoint loading for every upstream layout (docs/design.md "Checkpoints"), in four stages:
 
 1. **read**: ``torch.load(..., weights_only=True)`` or safetensors; never executes pickled code;
 2. **canonicalize**: unwrap trainer dicts (``state_dict``), pick EMA when asked, strip
@@ -137,7 +137,7 @@ def canonicalize(
 
 
 def detect(sd: Mapping[str, torch.Tensor]) -> str | None:
-    """Name the network a canonical state dict belongs to, from key shapes (MODEL.md §5.4 rule 3)."""
+    """Name the network a canonical state dict belongs to, from key shapes."""
     w = sd.get("input_blocks.0.0.weight")
     if w is not None and w.ndim == 4 and w.shape[1] == 6:
         if (
@@ -228,7 +228,7 @@ def load_weights_into(
 def save_trainer_checkpoint(
     path: str | Path, state_dict: Mapping[str, torch.Tensor], iters: int
 ) -> None:
-    """Write the DeltaDiff/ResShift trainer layout (MODEL.md §5.1), ``_orig_mod.``-prefixed keys."""
+    """Write the DeltaDiff/ResShift trainer layout: ``state_dict``, ``_orig_mod.``-prefixed."""
     obj = {
         "iters_start": int(iters),
         "log_step": {"train": 0, "val": 0},

@@ -1,4 +1,4 @@
-"""Model configurations: dataclasses, presets, and upstream YAML parsing (MODEL.md §1, §2.1, §3, §1.7).
+"""Model configurations: dataclasses, presets, and upstream YAML parsing (docs/design.md).
 
 A ``ModelConfig`` fully describes one deployable model: its family, the networks it uses, the
 schedule and the step rule. The schedule is configuration data; the step table is derived from it
@@ -16,7 +16,7 @@ from deltadiff.errors import ConfigError
 
 Family = Literal["deltadiff-latent", "deltadiff-pixel", "resshift-v3"]
 FAMILIES: tuple[str, ...] = ("deltadiff-latent", "deltadiff-pixel", "resshift-v3")
-# How x_{t-1} is formed from x_t and x0_hat (MODEL.md §1.6):
+# How x_{t-1} is formed from x_t and x0_hat (the step table, docs/design.md):
 #   posterior        x_{t-1} = eta_{t-1}/eta_t x_t + (1 - ..) x0_hat                 (deltadiff-latent)
 #   x0               x_{t-1} = x0_hat                                                 (deltadiff-pixel, code)
 #   posterior-noise  posterior mean + sigma_t n_t, prior noise kappa*sqrt_eta_T       (resshift-v3)
@@ -114,7 +114,7 @@ class VQConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """The exponential eta generator shared by both repositories (MODEL.md §1.7)."""
+    """The exponential eta generator shared by the DeltaDiff and ResShift repositories."""
 
     steps: int = 4
     min_noise_level: float = 0.01
@@ -219,8 +219,8 @@ def _tuples(d: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Presets. Each full preset carries its expected parameter count (asserted in the tests).
 
-RESSHIFT_UNET = UNetConfig()  # 118,593,583 params (MODEL.md §2.4)
-DELTADIFF_UNET = UNetConfig(  # 2,883,913 params (MODEL.md §2.3)
+RESSHIFT_UNET = UNetConfig()  # 118,593,583 params (the ResShift UNet)
+DELTADIFF_UNET = UNetConfig(  # 2,883,913 params (the DeltaDiff UNet)
     image_size=48,
     model_channels=64,
     attention_resolutions=(32, 16, 8),  # matches no level (48, 24): only the middle Swin layer
@@ -231,7 +231,7 @@ DELTADIFF_UNET = UNetConfig(  # 2,883,913 params (MODEL.md §2.3)
     swin_embed_dim=96,
     lq_size=48,
 )
-VQ_F4 = VQConfig()  # 55,322,782 params (MODEL.md §3)
+VQ_F4 = VQConfig()  # 55,322,782 params (the LDM vq-f4 first stage)
 
 DELTADIFF_SCHEDULE = ScheduleConfig(min_noise_level=0.01, etas_end=0.99, squared=False)
 RESSHIFT_V3_SCHEDULE = ScheduleConfig(min_noise_level=0.2, etas_end=0.99, squared=True)
@@ -283,7 +283,7 @@ PRESETS: dict[str, ModelConfig] = {
 }
 PRESETS = {k: v.replace(name=k) for k, v in PRESETS.items()}
 
-# Parameter counts of the full presets (UNet, VQ), MODEL.md §7.2.
+# Parameter counts of the full presets (UNet, VQ), as in the upstream checkpoints.
 EXPECTED_PARAMS = {
     "deltadiff-latent": (118_593_583, 55_322_782),
     "deltadiff-pixel": (2_883_913, 0),
@@ -444,7 +444,7 @@ def from_upstream_yaml(
     The family is inferred: ``create_RESDIF`` diffusion without an autoencoder is
     ``deltadiff-pixel``; ``create_gaussian_diffusion`` with an autoencoder is ``resshift-v3``.
     ``family='deltadiff-latent'`` runs a ResShift-layout config with the DeltaDiff schedule and
-    rule (MODEL.md §1.3); in that case the DeltaDiff default schedule is used unless given.
+    rule (the paper's latent model); then the DeltaDiff default schedule is used unless given.
     """
     path = Path(path)
     data = load_yaml(path)

@@ -1,4 +1,4 @@
-"""Conformance checker for golden folders (layout of ``shared/golden``; its README is the format).
+"""Conformance checker for golden folders (layout of ``tests/golden``; its README is the format).
 
     python -m deltadiff.model.golden DIR [--verbose]
 
@@ -414,13 +414,31 @@ def check_folder(root: str | Path) -> dict[str, Results]:
     return out
 
 
+def default_folder() -> Path:
+    """The golden vectors committed with the repository (``tests/golden``), for a source checkout
+    or an editable install; a wheel does not ship them, so pass a folder there."""
+    folder = Path(__file__).resolve().parents[1] / "tests" / "golden"
+    if not folder.is_dir():
+        raise DeltaDiffError(
+            f"no golden folder given and {folder} does not exist (installed without the "
+            "repository's tests/); pass FOLDER, e.g. the tests/golden folder of a clone"
+        )
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m deltadiff.model.golden", description=__doc__.split("\n\n")[0]
     )
-    ap.add_argument("folder", type=Path, help="folder laid out like shared/golden")
+    ap.add_argument(
+        "folder",
+        type=Path,
+        nargs="?",
+        help="folder laid out like tests/golden (default: the repository's tests/golden)",
+    )
     args = ap.parse_args(argv)
     try:
+        args.folder = args.folder or default_folder()
         with torch.no_grad():
             results = check_folder(args.folder)
     except DeltaDiffError as exc:

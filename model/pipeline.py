@@ -1,4 +1,4 @@
-"""The reference pipeline: [encode] -> 4 unrolled UNet steps -> [decode] (MODEL.md §1.2, §4.4).
+"""The reference pipeline: [encode] -> 4 unrolled UNet steps -> [decode] (docs/design.md).
 
 ``Pipeline`` is an ``nn.Module`` whose pieces are exactly what gets exported:
 
@@ -9,7 +9,8 @@
 - ``forward(lr, noise)`` the unrolled sequence with the table baked in.
 
 Families are adapters behind ``encode``/``decode``; the step loop never asks which family it runs.
-``upscale()`` adds the per-family padding rules of MODEL.md §4.3 for arbitrary sizes.
+``upscale()`` adds the per-family padding for arbitrary sizes (reflect, bottom / right: latent
+families pad the LR to a multiple of 64; ``deltadiff-pixel`` pads lq_up so HR is a multiple of 32).
 """
 
 from __future__ import annotations
@@ -217,7 +218,7 @@ class Pipeline(nn.Module):
         hook_row: StepRow | None = None,
         hook: Hook | None = None,
     ) -> torch.Tensor:
-        """x_{t-1} = a x_t + b UNet(cat[in_scale x_t, cond], t) + c y + s n_t (MODEL.md §1.2)."""
+        """x_{t-1} = a x_t + b UNet(cat[in_scale x_t, cond], t) + c y + s n_t (docs/design.md)."""
         x0 = self.unet(in_scale * x, t, cond)
         out = a * x + b * x0
         if not (isinstance(c, float) and c == 0.0):
@@ -229,7 +230,7 @@ class Pipeline(nn.Module):
         return out
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Result state -> image in [0, 1] (clamped to [-1, 1] first, MODEL.md §4.4 step 8)."""
+        """Result state -> image in [0, 1] (clamped to [-1, 1] first)."""
         img = self.vq.decode(x) if self.vq is not None else x
         return img.clamp(-1.0, 1.0) * 0.5 + 0.5
 
@@ -296,7 +297,8 @@ class Pipeline(nn.Module):
         seed: int | None = None,
         hook: Hook | None = None,
     ) -> torch.Tensor:
-        """LR (B,3,h,w) in [0,1], any size -> SR (B,3,4h,4w) in [0,1], padding per MODEL.md §4.3.
+        """LR (B,3,h,w) in [0,1], any size -> SR (B,3,4h,4w) in [0,1], padded per family
+        (see the module docstring).
 
         Pads bottom/right with reflection (mirror tiling for pads larger than the image, which has
         no upstream equivalent), runs, crops. ``resshift-v3`` needs ``noise`` or ``seed``.

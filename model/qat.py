@@ -2,7 +2,7 @@
 
 Post-training INT8 of a small SR network is limited by how much the network amplifies the
 rounding noise of its activations (the demo model at t = 3 turns a 0.003 perturbation of its
-input into a 25 dB x0 error; INT8-FINDINGS, README "INT8"). A short fine-tune with the rounding in
+input into a 25 dB x0 error; docs/precision.md "INT8"). A short fine-tune with the rounding in
 the loop teaches the weights to tolerate it, so the calibration search can leave more of the graph
 in INT8 at the same gate.
 

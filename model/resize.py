@@ -1,4 +1,4 @@
-"""Exact x4 bicubic upsamplers as fixed 4-phase filters (MODEL.md §4.2), exportable to ONNX.
+"""Exact x4 bicubic upsamplers as 4-phase filters (docs/design.md "Graphs"), exportable to ONNX.
 
 Both kinds sample at the same positions (output k = 4m + p reads around m + p/4 - 3/8) and differ
 in kernel and border:
@@ -26,7 +26,7 @@ BORDER = {"matlab": "symmetric", "torch": "replicate"}
 
 
 def phase_weights(kind: str) -> np.ndarray:
-    """(4, 5) float64: weights of phase p over padded taps m-2 .. m+2 (MODEL.md §4.2 table)."""
+    """(4, 5) float64: weights of phase p over padded taps m-2 .. m+2."""
     a = KERNEL_A[kind]
     w = np.zeros((4, 5), dtype=np.float64)
     for p in range(4):

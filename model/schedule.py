@@ -1,4 +1,4 @@
-"""Schedule -> step table (MODEL.md §1.2, §1.6, §1.7). numpy float64, no torch.
+"""Schedule -> step table (docs/design.md "The pipeline and the step table"). numpy, no torch.
 
 The step table is the whole difference between the families. Every backend executes
 
@@ -25,7 +25,7 @@ __all__ = ["StepRow", "StepTable", "etas", "make_step_table", "sqrt_etas", "step
 
 
 def sqrt_etas(s: ScheduleConfig) -> np.ndarray:
-    """The exponential generator of both repositories (MODEL.md §1.7), float64."""
+    """The exponential generator of the DeltaDiff and ResShift repositories, float64."""
     T = s.steps
     if T < 2:
         raise ConfigError(f"schedule needs at least 2 steps, got {T}")
@@ -41,7 +41,7 @@ def etas(s: ScheduleConfig) -> np.ndarray:
 
 
 def make_step_table(schedule: ScheduleConfig, rule: str) -> StepTable:
-    """Build the step table for one rule (MODEL.md §1.6)."""
+    """Build the step table for one rule."""
     eta = etas(schedule)
     kappa = schedule.kappa
     T = len(eta)

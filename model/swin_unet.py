@@ -1,4 +1,4 @@
-"""Swin-UNet (``UNetModelSwin``) with upstream semantics: MODEL.md §2.
+"""Swin-UNet (``UNetModelSwin``) with upstream semantics.
 
 Built bottom-up: norms and embeddings, ResBlock, Swin pieces, then the UNet. Module and parameter
 names reproduce the upstream state dicts (``keys_deltadiff_unet.tsv``, ``keys_resshift_unet.tsv``).
@@ -20,7 +20,7 @@ from torch import nn
 
 from deltadiff.model.config import UNetConfig
 
-# Names of state-dict entries that are ignored when loading (recomputed, MODEL.md §2.5).
+# Names of state-dict entries that are ignored when loading (buffers upstream recomputes).
 IGNORED_BUFFER_SUFFIXES: tuple[str, ...] = ("attn_mask",)
 
 
@@ -36,7 +36,7 @@ def normalization(channels: int) -> GroupNorm32:
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding, **cos first** (MODEL.md §2.2); t: (B,) int -> (B, dim) float32."""
+    """Sinusoidal embedding, **cos first** (as upstream); t: (B,) int -> (B, dim) float32."""
     half = dim // 2
     freqs = torch.exp(
         -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half
@@ -49,7 +49,7 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class ResBlock(nn.Module):
-    """GN-SiLU-conv, FiLM (scale first, then shift), GN-SiLU-conv, plus skip (MODEL.md §2.2)."""
+    """GN-SiLU-conv, FiLM (scale first, then shift), GN-SiLU-conv, plus skip (as upstream)."""
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int) -> None:
         super().__init__()
@@ -109,7 +109,7 @@ def relative_position_index(window: int) -> torch.Tensor:
 
 @lru_cache(maxsize=64)
 def _upstream_shift_mask(h: int, w: int, window: int, shift: int) -> np.ndarray:
-    """The mask upstream actually adds in shifted blocks (MODEL.md §2.5 closed form).
+    """The mask upstream actually adds in shifted blocks (in closed form).
 
     Only the last row of windows is masked: token pairs get -100 when exactly one of them has an
     in-window column >= window - shift. Shape (nW, N, N), nW row-major over the window grid.
@@ -133,7 +133,7 @@ def shift_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
 def shift_mask_like(x: torch.Tensor, window: int, shift: int) -> torch.Tensor:
     """The same mask as ``shift_mask(H, W, window, shift)``, from tensor ops on x's (H, W).
 
-    Exportable with symbolic H, W (DYNAMIC-FINDINGS): window-row r, in-window column j,
+    Exportable with symbolic H, W (docs/dynamic-shapes.md): window-row r, in-window column j,
     y = r*window + j; region = (y >= H - window) + (y >= H - shift); -100 where the regions of
     the two tokens differ (only the last window row can differ), repeated over window columns.
     """
@@ -191,7 +191,7 @@ class Mlp(nn.Module):
 
 
 class SwinTransformerBlock(nn.Module):
-    """Swin block on NCHW with GroupNorm norms (MODEL.md §2.2 steps 1-6)."""
+    """Swin block on NCHW with GroupNorm norms (upstream order)."""
 
     def __init__(
         self, dim: int, heads: int, window: int, shift: int, mlp_ratio: int, resolution: int

@@ -1,4 +1,4 @@
-"""A small, reproducible trainer for ``deltadiff-pixel`` models (the DeltaDiff code's recipe, MODEL.md §6.2).
+"""A small, reproducible trainer for ``deltadiff-pixel`` models (docs/demo-model.md "Recipe").
 
 Recipe: random HR crops with 8-way flips/rotations; LR = MATLAB bicubic x1/4 (antialiased),
 optionally rounded to 8 bits as real LR files are; lq_up = MATLAB bicubic x4 of the LR;

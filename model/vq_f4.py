@@ -1,8 +1,8 @@
-"""VQ-f4 autoencoder (ResShift's ``VQModelTorch``, the LDM vq-f4 first stage): MODEL.md §3.
+"""VQ-f4 autoencoder (ResShift's ``VQModelTorch``, the LDM vq-f4 first stage).
 
 encode = quant_conv(encoder(x)), no quantisation; decode = decoder(post_quant_conv(quantize(z))).
 Names reproduce ``keys_vqgan_f4.tsv``. The mid-block attention scales q before the q.k product
-(upstream scales after; mathematically identical, and safer in FP16: DEPLOY-NOTES P7).
+(upstream scales after; mathematically identical, and safer in FP16).
 """
 
 from __future__ import annotations

@@ -5,10 +5,13 @@ complete, so a failure never leaves a partial file or destroys an existing one."
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def default_file_mode() -> int:
@@ -54,3 +57,28 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (a sidecar file, created if missing and never
+    followed if it is a symlink) for the ``with`` block; other processes taking the same lock wait.
+    The lock goes with the file descriptor, so a killed holder never leaves it taken.
+    Raises OSError when the file cannot be opened (read-only folder, symlink)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks; writes stay atomic, not serialized
+        log.warning("no fcntl here: %s is not locked", path)
+        yield
+        return
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags, default_file_mode())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for %s (another process holds it)", path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

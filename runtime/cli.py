@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -136,6 +137,8 @@ def upscale(
         up = Upscaler(model, opts)
     except DeltaDiffError as exc:
         fail(exc)
+    if not quiet:
+        err.print(up.choice.line(), highlight=False, markup=False)
     with (
         up,
         Progress(
@@ -204,21 +207,26 @@ def info(
     """Show a model directory's manifest summary (family, tile/range, graphs, engines,
     verification) and what fits: which image sizes run whole and which tile larger ones use."""
     setup_logging(False)
+    from deltadiff.cpu import cpu_info
     from deltadiff.runtime.manifest import load_manifest
     from deltadiff.runtime.memory import memory_text
-    from deltadiff.runtime.upscaler import UpscaleOptions, default_model_dir, resolve
+    from deltadiff.runtime.precision import choose_precision
+    from deltadiff.runtime.upscaler import UpscaleOptions, default_model_dir
 
     try:
         d = model or default_model_dir()
         m = load_manifest(d)
-        opts = resolve(
-            m,
-            UpscaleOptions(backend=backend, precision=precision, mode=mode, max_memory=max_memory),
+        opts = UpscaleOptions(
+            backend=backend, precision=precision, mode=mode, max_memory=max_memory
         )
+        choice = choose_precision(m, opts.backend, opts.mode, opts.precision)
+        opts = replace(opts, precision=choice.precision)
         sizes = [_size(x) for x in size or []]
     except DeltaDiffError as exc:
         fail(exc)
     typer.echo(f"model       {m.name} ({m.family}) at {d}")
+    typer.echo(f"cpu         {cpu_info().model} ({cpu_info().isa})")
+    typer.echo(f"precision   {choice.precision} ({'asked for' if choice.explicit else 'default'}: {choice.reason})")
     if m.dynamic:
         (h0, w0), (h1, w1) = m.lr_range()
         typer.echo(
@@ -328,6 +336,39 @@ def fit_lines(m, opts, sizes: list[tuple[int, int]]) -> list[str]:  # noqa: ANN0
         what = "whole" if p.whole else f"tiles of {p.tile[1]}x{p.tile[0]}"
         out.append(f"plan        {w}x{h} LR -> {4 * w}x{4 * h}: {what} ({p.reason})")
     return out
+
+
+@app.command()
+def probe(
+    model: Annotated[
+        Path | None, typer.Option(help="Model directory (default: bundled demo).")
+    ] = None,
+    lr: Annotated[int, typer.Option(help="LR side of the timed square image.")] = 64,
+    runs: Annotated[int, typer.Option(help="Timed runs per precision (medians).")] = 3,
+    threads: Annotated[int, typer.Option(help="CPU threads for onnxruntime (0: all).")] = 0,
+) -> None:
+    """Measure FP32 vs INT8 on this CPU (interleaved, after a warm-up) and cache the result:
+    the default precision then follows the measurement instead of the CPU's ISA."""
+    setup_logging(False)
+    from deltadiff.runtime.manifest import load_manifest
+    from deltadiff.runtime.precision import MIN_SPEEDUP, run_probe, save_probe
+    from deltadiff.runtime.upscaler import default_model_dir
+
+    try:
+        d = model or default_model_dir()
+        why = load_manifest(d).int8_status("onnxruntime")
+        if why:
+            raise DeltaDiffError(f"nothing to probe: {why}")
+        rec = run_probe(d, lr=lr, runs=runs, threads=threads)
+        path = save_probe(rec)
+    except DeltaDiffError as exc:
+        fail(exc)
+    pick = "int8" if rec.speedup >= MIN_SPEEDUP else "fp32"
+    typer.echo(
+        f"{rec.cpu} ({rec.isa}), {rec.threads} threads, {lr}x{lr} LR, median of {runs}: "
+        f"FP32 {rec.fp32_s:.2f} s, INT8 {rec.int8_s:.2f} s ({rec.speedup:.2f}x) -> default {pick} "
+        f"(saved in {path})"
+    )
 
 
 @app.command()
@@ -469,6 +510,45 @@ def bench_compare(
         raise typer.Exit(1)
 
 
+@app.command("bench-cli")
+def bench_cli(
+    image: Annotated[Path, typer.Argument(help="The image each run upscales.")],
+    extra: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="dd-run upscale options for every variant (after --).", show_default=False
+        ),
+    ] = None,
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--variant",
+            help='NAME:OPTIONS, repeatable, e.g. "int8:--precision int8"; leading KEY=VALUE '
+            "words set environment variables. Variants run interleaved. Default: one, "
+            "dd-run upscale's defaults.",
+        ),
+    ] = None,
+    runs: Annotated[int, typer.Option(help="Timed runs per variant, after one cold run.")] = 5,
+    out: Annotated[
+        Path, typer.Option("-o", "--out", help="Output folder for upscale-cli-LABEL.json / .md.")
+    ] = Path("bench-results"),
+    label: Annotated[str, typer.Option(help="Machine name used in the file names.")] = "local",
+) -> None:
+    """Time `dd-run upscale IMAGE` end to end as a user runs it: a fresh process per run
+    (start-up, model load, image read and write included), median of --runs, peak RSS."""
+    from deltadiff.benchmarks.bench_upscale_cli import Variant, run_cli_bench
+
+    try:
+        variants = [Variant.parse(v) for v in variant or []]
+        report, paths = run_cli_bench(
+            image, runs=runs, variants=variants, extra=tuple(extra or ()), out=out, label=label
+        )
+    except DeltaDiffError as exc:
+        fail(exc)
+    typer.echo(report.to_markdown(label))
+    typer.echo(f"wrote {paths['json']}, {paths['md']}")
+
+
 @app.command()
 def batch(
     inputs: Annotated[
@@ -562,34 +642,52 @@ def serve(
     ] = Backend.ONNXRUNTIME,
     precision: Annotated[str, typer.Option(help="fp32 | fp16 | int8")] = Precision.FP32,
     mode: Annotated[str, typer.Option(help="staged | unrolled")] = DEFAULT_MODE,
-    threads: Annotated[int, typer.Option(help="CPU threads for onnxruntime (0: all).")] = 0,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="HTTP port (KServe v2).")] = 8000,
-    grpc_port: Annotated[int | None, typer.Option(help="gRPC port (default: port + 1).")] = None,
-    instances: Annotated[int, typer.Option(help="Model instances (processes).")] = 1,
-    max_batch: Annotated[int, typer.Option(help="Requests per dynamic batch.")] = 8,
-    queue_delay_us: Annotated[
-        int, typer.Option(help="Dynamic batcher: longest wait for more requests (us).")
-    ] = 5000,
-    max_tile_batch: Annotated[
-        int | None, typer.Option(help="Tiles per backend call (default: the model's max batch).")
-    ] = None,
-    max_bytes: Annotated[int, typer.Option(help="Largest encoded image accepted (bytes).")] = (
+    threads: Annotated[int, typer.Option(help="CPU threads per image computed (0: all).")] = 0,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (not loopback: warned, no auth).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port (0: any free port).")] = 8000,
+    replicas: Annotated[int, typer.Option(help="Ray Serve replicas (model processes).")] = 1,
+    max_concurrent: Annotated[
+        int, typer.Option(help="Images computed at once per replica (splits its memory).")
+    ] = 1,
+    max_queue: Annotated[
+        int, typer.Option(help="Requests waiting for a free slot; more get 503.")
+    ] = 16,
+    queue_timeout: Annotated[
+        float, typer.Option(help="Longest wait for a slot (s); then 503, never computed.")
+    ] = 60.0,
+    request_timeout: Annotated[
+        float, typer.Option(help="Longest computation of one image (s); then 504.")
+    ] = 600.0,
+    drain_seconds: Annotated[
+        float, typer.Option(help="On SIGTERM / Ctrl-C: how long requests in flight may finish.")
+    ] = 30.0,
+    max_bytes: Annotated[int, typer.Option(help="Largest request body accepted (bytes).")] = (
         32 << 20
     ),
     max_pixels: Annotated[int, typer.Option(help="Largest input image accepted (pixels).")] = (
         4 << 20
     ),
+    max_memory: Annotated[
+        float | None,
+        typer.Option(help="GiB per replica for all images in flight (default: half of free)."),
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster to join (default: start a local one).")
+    ] = None,
+    cpus_per_replica: Annotated[float, typer.Option(help="Ray CPUs each replica takes.")] = 1.0,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logging.")] = False,
 ) -> None:
-    """Serve the model over HTTP/gRPC (KServe v2) with Triton (pip install 'deltadiff-trt[serve]').
+    """Serve the model over HTTP with Ray Serve (pip install 'deltadiff-trt\\[serve]').
 
-    Model "deltadiff": input "image" (BYTES, an encoded image file), optional "seed" (INT64);
-    output "upscaled" (BYTES, PNG). Health: /v2/health/live and /v2/health/ready. Bad requests
-    get HTTP 400 naming the problem. Ctrl-C or SIGTERM stops the server cleanly.
+    POST /v1/upscale?seed=N with an image file as the body answers the PNG that dd-run upscale
+    writes for it. Health: /v1/health/live, /v1/health/ready; counters: /v1/stats. Refusals are
+    one line: 400 bad request, 413 body too large, 503 full / waited too long, 504 too slow.
+    SIGTERM or Ctrl-C drains requests in flight (--drain-seconds), then exits 0.
     """
     setup_logging(verbose)
-    from deltadiff.runtime.serve import ServeOptions, serve_forever
+    from deltadiff.runtime.serve import ServeOptions, is_loopback, serve_forever
 
     opts = ServeOptions(
         model=model,
@@ -599,21 +697,27 @@ def serve(
         threads=threads,
         host=host,
         port=port,
-        grpc_port=grpc_port,
-        instances=instances,
-        max_batch=max_batch,
-        queue_delay_us=queue_delay_us,
-        max_tile_batch=max_tile_batch,
+        replicas=replicas,
+        max_concurrent=max_concurrent,
+        max_queue=max_queue,
+        queue_timeout=queue_timeout,
+        request_timeout=request_timeout,
+        drain_seconds=drain_seconds,
         max_bytes=max_bytes,
         max_pixels=max_pixels,
+        max_memory=max_memory,
+        address=address,
+        cpus_per_replica=cpus_per_replica,
     )
-
-    def ready(srv) -> None:  # noqa: ANN001 - TritonServer
+    if not is_loopback(host):
         typer.echo(
-            f"serving model 'deltadiff' on http://{srv.url} and grpc {srv.grpc_url} "
-            "(KServe v2; Ctrl-C stops)",
+            f"warning: --host {host} is not a loopback address: anyone who can reach it can use "
+            "the server (no authentication, no TLS); put an authenticating proxy in front",
             err=True,
         )
+
+    def ready(url: str) -> None:
+        typer.echo(f"serving on {url}/v1/upscale (Ctrl-C or SIGTERM stops)", err=True)
 
     try:
         code = serve_forever(opts, ready)

@@ -21,9 +21,15 @@ numpy, Pillow, pypng (``png``) and tifffile only; never torch. Who does what:
   signed 16-bit and any other mode are refused with an ImageError that says how to convert.
 * Frames: animated GIF/WebP/APNG with more than one frame are refused. Multi-page TIFF and MPO
   (camera JPEGs that carry a preview image) are read from their first page.
-* The pixel limit ``max_pixels`` is checked from the header before any decoding. Pillow's own
-  decompression-bomb check is switched off while the header is parsed (under a lock, restored
-  afterwards) so that ``max_pixels`` is the one limit in force, above or below Pillow's.
+* Decompression bombs: before any pixel is decoded, a PNG's IDAT stream and a TIFF's zlib / LZMA
+  (and, for tifffile, PackBits) segments are inflated in 1 MiB steps and discarded, against the
+  size the header implies (``decode_limits``); data that inflates past it is refused at once.
+  pypng and tifffile then only inflate data known to fit. Pillow's decoders (PNG, JPEG, WebP,
+  GIF, libtiff for every other TIFF compression) fill a buffer of the header's size and stop.
+* The pixel limit ``max_pixels`` is checked from the header before any decoding. While the
+  header is parsed, Pillow's own decompression-bomb limit is set from ``max_pixels`` (under a
+  lock, restored afterwards) so that ``max_pixels`` is the one limit in force, above or below
+  Pillow's default, and Pillow's early checks (WebP, before it allocates the canvas) apply it.
 * EXIF orientation is applied to the pixels (in numpy, so it works for 16-bit data too; same
   transposes as ``ImageOps.exif_transpose``) and the returned EXIF says orientation 1.
 
@@ -46,6 +52,7 @@ import logging
 import math
 import os
 import threading
+import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -57,6 +64,7 @@ import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError
 
 from deltadiff.errors import ImageError, MissingDependencyError
+from deltadiff.runtime import decode_limits
 from deltadiff.runtime.atomic import atomic_path
 from deltadiff.runtime.resize import imresize_matlab
 
@@ -188,11 +196,18 @@ def _corrupt_guard(path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _pillow_limit_off() -> Iterator[None]:
-    """Disable Pillow's decompression-bomb check while a header is parsed (max_pixels rules)."""
-    with _PIL_LIMIT_LOCK:
+def _pillow_limit(max_pixels: int) -> Iterator[None]:
+    """Set Pillow's decompression-bomb limit to ``max_pixels`` while a header is parsed.
+
+    Pillow raises above twice ``MAX_IMAGE_PIXELS`` (warns above once), so it is set to half of
+    ``max_pixels``, rounded up, and the warning is silenced: Pillow then refuses only what
+    ``max_pixels`` refuses anyway, but early where it matters (its WebP decoder allocates the
+    canvas when the file is opened, after this check).
+    """
+    with _PIL_LIMIT_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         saved = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None
+        Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2
         try:
             yield
         finally:
@@ -220,10 +235,15 @@ def _check_input_file(path: Path) -> None:
         raise ImageError(f"{path}: file is empty (0 bytes); re-export or re-copy it")
 
 
-def _open_pillow(path: Path) -> Image.Image:
+def _open_pillow(path: Path, max_pixels: int) -> Image.Image:
     try:
-        with _pillow_limit_off():
+        with _pillow_limit(max_pixels):
             return Image.open(path, formats=_READ_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(
+            f"{path}: image is over the limit of {max_pixels:,} pixels ({_reason(exc)}); "
+            "downscale it first or raise the pixel limit"
+        ) from exc
     except UnidentifiedImageError as exc:
         try:
             with path.open("rb") as f:
@@ -262,6 +282,19 @@ def _read_png16(path: Path) -> tuple[np.ndarray, np.ndarray | None, bool]:
         hit = color == key if gray else np.all(color == np.asarray(key, np.uint16), axis=-1)
         alpha = np.where(hit, 0, 65535).astype(np.uint16)
     return color, alpha, gray
+
+
+def _check_inflated_size(path: Path, im: Image.Image, fmt: str, *, tiff16: bool) -> None:
+    """Refuse a PNG / TIFF whose compressed data inflates past its header (decode_limits), before
+    any decoder runs. PackBits is counted only for tifffile (16-bit); libtiff bounds it itself."""
+    with _corrupt_guard(path):
+        if fmt == "PNG":
+            decode_limits.check_png(path)
+        elif fmt == "TIFF":
+            tags = getattr(im, "tag_v2", None)
+            segs = None if tags is None else decode_limits.tiff_segments(tags, *im.size)
+            if segs is not None:
+                decode_limits.check_tiff(path, segs, im.size, packbits=tiff16)
 
 
 def _tiff_sixteen_bit(im: Image.Image) -> bool:
@@ -469,8 +502,18 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     path = Path(path)
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
+    try:
+        return _read_image(path, max_pixels)
+    except MemoryError as exc:
+        raise ImageError(
+            f"{path}: not enough memory to decode the image; free memory, downscale it or "
+            "lower the pixel limit"
+        ) from exc
+
+
+def _read_image(path: Path, max_pixels: int) -> ImageData:
     _check_input_file(path)
-    im = _open_pillow(path)
+    im = _open_pillow(path, max_pixels)
     with im:
         width, height = im.size
         if width < 1 or height < 1:
@@ -499,9 +542,11 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         bit_depth = 8
         grayscale = mode in _GRAY_MODES
         decoded: tuple[np.ndarray, np.ndarray | None, bool] | None = None
+        tiff16 = fmt == "TIFF" and _tiff_sixteen_bit(im)
+        _check_inflated_size(path, im, fmt, tiff16=tiff16)
         if fmt == "PNG" and _png_header(path)[0] == 16:
             decoded, bit_depth = _read_png16(path), 16
-        elif fmt == "TIFF" and _tiff_sixteen_bit(im):
+        elif tiff16:
             bit_depth = 16
             decoded = _read_tiff16(path)
             if decoded is None and mode not in _GRAY_MODES:
@@ -775,17 +820,30 @@ def _skipped(name: str) -> bool:
     return name.startswith(".") or name.lower() in _JUNK_NAMES
 
 
-def find_images(inputs: Sequence[str | Path], *, recursive: bool = True) -> list[tuple[Path, Path]]:
+def find_images(
+    inputs: Sequence[str | Path], *, recursive: bool = True, exclude: Sequence[str | Path] = ()
+) -> list[tuple[Path, Path]]:
     """Expand files and folders into ``(path, relative path)`` pairs, in input order.
 
     A folder contributes its image files (suffix in IMAGE_SUFFIXES, any case), sorted by
     relative path, walking sub-folders when ``recursive``; hidden names (leading '.') and junk
-    (Thumbs.db, desktop.ini, __MACOSX, @eaDir) are skipped; symlinked folders are not followed.
-    ``rel`` is relative to that folder. A file named explicitly is kept whatever its suffix, with
-    ``rel`` = its name. A file reached twice is listed once. A missing input raises ImageError.
+    (Thumbs.db, desktop.ini, __MACOSX, @eaDir) are skipped; symlinked folders are not followed;
+    sub-folders in ``exclude`` (the job's output folder) are not entered, so outputs written
+    inside an input folder are never read back as inputs. ``rel`` is relative to that folder.
+    A file named explicitly is kept whatever its suffix, with ``rel`` = its name. A file reached
+    twice is listed once. A missing input raises ImageError.
     """
     found: list[tuple[Path, Path]] = []
     seen: set[Path] = set()
+    skip_dirs = {Path(p).resolve() for p in exclude}
+
+    def wanted_dir(here: Path, name: str) -> bool:
+        if not recursive or _skipped(name):
+            return False
+        if skip_dirs and (here / name).resolve() in skip_dirs:
+            log.info("%s: the output folder; not read as input", here / name)
+            return False
+        return True
 
     def add(path: Path, rel: Path) -> None:
         key = path.resolve()
@@ -807,7 +865,7 @@ def find_images(inputs: Sequence[str | Path], *, recursive: bool = True) -> list
         rels: list[Path] = []
         for dirpath, dirnames, filenames in os.walk(root):
             here = Path(dirpath)
-            dirnames[:] = sorted(d for d in dirnames if recursive and not _skipped(d))
+            dirnames[:] = sorted(d for d in dirnames if wanted_dir(here, d))
             for name in filenames:
                 if not _skipped(name) and is_image_file(Path(name)):
                     rels.append((here / name).relative_to(root))

@@ -9,19 +9,25 @@ manifest does not vouch for: a missing or edited file, an unknown schema or a ma
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import stat
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from deltadiff.errors import ManifestError
 from deltadiff.options import Precision
-from deltadiff.runtime.atomic import write_text_atomic
+from deltadiff.runtime.atomic import file_lock, write_text_atomic
+from deltadiff.runtime.onnx_refs import OnnxParseError, graph_external_locations
 from deltadiff.runtime.steps import StepTable
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+LOCK = MANIFEST + ".lock"  # flock'ed by every manifest writer (manifest_lock)
 GRAPH_NAMES = ("encoder", "step", "decoder", "unrolled")
 REBUILD_HINT = "re-export it with dd-export onnx"
 
@@ -62,6 +68,10 @@ class GraphRecord:
     # excluded nodes and why, fidelity, ``usable`` = passed the gate)
     target: str = ""
     quant: dict[str, Any] = field(default_factory=dict)
+    # tensors stored outside the graph file (ONNX external data): location -> sha256. Our
+    # exporters embed every tensor, so this is empty; a graph naming a location not listed here
+    # is refused (verify_graph).
+    external_data: dict[str, str] = field(default_factory=dict)
 
     @property
     def usable(self) -> bool:
@@ -81,6 +91,8 @@ class GraphRecord:
             d["target"] = self.target
         if self.quant:
             d["quant"] = self.quant
+        if self.external_data:
+            d["external_data"] = dict(self.external_data)
         return d
 
 
@@ -180,6 +192,13 @@ class Manifest:
         ]
         if not recs:
             return "this model has no INT8 graphs; make them with dd-export calibrate"
+        rt = next((g.quant["runtime_gate"] for g in recs if g.quant.get("runtime_gate")), None)
+        if isinstance(rt, dict) and rt.get("passed") is False:
+            where = f", report {rt['report']}" if rt.get("report") else ""
+            return (
+                f"this model's INT8 graphs failed the runtime gate (whole images vs FP32{where}); "
+                "re-run dd-export calibrate --gate-data PAIRS or use --precision fp32"
+            )
         if not all(g.usable for g in recs):
             return (
                 "this model's INT8 graphs failed the calibration gate; re-run dd-export "
@@ -224,6 +243,7 @@ class Manifest:
                 fp32_islands=tuple(g.get("fp32_islands", [])),
                 target=str(g.get("target", "")),
                 quant=dict(g.get("quant", {})) if isinstance(g.get("quant", {}), dict) else {},
+                external_data=_external(g.get("external_data", {}), w),
             )
         st = _field(d, "step_table", dict, where)
         rows = _field(st, "rows", list, f"{where}: step_table")
@@ -325,6 +345,16 @@ def _pair(v: list, key: str, where: str) -> tuple[int, int]:
     return int(v[0]), int(v[1])
 
 
+def _external(v: Any, where: str) -> dict[str, str]:
+    if not isinstance(v, dict) or not all(
+        isinstance(k, str) and isinstance(h, str) for k, h in v.items()
+    ):
+        raise ManifestError(
+            f"{where}.external_data must map file names to sha256 strings; {REBUILD_HINT}"
+        )
+    return dict(v)
+
+
 def _spec(s: Any, where: str) -> TensorSpec:
     if not isinstance(s, dict):
         raise ManifestError(f"{where}: tensor spec is not an object; {REBUILD_HINT}")
@@ -352,17 +382,57 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
+# --------------------------------------------------------------------------------- writing
+# Every write of manifest.json holds ``manifest.json.lock`` (flock): a whole new manifest
+# (save_manifest, a fresh export) or a read-modify-write of the one on disk (update_manifest),
+# so concurrent dd-export build-engine / calibrate / measure-memory runs keep each other's records.
+
+
+@contextlib.contextmanager
+def manifest_lock(model_dir: str | Path) -> Iterator[None]:
+    """Hold the model directory's manifest lock (``manifest.json.lock``) for the block."""
+    lock = Path(model_dir) / LOCK
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(lock))
+        except OSError as exc:  # only taking the lock: errors of the block pass through
+            raise ManifestError(
+                f"cannot lock {lock} ({exc.strerror or exc}); make {model_dir} writable, or "
+                f"remove {lock.name} if it is a symlink"
+            ) from None
+        yield
+
+
 def save_manifest(model_dir: str | Path, m: Manifest) -> Path:
+    """Write ``m`` as the whole manifest (a fresh export), under the manifest lock. To change
+    records of an existing manifest use ``update_manifest``, which reads the current one."""
+    with manifest_lock(model_dir):
+        return _write_manifest(model_dir, m)
+
+
+def update_manifest(model_dir: str | Path, fn: Callable[[Manifest], Manifest]) -> Manifest:
+    """Read-modify-write under the manifest lock: ``fn`` gets the manifest as it is on disk now
+    (not as this process read it earlier) and returns the one to write; returns that."""
+    with manifest_lock(model_dir):
+        new = fn(load_manifest(model_dir, check_hashes=False))
+        _write_manifest(model_dir, new)
+    return new
+
+
+def _write_manifest(model_dir: str | Path, m: Manifest) -> Path:
     path = Path(model_dir) / MANIFEST
     write_json_atomic(path, m.to_dict())
     return path
 
 
+# --------------------------------------------------------------------------------- reading
+
+
 def load_manifest(
     model_dir: str | Path, *, check_hashes: bool = True, graphs: list[str] | None = None
 ) -> Manifest:
-    """Read and validate ``model_dir/manifest.json``; with ``check_hashes`` verify the sha256 of
-    every graph file (or only of ``graphs``)."""
+    """Read and validate ``model_dir/manifest.json``; with ``check_hashes`` verify every graph
+    file (or only ``graphs``) with ``verify_graph``: inside the folder, sha256, external data."""
     model_dir = Path(model_dir)
     if not model_dir.exists():
         raise ManifestError(
@@ -373,12 +443,13 @@ def load_manifest(
             f"--model {model_dir} is not a directory; pass the folder dd-export onnx wrote"
         )
     path = model_dir / MANIFEST
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise ManifestError(
             f"{path} is missing; {model_dir} is not a model directory ({REBUILD_HINT})"
         )
+    real = confined_path(model_dir, MANIFEST, what="manifest")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(real.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path} is not valid JSON ({exc}); {REBUILD_HINT}") from None
     m = Manifest.from_dict(data, str(path))
@@ -386,22 +457,131 @@ def load_manifest(
         for key, g in m.graphs.items():
             if graphs is not None and key not in graphs:
                 continue
-            verify_file(model_dir, g.file, g.sha256, what=f"graph {key}")
+            verify_graph(model_dir, g, what=f"graph {key}")
     return m
 
 
-def verify_file(model_dir: Path, file: str, sha256: str, *, what: str) -> Path:
-    p = Path(model_dir) / file
-    if Path(file).is_absolute() or ".." in Path(file).parts:
+# --------------------------------------------------------------------------------- checking
+# One checker for every file a manifest names (graphs, their external data, engines): it must
+# resolve, symlinks followed, to a regular file inside the model directory and match the sha256
+# the manifest records, before anything opens or copies it. Callers open the real path returned.
+# Digests are cached per process by (real path, device, inode, size, mtime_ns, ctime_ns): a
+# file changed in any way (ctime cannot be set back) is hashed again.
+
+_DIGESTS: dict[tuple[Any, ...], str] = {}
+_LOCATIONS: dict[tuple[Any, ...], tuple[str, ...]] = {}
+
+
+def _stat_key(real: Path) -> tuple[Any, ...]:
+    st = real.stat()
+    return (str(real), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def confined_path(
+    model_dir: str | Path, file: str, *, what: str, hint: str = REBUILD_HINT, base: str = ""
+) -> Path:
+    """The real path of ``file`` (relative to ``model_dir/base``), refused unless it is a
+    regular file inside ``model_dir`` once every symlink is resolved."""
+    try:
+        root = Path(model_dir).resolve(strict=True)
+    except OSError:
+        raise ManifestError(f"model directory {model_dir} does not exist; {hint}") from None
+    rel = PurePosixPath(file)
+    if (
+        not file
+        or "\x00" in file
+        or rel.is_absolute()
+        or ".." in rel.parts
+        or Path(file).is_absolute()
+    ):
         raise ManifestError(
-            f"{what}: file {file!r} points outside the model directory; {REBUILD_HINT}"
+            f"{what}: {file!r} is not a plain file name inside the model directory (absolute "
+            f"path or '..'); {hint}"
         )
-    if not p.exists():
-        raise ManifestError(f"{what}: file {p} is missing; {REBUILD_HINT}")
-    got = sha256_file(p)
+    lexical = root / base / file
+    real = Path(os.path.realpath(lexical))
+    if not real.is_relative_to(root) or real == root:
+        raise ManifestError(
+            f"{what}: {file!r} resolves to {real}, outside the model directory {root} (a symlink "
+            f"leaving it); {hint}"
+        )
+    try:
+        st = real.stat()
+    except OSError:
+        raise ManifestError(f"{what}: file {lexical} is missing; {hint}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ManifestError(f"{what}: {lexical} is not a regular file; {hint}")
+    return real
+
+
+def verify_file(
+    model_dir: str | Path, file: str, sha256: str, *, what: str, hint: str = REBUILD_HINT
+) -> Path:
+    """``confined_path`` plus the recorded sha256; returns the real path to open."""
+    real = confined_path(model_dir, file, what=what, hint=hint)
+    got = _digest(real)
     if got != sha256:
         raise ManifestError(
-            f"{what}: {p.name} was modified after export (sha256 {got[:12]}… != manifest "
-            f"{sha256[:12]}…); {REBUILD_HINT}"
+            f"{what}: {file} was modified after export (sha256 {got[:12]}… != manifest "
+            f"{str(sha256)[:12]}…); {hint}"
         )
-    return p
+    return real
+
+
+def verify_graph(model_dir: str | Path, rec: GraphRecord, *, what: str) -> Path:
+    """``verify_file`` for a graph, and every external-data file the graph names: inside the
+    model directory and vouched for by ``rec.external_data`` (sha256). Returns the real path."""
+    real = verify_file(model_dir, rec.file, rec.sha256, what=what)
+    key = _stat_key(real)
+    locs = _LOCATIONS.get(key)
+    if locs is None:
+        try:
+            locs = tuple(dict.fromkeys(graph_external_locations(real)))
+        except OnnxParseError as exc:
+            raise ManifestError(
+                f"{what}: {rec.file} is not a valid ONNX graph ({exc}); {REBUILD_HINT}"
+            ) from None
+        _LOCATIONS[key] = locs
+    for loc, path in external_files(model_dir, rec, real, locs, what=what).items():
+        got = _digest(path)
+        if got != rec.external_data[loc]:
+            raise ManifestError(
+                f"{what}: external data {loc!r} of {rec.file} was modified after export (sha256 "
+                f"{got[:12]}… != manifest {rec.external_data[loc][:12]}…); {REBUILD_HINT}"
+            )
+    return real
+
+
+def external_files(
+    model_dir: str | Path,
+    rec: GraphRecord,
+    real: Path,
+    locs: tuple[str, ...] | None = None,
+    *,
+    what: str = "graph",
+) -> dict[str, Path]:
+    """location -> real path of the external-data files of graph ``rec`` (real path ``real``):
+    each inside the model directory and listed in ``rec.external_data``. Locations are relative
+    to the graph file's own folder, as ONNX Runtime and onnx read them."""
+    root = Path(model_dir).resolve()
+    base = real.parent.relative_to(root).as_posix()
+    out = {}
+    for loc in rec.external_data if locs is None else locs:
+        where = f"{what} (external data)"
+        out[loc] = confined_path(model_dir, loc, what=where, base=base)
+        if loc not in rec.external_data:
+            raise ManifestError(
+                f"{where}: {loc!r} has no sha256 in the manifest's external_data; {REBUILD_HINT} "
+                "(it embeds every tensor)"
+            )
+    return out
+
+
+def _digest(real: Path) -> str:
+    key = _stat_key(real)
+    got = _DIGESTS.get(key)
+    if got is None:
+        got = sha256_file(real)
+        if _stat_key(real) == key:  # unchanged while it was read
+            _DIGESTS[key] = got
+    return got

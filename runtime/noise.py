@@ -1,4 +1,4 @@
-"""Seeded noise for ``resshift-v3``: every noise tensor is an explicit input (MODEL.md §1.5).
+"""Seeded noise for ``resshift-v3``: every noise tensor is an explicit input.
 
 One generator for every backend and the reference: numpy PCG64 from a seed, drawn in the order
 the step table names them (``n_prior``, then ``n_t`` for each noisy row). For tiled images the

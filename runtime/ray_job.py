@@ -6,7 +6,9 @@ read as bytes and decoded inside the actors, never by ``read_images`` (one corru
 ``read_images`` job and outputs lose their names). Each actor builds the runtime once, and per
 file decodes, upscales and writes the output atomically under its own name, returning a status
 row; a failing file is a ``failed`` row, never an aborted job. The rows are the job manifest
-(JSONL, one row per file, written atomically at the end).
+(JSONL, one row per file): each row is appended and fsynced as the driver receives it (a killed
+driver loses no finished record), and the whole file is rewritten atomically in input order at
+the end. The output folder is not read as input when it lies inside an input folder.
 
 GPU actors ask for ``num_gpus`` *and* ``num_cpus`` (``num_gpus`` alone also takes a CPU and can
 starve the read tasks). Asking for GPUs on a cluster without them fails at once, instead of
@@ -28,6 +30,7 @@ from typing import Any
 from deltadiff._deps import require
 from deltadiff.errors import DeltaDiffError
 from deltadiff.runtime.atomic import write_text_atomic
+from deltadiff.runtime.faults import unexpected_failure
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +146,7 @@ class UpscaleActor:
             except OSError as exc:
                 status, message = "failed", f"{path}: {exc.strerror or exc}"
             except Exception as exc:  # noqa: BLE001 - a file never aborts the job
-                status, message = "failed", f"{path}: {type(exc).__name__}: {exc}"
+                status, message = "failed", unexpected_failure(path, exc)
             out["path"].append(path)
             out["output"].append(dst)
             out["status"].append(status)
@@ -184,7 +187,7 @@ def run_ray_job(
     pairs = plan_outputs(inputs, out, recursive=opts.recursive, suffix=opts.suffix)
     if not pairs:
         raise DeltaDiffError(f"no images found in {', '.join(map(str, inputs))}")
-    rows: list[dict[str, Any]] = []
+    early: list[dict[str, Any]] = []
     todo: dict[str, str] = {}
     seen: dict[Path, Path] = {}
     for src, dst in pairs:
@@ -202,23 +205,51 @@ def run_ray_job(
             seen[dst] = src
             continue
         seen.setdefault(dst, src)
-        rows.append(row)
-        if on_row:
-            on_row(row)
-    started = False
-    if todo:
-        started = connect(opts)
-        try:
+        early.append(row)
+    started = connect(opts) if todo else False
+    try:
+        if todo:
             check_resources(opts)
-            rows += _run(todo, model_dir, asdict(uo), opts, on_row)
-        finally:
-            if started:
-                import_ray().shutdown()
+        out.mkdir(parents=True, exist_ok=True)
+        with _RowLog(manifest, on_row) as rowlog:
+            for row in early:
+                rowlog.add(row)
+            if todo:
+                _run(todo, model_dir, asdict(uo), opts, rowlog.add)
+    finally:
+        if started:
+            import_ray().shutdown()
+    rows = rowlog.rows
     order = {_norm(str(s)): i for i, (s, _) in enumerate(pairs)}
     rows.sort(key=lambda r: order.get(r["path"], len(order)))
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(manifest, "".join(json.dumps(r) + "\n" for r in rows))
+    write_text_atomic(manifest, "".join(json.dumps(r) + "\n" for r in rows))  # in input order
     return RayJobResult(rows, manifest, time.perf_counter() - t0)
+
+
+class _RowLog:
+    """The job manifest as it grows: each row is appended, flushed and fsynced as the driver
+    receives it, so a killed driver keeps the record of every file finished before; at the end
+    the caller rewrites it atomically in input order."""
+
+    def __init__(self, path: Path, on_row: Callable[[dict[str, Any]], None] | None) -> None:
+        self.path, self.on_row = path, on_row
+        self.rows: list[dict[str, Any]] = []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = path.open("w", encoding="utf-8")
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        if self.on_row:
+            self.on_row(row)
+
+    def __enter__(self) -> _RowLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
 
 
 def _run(
@@ -226,8 +257,9 @@ def _run(
     model_dir: str | None,
     upscale_opts: dict,
     opts: RayJobOptions,
-    on_row: Callable[[dict[str, Any]], None] | None,
-) -> list[dict[str, Any]]:
+    on_row: Callable[[dict[str, Any]], None],
+) -> None:
+    """Run the actors over ``todo``; ``on_row`` gets each file's row as the driver receives it."""
     import_ray()
     import ray.data
 
@@ -244,11 +276,7 @@ def _run(
         num_cpus=opts.num_cpus,
         num_gpus=opts.num_gpus or None,
     )
-    rows = []
     for r in ds.iter_rows():
         row = {k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()}
         row["path"] = _norm(row["path"])
-        rows.append(row)
-        if on_row:
-            on_row(row)
-    return rows
+        on_row(row)

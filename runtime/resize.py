@@ -1,4 +1,4 @@
-"""MATLAB-style bicubic resize in numpy (``imresize(..., 'bicubic')``; MODEL.md §4.2).
+"""MATLAB-style bicubic resize in numpy (``imresize(..., 'bicubic')``).
 
 Keys cubic with a = -0.5, antialiased (kernel widened by 1/scale) when shrinking, symmetric border
 that repeats the edge pixel, weights normalised per output pixel, height first, then width,

@@ -1,688 +1,649 @@
-"""Serving the lean runtime behind Triton (``dd-run serve``) and the pieces its Python models share.
+"""``dd-run serve``: the lean runtime behind an HTTP API, on Ray Serve.
 
-``dd-run serve`` runs the Triton server that ships inside ``nvidia-pytriton`` (its binary, its
-Python backend and the stub for this interpreter) on a one-model repository: the ``deltadiff``
-Python-backend model (``runtime/triton_models/deltadiff.py``), which builds one ``Upscaler`` per
-instance and answers KServe v2 requests over HTTP and gRPC. The same model source is the
-``deltadiff`` model of the repositories ``dd-export triton`` writes, where it calls the stage
-models (BLS) instead of a local backend.
+API (docs/serving.md): ``POST /v1/upscale[?seed=N&timeout=S]`` with an encoded image file as the
+body answers ``image/png``, byte for byte what ``dd-run upscale`` writes for that file; a refusal
+is a one-line ``text/plain`` reason with 400 (bad request), 413 (body too large), 503 (queue full,
+queue wait over, draining) or 504 (computation over ``--request-timeout``). ``GET
+/v1/health/live``, ``/v1/health/ready``, ``/v1/stats``.
 
-Why not ``pytriton.Triton.bind``: PyTriton turns any exception of a bound function into HTTP 500
-with a Python traceback and fails every request of the dynamic batch; a Python-backend model can
-answer each request on its own, with ``INVALID_ARG`` (HTTP 400) and one line naming the problem.
+How it runs:
 
-What a request is: input ``image`` (BYTES, one encoded image file: PNG, JPEG, WebP, TIFF, BMP,
-GIF), optional ``seed`` (INT64, the ``resshift-v3`` noise seed, default 0); output ``upscaled``
-(BYTES, a PNG exactly as ``dd-run upscale`` writes it: 8 or 16-bit, alpha and ICC kept).
-Triton's dynamic batcher hands the model several requests at once; their images are upscaled in
-threads and every round of tile calls is merged into batched backend calls (``TileBatcher``),
-so tiles of concurrent requests share one backend call.
+* **Front** (this process): an ASGI app (Starlette on uvicorn) that listens on ``--host:--port``.
+  It refuses work before holding it: a full server (``--max-queue`` plus the replicas' compute
+  slots already admitted) gets 503 before the body is read; ``Content-Length`` over
+  ``--max-bytes`` gets 413 at once; a chunked body is counted while it streams in and refused
+  as soon as it passes the limit (uvicorn stops reading the socket past 64 KiB buffered, so an
+  unread body stays in the kernel). Ray Serve's own HTTP proxy is not started: in Ray 2.60 it
+  reads every request body into an unbounded queue before any replica code runs
+  (``ray/serve/_private/proxy.py``: ``proxy_asgi_receive`` / ``http_util.MessageQueue``).
+* **Replicas** (``UpscaleReplica``, Ray Serve deployment ``upscaler``): each holds
+  ``--max-concurrent`` Upscalers; ``max_ongoing_requests`` is that number, so a request reaches
+  a replica only when one is free, and waits otherwise in Ray Serve's queue, whose length is
+  bounded by ``max_queued_requests`` (``--max-queue``; more: ``BackPressureError`` -> 503).
+* **Queue wait**: every request carries a deadline (``--queue-timeout`` or a shorter
+  ``?timeout=``). The replica yields "started" before computing and refuses to start after the
+  deadline; the front waits for "started" only until the deadline, then cancels the request
+  (Ray Serve drops a request not yet assigned to a replica) and answers 503. A request that
+  waited past its deadline is never computed.
+* **Memory**: each replica's budget (``--max-memory`` GiB, default half of MemAvailable) is
+  split between its compute slots: each Upscaler sizes whole images and tiles for its share,
+  so all images in flight together stay within the budget. Requests are never merged into one
+  backend call here: each image runs alone, in its own tile calls.
+* **Stop**: SIGTERM / SIGINT stop accepting connections, let the requests in flight finish for
+  up to ``--drain-seconds``, then stop Ray Serve and the local Ray cluster; exit code 0.
+
+The Triton pieces that lived here (the ``deltadiff`` Python model of ``dd-export triton``
+repositories, ``TileBatcher``, the PyTriton test harness) are in ``runtime/triton_service.py`` and
+re-exported below for the modules that import them from here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ipaddress
+import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import socket
-import subprocess
-import sys
-import sysconfig
 import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from deltadiff._deps import require
-from deltadiff.errors import DeltaDiffError, ImageError
-from deltadiff.runtime.executor import Executor
-from deltadiff.runtime.manifest import Manifest
+from deltadiff.errors import DeltaDiffError
+from deltadiff.runtime.image_request import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    RequestError,
+    upscale_bytes,
+    upscale_request,
+)
+from deltadiff.runtime.triton_service import (
+    INPUT,
+    OUTPUT,
+    SEED,
+    ImageService,
+    Limits,
+    StageModels,
+    TileBatcher,
+    TritonServer,
+    build_service,
+    encode_request,
+    free_port,
+    model_config,
+    model_source,
+    upscale_remote,
+)
+
+__all__ = [  # the Triton names are re-exported for export/triton.py, triton_models, ray_job.py
+    "INPUT",
+    "OUTPUT",
+    "SEED",
+    "ImageService",
+    "Limits",
+    "RequestError",
+    "StageModels",
+    "TileBatcher",
+    "TritonServer",
+    "build_service",
+    "encode_request",
+    "free_port",
+    "model_config",
+    "model_source",
+    "upscale_bytes",
+    "upscale_remote",
+    "ServeOptions",
+    "serve_forever",
+    "upscale_http",
+]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BYTES = 32 << 20  # encoded request image
-DEFAULT_MAX_PIXELS = 4 << 20  # LR pixels (2048 x 2048); the output has 16x as many
-INPUT, SEED, OUTPUT = "image", "seed", "upscaled"
-
-
-class RequestError(DeltaDiffError):
-    """A request the server refuses (HTTP 400): not an image, too large, wrong shape."""
-
-
-# --------------------------------------------------------------------------- tile batching
-
-
-class TileBatcher:
-    """An executor stand-in that merges the tile calls of images upscaled concurrently.
-
-    ``map(fn, items)`` runs ``fn`` (which calls ``Upscaler.upscale``) on each item in its own
-    thread. Whenever every running thread waits in ``run`` (one tile batch each), their tiles
-    are concatenated and run through the real executor in chunks of at most ``max_batch``; each
-    thread gets its own rows back. Per-tile results do not depend on the batch they ran in
-    (ONNX Runtime CPU: verified bit for bit by the tests), so results equal one-image runs.
-    """
-
-    def __init__(self, inner: Executor, max_batch: int) -> None:
-        self.inner = inner
-        self.m = inner.m
-        self.max_batch = max(1, max_batch)
-        self._cv = threading.Condition()
-        self._pending: list[dict[str, Any]] = []
-        self._active = 0
-        self._map_lock = threading.Lock()
-        self.calls: list[int] = []  # tiles per backend call (for tests and stats)
-
-    def run(self, lr: np.ndarray, noise: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        if self._active == 0:  # not inside map(): plain call
-            return self._run_merged([{"lr": lr, "noise": noise}])[0]
-        slot: dict[str, Any] = {"lr": lr, "noise": noise, "done": False}
-        with self._cv:
-            self._pending.append(slot)
-            self._cv.notify_all()
-            self._cv.wait_for(lambda: slot["done"])
-        if "error" in slot:
-            raise slot["error"]
-        return slot["out"]
-
-    def _run_merged(self, slots: list[dict[str, Any]]) -> list[np.ndarray]:
-        lr = np.concatenate([s["lr"] for s in slots])
-        names = [k for k in (slots[0]["noise"] or {})]
-        noise = {k: np.concatenate([s["noise"][k] for s in slots]) for k in names}
-        lo = self.m.batch[0]
-        outs = []
-        for b0 in range(0, len(lr), self.max_batch):
-            chunk = lr[b0 : b0 + self.max_batch]
-            n = len(chunk)
-            feeds = {k: v[b0 : b0 + n] for k, v in noise.items()}
-            if n < lo:  # static-batch models: pad with copies, drop them after
-                chunk = np.concatenate([chunk] + [chunk[-1:]] * (lo - n))
-                feeds = {k: np.concatenate([v] + [v[-1:]] * (lo - n)) for k, v in feeds.items()}
-            self.calls.append(n)
-            outs.append(self.inner.run(chunk, feeds or None)[:n])
-        out = np.concatenate(outs)
-        res, i = [], 0
-        for s in slots:
-            k = len(s["lr"])
-            res.append(out[i : i + k])
-            i += k
-        return res
-
-    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-        """``[fn(item) or the exception it raised]`` with tile calls merged across items."""
-        with self._map_lock:
-            results: list[Any] = [None] * len(items)
-
-            def work(i: int) -> None:
-                try:
-                    results[i] = fn(items[i])
-                except Exception as exc:  # returned to the caller, per item
-                    results[i] = exc
-                finally:
-                    with self._cv:
-                        self._active -= 1
-                        self._cv.notify_all()
-
-            with self._cv:
-                self._active = len(items)
-            threads = [
-                threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(items))
-            ]
-            for t in threads:
-                t.start()
-            while True:
-                with self._cv:
-                    self._cv.wait_for(
-                        lambda: self._active == 0 or len(self._pending) == self._active
-                    )
-                    if self._active == 0 and not self._pending:
-                        break
-                    slots, self._pending = self._pending, []
-                try:
-                    outs = self._run_merged(slots)
-                    for s, o in zip(slots, outs, strict=True):
-                        s["out"] = o
-                except Exception as exc:
-                    for s in slots:
-                        s["error"] = exc
-                with self._cv:
-                    for s in slots:
-                        s["done"] = True
-                    self._cv.notify_all()
-            for t in threads:
-                t.join()
-            return results
-
-
-# --------------------------------------------------------------------------- stage models (BLS)
-
-InferFn = Callable[[str, dict[str, np.ndarray], list[str]], dict[str, np.ndarray]]
-
-
-class StageModels:
-    """A runtime backend whose graphs are Triton models, called through ``infer`` (BLS).
-
-    The runtime's ``Executor`` drives it: the step table, the row constants and the noise come
-    from the manifest exactly as for a local backend.
-    """
-
-    name = "triton-bls"
-
-    def __init__(
-        self, m: Manifest, precision: str, infer: InferFn, models: dict[str, str] | None = None
-    ) -> None:
-        self.m, self.precision, self.infer = m, precision, infer
-        self.models = models or {}
-
-    def input_names(self, graph: str) -> list[str]:
-        return [s.name for s in self.m.graph(graph, self.precision).inputs]
-
-    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rec = self.m.graph(graph, self.precision)
-        ins = {s.name: feeds[s.name] for s in rec.inputs if s.name in feeds}
-        return self.infer(self.models.get(graph, graph), ins, [s.name for s in rec.outputs])
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> StageModels:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-# --------------------------------------------------------------------------- the image service
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_bytes: int = DEFAULT_MAX_BYTES
-    max_pixels: int = DEFAULT_MAX_PIXELS
-
-
-class ImageService:
-    """Encoded image bytes in, PNG bytes out; a bad request is a ``RequestError`` (HTTP 400)."""
-
-    def __init__(self, up: Any, limits: Limits | None = None, max_batch: int | None = None) -> None:
-        self.up = up
-        self.limits = limits or Limits()
-        self.batcher = TileBatcher(up.executor, max_batch or up.m.batch[1])
-        up.executor = self.batcher  # Upscaler.upscale now sends its tiles through the batcher
-        self._tmp = Path(tempfile.mkdtemp(prefix="dd-serve-"))
-
-    def close(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
-        self.up.close()
-
-    def handle(self, items: Sequence[tuple[Any, int]]) -> list[bytes | Exception]:
-        """``items``: (encoded image, seed) per image; returns PNG bytes or the error, per item."""
-        return self.batcher.map(self._one, items)
-
-    def _one(self, item: tuple[Any, int]) -> bytes:
-        data, seed = item
-        if isinstance(data, np.ndarray):
-            data = data.item() if data.size == 1 else None
-        if isinstance(data, str):
-            data = data.encode("latin-1")
-        if not isinstance(data, bytes):
-            raise RequestError(
-                f"input {INPUT!r} must hold one encoded image file (BYTES, shape [1]) per request"
-            )
-        if len(data) > self.limits.max_bytes:
-            raise RequestError(
-                f"image is too large: {len(data)} bytes, the server's limit is "
-                f"{self.limits.max_bytes} (dd-run serve --max-bytes)"
-            )
-        dst = Path(tempfile.mkdtemp(dir=self._tmp)) / "upscaled.png"
-        up = self.up if seed == self.up.opts.seed else _SeededView(self.up, seed)
-        try:
-            upscale_bytes(
-                up, data, dst, name="image", workdir=self._tmp, max_pixels=self.limits.max_pixels
-            )
-            return dst.read_bytes()
-        except ImageError as exc:
-            raise RequestError(str(exc)) from None
-        finally:
-            shutil.rmtree(dst.parent, ignore_errors=True)
-
-
-def upscale_bytes(
-    up: Any,
-    data: bytes,
-    dst: Path,
-    *,
-    name: str,
-    workdir: Path | None = None,
-    max_pixels: int | None = None,
-) -> None:
-    """Upscale an encoded image file held in memory and write ``dst`` atomically, exactly as
-    ``dd-run upscale`` does for a file (same decoder, checks and writer). Errors name ``name``."""
-    from PIL import Image
-
-    from deltadiff.runtime.upscaler import upscale_file
-
-    work = Path(tempfile.mkdtemp(prefix="dd-in-", dir=workdir))
-    src = work / "input"
-    try:
-        src.write_bytes(data)
-        if max_pixels:
-            w = h = 0
-            with contextlib.suppress(Exception), Image.open(src) as im:  # header only
-                w, h = im.size
-            if w * h > max_pixels:
-                raise RequestError(
-                    f"image is too large: {w}x{h} = {w * h} pixels, the server's limit is "
-                    f"{max_pixels} (dd-run serve --max-pixels)"
-                )
-        try:
-            upscale_file(up, src, dst)
-        except ImageError as exc:
-            raise ImageError(str(exc).replace(str(src), name)) from None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-class _SeededView:
-    """The service's Upscaler with another noise seed for one request (``resshift-v3``)."""
-
-    def __init__(self, up: Any, seed: int) -> None:
-        self._up, self._seed, self.m = up, seed, up.m
-
-    def upscale(self, rgb: np.ndarray, **kw: Any) -> np.ndarray:
-        return self._up.upscale(rgb, seed=self._seed, **kw)
-
-
-def build_service(params: dict[str, str], version_dir: Path, infer: InferFn | None) -> ImageService:
-    """The ``deltadiff`` Triton model's service, from its config parameters.
-
-    ``stages=local``: the lean runtime in this process on ``model_dir`` (``dd-run serve``).
-    ``stages=bls``: the stage models of the repository, called through ``infer``; the manifest
-    beside the model file supplies the step table, tile and noise names.
-    """
-    from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler
-
-    stages = params.get("stages", "local")
-    limits = Limits(
-        int(params.get("max_bytes", DEFAULT_MAX_BYTES)),
-        int(params.get("max_pixels", DEFAULT_MAX_PIXELS)),
-    )
-    opts = UpscaleOptions(
-        backend=params.get("backend", "onnxruntime") if stages == "local" else "onnxruntime",
-        precision=params.get("precision", "fp32"),
-        mode=params.get("mode", "staged"),
-        threads=int(params.get("threads", 0)),
-        overlap=int(params["overlap"]) if params.get("overlap") else None,
-    )
-    if stages == "local":
-        up = Upscaler(params.get("model_dir") or None, opts)
-    elif stages == "bls":
-        if infer is None:
-            raise DeltaDiffError("stages=bls needs a Triton BLS infer function")
-        up = Upscaler(version_dir, opts)  # lazy backend: no graph is loaded here
-        models = {
-            g: params.get(f"model_{g}", g) for g in ("encoder", "step", "decoder", "unrolled")
-        }
-        up.executor = Executor(
-            up.m, StageModels(up.m, opts.precision, infer, models), mode=opts.mode
-        )
-    else:
-        raise DeltaDiffError(f"parameter stages={stages!r}: choose local or bls")
-    max_batch = int(params["max_tile_batch"]) if params.get("max_tile_batch") else None
-    return ImageService(up, limits, max_batch)
-
-
-# --------------------------------------------------------------------------- Triton server
-
-
-def model_source(name: str) -> str:
-    """Text of a Triton Python-backend model shipped in ``runtime/triton_models``."""
-    return (resources.files("deltadiff.runtime") / "triton_models" / f"{name}.py").read_text(
-        encoding="utf-8"
-    )
-
-
-def _die_with_parent() -> None:
-    """In the server's child process: SIGTERM it when the process that started it dies."""
-    import ctypes
-
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-class TritonServer:
-    """The Triton server bundled in ``nvidia-pytriton`` (Python backend only) on a repository.
-
-    Listens on ``host`` (127.0.0.1 by default) for HTTP and gRPC; metrics are off. ``stop()``
-    sends SIGTERM and waits (Triton drains in-flight requests up to ``exit_timeout`` seconds),
-    then kills what is left. Logs go to ``log_path``.
-    """
-
-    def __init__(
-        self,
-        repo: Path,
-        *,
-        host: str = "127.0.0.1",
-        http_port: int = 0,
-        grpc_port: int = 0,
-        exit_timeout: int = 5,
-        log_verbose: int = 0,
-        log_path: Path | None = None,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.repo = Path(repo)
-        self.host = host
-        self.http_port = http_port or free_port(host)
-        self.grpc_port = grpc_port or free_port(host)
-        self.exit_timeout = exit_timeout
-        self.log_verbose = log_verbose
-        self._work = Path(tempfile.mkdtemp(prefix="dd-triton-"))
-        self.log_path = log_path or self._work / "tritonserver.log"
-        self.extra_env = env or {}
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"{self.host}:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
-
-    def _backends(self) -> tuple[Path, Path, Path]:
-        """(server binary, backend directory holding the stub for this Python, libs dir)."""
-        require("pytriton", "serve")
-        from pytriton.utils.distribution import get_libs_path, get_root_module_path, get_stub_path
-
-        dist = Path(get_root_module_path()) / "tritonserver"
-        backends = self._work / "backends" / "python"
-        backends.mkdir(parents=True)
-        for f in (dist / "backends" / "python").iterdir():
-            if f.is_file():
-                (backends / f.name).symlink_to(f)
-        stub = Path(get_stub_path(f"{sys.version_info[0]}.{sys.version_info[1]}"))
-        if not stub.exists():
-            raise DeltaDiffError(
-                f"nvidia-pytriton has no Python-backend stub for Python "
-                f"{sys.version_info[0]}.{sys.version_info[1]} ({stub}); use Python 3.10-3.13"
-            )
-        shutil.copy(stub, backends / "triton_python_backend_stub")
-        return dist / "bin" / "tritonserver", backends.parent, Path(get_libs_path())
-
-    def env(self, libs: Path) -> dict[str, str]:
-        env = dict(os.environ)
-        # The stub links libpython: on a non-system interpreter (pyenv) it must find *this*
-        # interpreter's library, else it mixes libpython and stdlib versions.
-        libdir = sysconfig.get_config_var("LIBDIR") or ""
-        paths = [p for p in (libdir, str(libs), env.get("LD_LIBRARY_PATH", "")) if p]
-        env["LD_LIBRARY_PATH"] = ":".join(paths)
-        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-        env.update(self.extra_env)
-        return env
-
-    def start(self, timeout: float = 120.0) -> TritonServer:
-        binary, backends, libs = self._backends()
-        cmd = [
-            str(binary),
-            f"--model-repository={self.repo}",
-            f"--backend-directory={backends}",
-            f"--http-address={self.host}",
-            f"--http-port={self.http_port}",
-            f"--grpc-address={self.host}",
-            f"--grpc-port={self.grpc_port}",
-            "--allow-metrics=false",
-            "--allow-gpu-metrics=false",
-            "--allow-cpu-metrics=false",
-            f"--exit-timeout-secs={self.exit_timeout}",
-            f"--log-verbose={self.log_verbose}",
-            "--strict-readiness=true",
-        ]
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=self.env(libs),
-            start_new_session=True,  # Ctrl-C goes to us; we stop the server in order
-            preexec_fn=_die_with_parent,
-        )
-        try:
-            self.wait_ready(timeout)
-        except BaseException:  # Ctrl-C while starting: no server left behind
-            self.stop()
-            raise
-        return self
-
-    def _get(self, path: str) -> int:
-        try:
-            with urllib.request.urlopen(f"http://{self.url}{path}", timeout=2) as r:
-                return int(r.status)
-        except urllib.error.HTTPError as e:
-            return int(e.code)
-        except OSError:
-            return 0
-
-    def ready(self) -> bool:
-        return self._get("/v2/health/ready") == 200
-
-    def wait_ready(self, timeout: float) -> None:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.proc is None or self.proc.poll() is not None:
-                tail = self.log_tail()
-                self.stop()
-                raise DeltaDiffError(f"the Triton server exited while starting: {tail}")
-            if self.ready():
-                return
-            time.sleep(0.25)
-        tail = self.log_tail()
-        self.stop()
-        raise DeltaDiffError(f"the Triton server was not ready after {timeout:.0f} s: {tail}")
-
-    def log_tail(self, n: int = 3) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        errs = [ln for ln in lines if ln.startswith("E") or "error" in ln.lower()]
-        return " | ".join((errs or lines)[-n:]) + f" (log: {self.log_path})"
-
-    def stop(self) -> int | None:
-        """SIGTERM, wait for the drain, then SIGKILL the process group. Returns the exit code."""
-        p, self.proc = self.proc, None
-        code = None
-        if p is not None:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    code = p.wait(self.exit_timeout + 15)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(p.pid, signal.SIGKILL)
-                    code = p.wait(10)
-            else:
-                code = p.returncode
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGKILL)  # stubs left behind, if any
-        if getattr(self, "_log", None):
-            self._log.close()
-        return code
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self._work, ignore_errors=True)
-
-    def __enter__(self) -> TritonServer:
-        return self.start() if self.proc is None else self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
-
-
-# --------------------------------------------------------------------------- dd-run serve
+APP = "deltadiff"
+NAMESPACE = "deltadiff-serve"
+MAX_SEED = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
 class ServeOptions:
     model: Path | None = None
     backend: str = "onnxruntime"
-    precision: str = "fp32"
+    precision: str | None = "fp32"
     mode: str = "staged"
-    threads: int = 0
+    threads: int = 0  # onnxruntime threads per Upscaler (0: all)
     host: str = "127.0.0.1"
-    port: int = 8000
-    grpc_port: int | None = None  # default port + 1
-    instances: int = 1
-    max_batch: int = 8  # requests per dynamic batch
-    queue_delay_us: int = 5000
-    max_tile_batch: int | None = None  # tiles per backend call (default: the model's max)
+    port: int = 8000  # 0: any free port
+    replicas: int = 1
+    max_concurrent: int = 1  # images computed at once per replica (its compute slots)
+    max_queue: int = 16  # requests waiting for a slot, beyond those computing
+    queue_timeout: float = 60.0  # longest wait before computing starts (s)
+    request_timeout: float = 600.0  # longest computation once started (s)
+    drain_seconds: float = 30.0
     max_bytes: int = DEFAULT_MAX_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_memory: float | None = None  # GiB per replica (default: half of MemAvailable)
+    address: str | None = None  # Ray cluster; None: start a local one on 127.0.0.1
+    cpus_per_replica: float = 1.0
+    local_cpus: int | None = None  # CPUs of a local cluster (default: the machine's)
+
+    @property
+    def capacity(self) -> int:
+        """Requests admitted at once: those computing plus those queued."""
+        return self.replicas * self.max_concurrent + self.max_queue
 
 
-def model_config(
-    name: str,
-    *,
-    params: dict[str, Any],
-    max_batch: int,
-    queue_delay_us: int,
-    instances: int,
-    kind: str = "KIND_CPU",
-) -> str:
-    """``config.pbtxt`` of the ``deltadiff`` Python model (serve and repositories)."""
-    ps = "\n".join(
-        f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }},'
-        for k, v in params.items()
-        if v is not None
-    ).rstrip(",")
-    return f"""name: "{name}"
-backend: "python"
-max_batch_size: {max_batch}
-input [
-  {{ name: "{INPUT}" data_type: TYPE_STRING dims: [ 1 ] }},
-  {{ name: "{SEED}" data_type: TYPE_INT64 dims: [ 1 ] optional: true }}
-]
-output [
-  {{ name: "{OUTPUT}" data_type: TYPE_STRING dims: [ 1 ] }}
-]
-dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}
-instance_group [ {{ count: {instances} kind: {kind} }} ]
-parameters [
-{ps}
-]
-"""
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
-def write_serve_repo(repo: Path, opts: ServeOptions) -> Path:
-    """A one-model repository: ``deltadiff`` running the lean runtime in-process."""
-    from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler, default_model_dir
+def check_options(opts: ServeOptions) -> None:
+    """Fail in the CLI, before Ray starts, on a bad option or model (one line)."""
+    from deltadiff.runtime.upscaler import Upscaler
 
-    model_dir = Path(opts.model or default_model_dir()).resolve()
-    # Fail here, in the CLI, on a bad model / option rather than inside the server.
-    Upscaler(
-        model_dir,
-        UpscaleOptions(backend="onnxruntime", precision=opts.precision, mode=opts.mode),
-    ).close()
-    d = repo / "deltadiff"
-    (d / "1").mkdir(parents=True, exist_ok=True)
-    (d / "1" / "model.py").write_text(model_source("deltadiff"), encoding="utf-8")
-    params = {
-        "stages": "local",
-        "model_dir": str(model_dir),
-        "backend": opts.backend,
-        "precision": opts.precision,
-        "mode": opts.mode,
-        "threads": opts.threads,
-        "max_bytes": opts.max_bytes,
-        "max_pixels": opts.max_pixels,
-        "max_tile_batch": opts.max_tile_batch,
-    }
-    (d / "config.pbtxt").write_text(
-        model_config(
-            "deltadiff",
-            params=params,
-            max_batch=opts.max_batch,
-            queue_delay_us=opts.queue_delay_us,
-            instances=opts.instances,
-        ),
-        encoding="utf-8",
+    for name, value, low in (
+        ("--replicas", opts.replicas, 1),
+        ("--max-concurrent", opts.max_concurrent, 1),
+        ("--max-queue", opts.max_queue, 0),
+        ("--max-bytes", opts.max_bytes, 1),
+        ("--max-pixels", opts.max_pixels, 1),
+    ):
+        if value < low:
+            raise DeltaDiffError(f"{name} {value}: must be at least {low}")
+    for name, sec in (
+        ("--queue-timeout", opts.queue_timeout),
+        ("--request-timeout", opts.request_timeout),
+    ):
+        if sec <= 0:
+            raise DeltaDiffError(f"{name} {sec:g}: must be above 0 seconds")
+    if opts.drain_seconds < 0:
+        raise DeltaDiffError(f"--drain-seconds {opts.drain_seconds:g}: must be 0 or more")
+    Upscaler(opts.model, _upscale_options(opts, opts.max_memory)).close()
+
+
+def _upscale_options(opts: ServeOptions, max_memory: float | None) -> Any:
+    from deltadiff.runtime.upscaler import UpscaleOptions
+
+    return UpscaleOptions(
+        backend=opts.backend,
+        precision=opts.precision,
+        mode=opts.mode,
+        threads=opts.threads,
+        max_memory=max_memory,
     )
-    return repo
+
+
+# --------------------------------------------------------------------------- replicas
+
+
+class Counters:
+    """A Ray actor holding the replicas' counters (reached, expired, started, ok, bad, failed)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def add(self, key: str) -> None:
+        self.counts[key] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    opts: ServeOptions
+    counters: str  # name of the Counters actor in NAMESPACE
+
+
+class UpscaleReplica:
+    """A Ray Serve replica: ``max_concurrent`` Upscalers sharing the replica's memory budget."""
+
+    def __init__(self, cfg: ReplicaConfig) -> None:
+        import ray
+
+        from deltadiff.runtime.memory import default_budget
+        from deltadiff.runtime.upscaler import Upscaler
+
+        o = cfg.opts
+        budget = o.max_memory * (1 << 30) if o.max_memory else default_budget()
+        share = budget / o.max_concurrent / (1 << 30)  # GiB per compute slot
+        self.pool: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(o.max_concurrent):
+            self.pool.put(Upscaler(o.model, _upscale_options(o, share)))
+        self.max_pixels = o.max_pixels
+        self.tmp = Path(tempfile.mkdtemp(prefix="dd-serve-"))
+        self.counters = ray.get_actor(cfg.counters, namespace=NAMESPACE)
+
+    def _count(self, key: str) -> None:
+        self.counters.add.remote(key)
+
+    async def upscale(
+        self, data: bytes, seed: int, deadline: float
+    ) -> AsyncIterator[tuple[str, Any]]:
+        """Yields ("expired", reason) and stops, or ("started", "") then (status, PNG / reason)."""
+        self._count("reached")
+        late = time.time() - deadline
+        if late > 0:
+            self._count("expired")
+            yield ("expired", f"the queue wait ran out {late:.1f} s before a slot was free")
+            return
+        yield ("started", "")
+        yield await asyncio.to_thread(self._compute, data, seed)
+
+    def _compute(self, data: bytes, seed: int) -> tuple[str, Any]:
+        up = self.pool.get()
+        self._count("started")
+        try:
+            png = upscale_request(up, data, seed, workdir=self.tmp, max_pixels=self.max_pixels)
+            self._count("ok")
+            return ("ok", png)
+        except RequestError as exc:
+            self._count("bad")
+            return ("bad", str(exc))
+        except DeltaDiffError as exc:
+            self._count("failed")
+            return ("failed", str(exc))
+        except MemoryError:
+            self._count("failed")
+            return ("failed", "out of memory while upscaling; lower --max-pixels or --max-memory")
+        except Exception as exc:  # a backend failure: one line to the client, the trace in the log
+            log.exception("upscale failed")
+            self._count("failed")
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            return ("failed", f"the backend failed: {type(exc).__name__}: {first}")
+        finally:
+            self.pool.put(up)
+
+    def __del__(self) -> None:
+        shutil.rmtree(getattr(self, "tmp", ""), ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- front
+
+
+class RefusedError(Exception):
+    """A request the front answers itself: HTTP status, counter name, one-line reason."""
+
+    def __init__(self, status: int, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.kind, self.reason = status, kind, reason
+
+
+def parse_query(params: Any, queue_timeout: float) -> tuple[int | None, float]:
+    """(seed, queue timeout) from ``?seed=N&timeout=S``; anything else is a ``RefusedError`` 400."""
+    unknown = sorted(set(params.keys()) - {"seed", "timeout"})
+    if unknown:
+        raise RefusedError(
+            400, "bad_request", f"unknown parameter {unknown[0]!r}: use seed and timeout"
+        )
+    seed = None
+    if "seed" in params:
+        raw = params["seed"]
+        if not raw.isdigit() or int(raw) > MAX_SEED:
+            raise RefusedError(
+                400, "bad_request", f"seed={raw}: must be an integer from 0 to {MAX_SEED}"
+            )
+        seed = int(raw)
+    timeout = queue_timeout
+    if "timeout" in params:
+        raw = params["timeout"]
+        try:
+            t = float(raw)
+        except ValueError:
+            t = -1.0
+        if not 0 < t < float("inf"):
+            raise RefusedError(
+                400, "bad_request", f"timeout={raw}: must be a number of seconds above 0"
+            )
+        timeout = min(t, queue_timeout)
+    return seed, timeout
+
+
+class Front:
+    """The HTTP side: admission, body limit, queue deadline; the work goes to the replicas."""
+
+    def __init__(self, opts: ServeOptions, handle: Any, counters: Any) -> None:
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        self.opts, self.handle, self.counters = opts, handle, counters
+        self.counts: Counter[str] = Counter()
+        self.in_flight = 0
+        self.draining = False
+        self._ready_at = 0.0
+        self.app = Starlette(
+            routes=[
+                Route("/v1/upscale", self.upscale, methods=["POST"]),
+                Route("/v1/health/live", self.live, methods=["GET"]),
+                Route("/v1/health/ready", self.ready, methods=["GET"]),
+                Route("/v1/stats", self.stats, methods=["GET"]),
+            ]
+        )
+
+    def _text(self, status: int, kind: str, reason: str, **headers: str) -> Any:
+        from starlette.responses import PlainTextResponse
+
+        self.counts[kind] += 1
+        return PlainTextResponse(reason + "\n", status_code=status, headers=headers)
+
+    async def upscale(self, request: Any) -> Any:
+        if self.draining:
+            return self._text(503, "draining", "the server is stopping; retry on another one")
+        try:
+            seed, timeout = parse_query(request.query_params, self.opts.queue_timeout)
+        except RefusedError as r:
+            return self._text(r.status, r.kind, r.reason)
+        if self.in_flight >= self.opts.capacity:
+            reason = (
+                f"the server is full: {self.in_flight} requests admitted, its limit is "
+                f"{self.opts.capacity} (--max-queue plus the compute slots); retry later"
+            )
+            return self._text(503, "queue_full", reason, **{"Retry-After": "1"})
+        self.in_flight += 1
+        try:
+            body = await self._read_body(request)
+            status, payload = await self._compute(body, seed, timeout)
+        except RefusedError as r:
+            extra = {"Connection": "close"} if r.status == 413 else {}
+            return self._text(r.status, r.kind, r.reason, **extra)
+        finally:
+            self.in_flight -= 1
+        if status == "ok":
+            from starlette.responses import Response
+
+            self.counts["ok"] += 1
+            return Response(payload, media_type="image/png")
+        code, kind = (400, "bad_request") if status == "bad" else (500, "failed")
+        return self._text(code, kind, payload)
+
+    async def _read_body(self, request: Any) -> bytes:
+        limit = self.opts.max_bytes
+        hint = "dd-run serve --max-bytes"
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise RefusedError(400, "bad_request", f"Content-Length {length!r} is not a number")
+            if int(length) > limit:
+                reason = (
+                    f"request body is {int(length)} bytes, the server's limit is {limit} ({hint})"
+                )
+                raise RefusedError(413, "too_large", reason)
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                reason = f"request body is over {limit} bytes, the server's limit ({hint})"
+                raise RefusedError(413, "too_large", reason)
+            chunks.append(chunk)
+        if total == 0:
+            raise RefusedError(
+                400, "bad_request", "empty body: send the image file's bytes as the body"
+            )
+        return b"".join(chunks)
+
+    async def _compute(self, body: bytes, seed: int | None, timeout: float) -> tuple[str, Any]:
+        """(status, PNG or reason) from a replica; waits for a slot until the deadline only."""
+        from ray.serve.exceptions import BackPressureError
+
+        waited = (
+            f"waited {timeout:g} s without a free compute slot (--queue-timeout or ?timeout=); "
+            "it was not computed: retry later"
+        )
+        seed = 0 if seed is None else seed
+        gen = self.handle.options(stream=True).upscale.remote(body, seed, time.time() + timeout)
+        try:
+            try:
+                first = await asyncio.wait_for(gen.__anext__(), timeout)
+            except TimeoutError:
+                gen.cancel()  # not yet on a replica: Ray Serve drops it
+                raise RefusedError(503, "queue_timeout", waited) from None
+            if first[0] == "expired":
+                raise RefusedError(503, "queue_timeout", waited)
+            try:
+                return await asyncio.wait_for(gen.__anext__(), self.opts.request_timeout)
+            except TimeoutError:
+                gen.cancel()
+                t = self.opts.request_timeout
+                reason = f"computing took over {t:g} s (--request-timeout)"
+                raise RefusedError(504, "compute_timeout", reason) from None
+        except BackPressureError:
+            raise RefusedError(
+                503, "queue_full", "the queue is full (--max-queue); retry later"
+            ) from None
+        except RefusedError:
+            raise
+        except Exception as exc:  # a replica died, Ray failed: one line, the trace in the log
+            log.exception("request failed")
+            line = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise RefusedError(
+                500, "failed", f"the server failed: {type(exc).__name__}: {line}"
+            ) from None
+
+    async def live(self, request: Any) -> Any:
+        return self._text(200, "health", "live")
+
+    async def ready(self, request: Any) -> Any:
+        if self.draining:
+            return self._text(503, "health", "draining")
+        if time.monotonic() - self._ready_at > 2.0:
+            if not await asyncio.to_thread(_app_running):
+                return self._text(
+                    503, "health", f"the Ray Serve application {APP!r} is not running"
+                )
+            self._ready_at = time.monotonic()
+        return self._text(200, "health", "ready")
+
+    async def stats(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        replicas = await self.counters.snapshot.remote()
+        front = {**self.counts, "in_flight": self.in_flight, "capacity": self.opts.capacity}
+        return JSONResponse({"server": server_info(), "front": front, "replicas": replicas})
+
+
+def server_info() -> dict[str, str]:
+    """Which serving engine and version answer (for /v1/stats and the load test)."""
+    import ray
+
+    return {"engine": "Ray Serve", "ray": ray.__version__}
+
+
+def _app_running() -> bool:
+    from ray import serve
+
+    try:
+        return str(serve.status().applications[APP].status).endswith("RUNNING")
+    except Exception:  # the controller is gone or busy: not ready
+        return False
+
+
+# --------------------------------------------------------------------------- process
 
 
 @contextlib.contextmanager
-def serving(opts: ServeOptions, *, log_path: Path | None = None) -> Iterator[TritonServer]:
-    """Start ``dd-run serve``'s server, yield it ready, stop it on exit."""
-    repo = Path(tempfile.mkdtemp(prefix="dd-serve-repo-"))
+def ray_cluster(opts: ServeOptions) -> Iterator[Any]:
+    """Connect to ``--address`` or start a local Ray cluster on 127.0.0.1 (no dashboard, no
+    usage reporting); shut down what this call started."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray = require("ray", "serve")
+    require("ray.serve", "serve")
+    kw: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": logging.WARNING,
+        "namespace": NAMESPACE,
+    }
+    if opts.address:
+        ray.init(address=opts.address, **kw)
+    else:
+        os.environ.setdefault("RAY_worker_niceness", "0")
+        cpus = opts.local_cpus or os.cpu_count() or 1
+        ray.init(num_cpus=cpus, _node_ip_address="127.0.0.1", **kw)
     try:
-        write_serve_repo(repo, opts)
-        srv = TritonServer(
-            repo,
-            host=opts.host,
-            http_port=opts.port,
-            grpc_port=opts.grpc_port or (opts.port + 1 if opts.port else 0),
-            log_path=log_path,
-        )
-        with srv:
-            yield srv
+        have = ray.cluster_resources().get("CPU", 0)
+        need = opts.replicas * opts.cpus_per_replica
+        if need > have:
+            raise DeltaDiffError(
+                f"--replicas {opts.replicas} x --cpus-per-replica {opts.cpus_per_replica:g} "
+                f"needs {need:g} CPUs; the Ray cluster has {have:g}: use fewer"
+            )
+        yield ray
     finally:
-        shutil.rmtree(repo, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            from ray import serve
+
+            serve.shutdown()
+        ray.shutdown()
 
 
-def serve_forever(opts: ServeOptions, on_ready: Callable[[TritonServer], None]) -> int:
-    """Run until SIGINT / SIGTERM, then stop the server cleanly. Returns the exit code."""
-    stop = threading.Event()
+def deploy(opts: ServeOptions, ray: Any) -> tuple[Any, Any]:
+    """Start the counters actor and the ``upscaler`` deployment; (handle, counters)."""
+    from ray import serve
 
-    def handler(signum: int, frame: object) -> None:
-        stop.set()
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    name = f"deltadiff-counters-{uuid.uuid4().hex[:8]}"
+    counters = ray.remote(num_cpus=0)(Counters).options(name=name, namespace=NAMESPACE).remote()
+    serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
+    dep = serve.deployment(UpscaleReplica, name="upscaler").options(
+        num_replicas=opts.replicas,
+        max_ongoing_requests=opts.max_concurrent,
+        max_queued_requests=opts.max_queue,
+        graceful_shutdown_timeout_s=opts.drain_seconds,
+        health_check_period_s=10.0,
+        ray_actor_options={"num_cpus": opts.cpus_per_replica},
+        logging_config={"log_level": "WARNING", "enable_access_log": False},
+    )
+    handle = serve.run(dep.bind(ReplicaConfig(opts, name)), name=APP, route_prefix=None)
+    return handle, counters
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """The bound (not yet listening) socket; a port in use is one line here, before Ray starts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        with serving(opts) as srv:
-            on_ready(srv)
-            while not stop.wait(0.5):
-                if srv.proc is None or srv.proc.poll() is not None:
-                    raise DeltaDiffError(f"the Triton server stopped: {srv.log_tail()}")
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise DeltaDiffError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port/--host"
+        ) from None
+    return sock
+
+
+def serve_forever(opts: ServeOptions, on_ready: Callable[[str], None]) -> int:
+    """Run until SIGINT / SIGTERM, drain, stop. ``on_ready(url)`` once requests are served."""
+    import uvicorn
+
+    check_options(opts)
+    sock = _listen_socket(opts.host, opts.port)
+    host, port = sock.getsockname()[:2]
+    stop = threading.Event()
+    server: Any = None
+    front: Front | None = None
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+        if front is not None:
+            front.draining = True
+        if server is not None:
+            server.force_exit = server.should_exit and signum == signal.SIGINT
+            server.should_exit = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with ray_cluster(opts) as ray:
+            for s in old:  # ray.init installs its own SIGTERM handler (a stack dump): ours again
+                signal.signal(s, on_signal)
+            if stop.is_set():
+                return 0
+            handle, counters = deploy(opts, ray)
+            front = Front(opts, handle, counters)
+            config = uvicorn.Config(
+                front.app,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=opts.drain_seconds,  # type: ignore[arg-type]
+            )
+            server = uvicorn.Server(config)
+            t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+            t.start()
+            while not server.started and t.is_alive():
+                time.sleep(0.05)
+            if not server.started:
+                raise DeltaDiffError(f"the HTTP server did not start on {host}:{port}")
+            if stop.is_set():
+                server.should_exit = True
+            else:
+                on_ready(f"http://{host if ':' not in host else f'[{host}]'}:{port}")
+            while t.is_alive():
+                t.join(0.5)
         return 0
     finally:
+        sock.close()
         for s, h in old.items():
             signal.signal(s, h)
 
 
-# --------------------------------------------------------------------------- client helpers
+# --------------------------------------------------------------------------- client
 
 
-def encode_request(data: bytes, seed: int | None = None) -> list[Any]:
-    """tritonclient HTTP inputs for one image file."""
-    http = require("tritonclient.http", "serve")
-    i = http.InferInput(INPUT, [1, 1], "BYTES")
-    i.set_data_from_numpy(np.array([[data]], dtype=object))
-    ins = [i]
-    if seed is not None:
-        s = http.InferInput(SEED, [1, 1], "INT64")
-        s.set_data_from_numpy(np.array([[seed]], dtype=np.int64))
-        ins.append(s)
-    return ins
+@dataclass(frozen=True)
+class Reply:
+    """One answer of ``POST /v1/upscale``: the HTTP status and the body (PNG or a reason)."""
+
+    status: int
+    body: bytes
+    seconds: float
+
+    @property
+    def reason(self) -> str:
+        return "" if self.status == 200 else self.body.decode("utf-8", "replace").strip()
 
 
-def upscale_remote(client: Any, data: bytes, *, model: str = "deltadiff") -> bytes:
-    """Send one image file to a server, return the upscaled PNG bytes."""
-    res = client.infer(model, encode_request(data))
-    out = res.as_numpy(OUTPUT)
-    return bytes(out.reshape(-1)[0])
+def upscale_http(
+    url: str,
+    data: bytes,
+    *,
+    seed: int | None = None,
+    timeout: float | None = None,
+    client_timeout: float = 900.0,
+) -> Reply:
+    """Send one image file to ``dd-run serve`` at ``url`` (``http://host:port``)."""
+    q = {k: v for k, v in (("seed", seed), ("timeout", timeout)) if v is not None}
+    target = f"{url.rstrip('/')}/v1/upscale" + (f"?{urllib.parse.urlencode(q)}" if q else "")
+    req = urllib.request.Request(
+        target, data=data, method="POST", headers={"Content-Type": "application/octet-stream"}
+    )
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=client_timeout) as r:
+            return Reply(int(r.status), r.read(), time.perf_counter() - t0)
+    except urllib.error.HTTPError as e:
+        return Reply(int(e.code), e.read(), time.perf_counter() - t0)
+
+
+def get_json(url: str, path: str, timeout: float = 10.0) -> Any:
+    """``GET url+path`` as JSON (``/v1/stats``)."""
+    with urllib.request.urlopen(f"{url.rstrip('/')}{path}", timeout=timeout) as r:
+        return json.loads(r.read())

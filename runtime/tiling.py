@@ -1,4 +1,4 @@
-"""Padding, tiling and blending in numpy (DESIGN "Tiling"; MODEL.md §4.3, §4.7)."""
+"""Padding, tiling and blending in numpy (docs/design.md "Tiling and GroupNorm statistics")."""
 
 from __future__ import annotations
 

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from deltadiff.errors import DeltaDiffError, ImageError
+from deltadiff.errors import BackendError, DeltaDiffError, ImageError
 from deltadiff.options import DEFAULT_MODE, Backend, Mode, Precision, parse
 from deltadiff.runtime.backends import open_backend
 from deltadiff.runtime.executor import Executor
+from deltadiff.runtime.faults import allocation_failure, one_line, unexpected_failure
 from deltadiff.runtime.imageio import (
     find_images,
     output_path,
@@ -34,6 +35,7 @@ from deltadiff.runtime.imageio import (
 from deltadiff.runtime.manifest import Manifest, load_manifest
 from deltadiff.runtime.memory import default_budget, max_hr_pixels, record_key
 from deltadiff.runtime.noise import noise_field
+from deltadiff.runtime.precision import PrecisionChoice, choose_precision
 from deltadiff.runtime.tiling import (
     Blender,
     TilePlan,
@@ -88,15 +90,9 @@ LrBox = tuple[tuple[int, int], tuple[int, int]]  # (min, max) LR (h, w)
 
 
 def default_precision(m: Manifest, opts: UpscaleOptions) -> Precision:
-    """The precision ``opts`` runs ``m`` at: the one asked for; else INT8 on ONNX Runtime's CPU
-    provider (staged) when the model has INT8 graphs for that target that passed the calibration
-    gate (there INT8 is the faster of the two at the gate's quality: README "INT8"); else FP32."""
-    if opts.precision is not None:
-        return opts.precision
-    cpu = opts.backend is Backend.ONNXRUNTIME and opts.mode is Mode.STAGED
-    if cpu and m.int8_status("onnxruntime") is None:
-        return Precision.INT8
-    return Precision.FP32
+    """The precision ``opts`` runs ``m`` at here (``runtime/precision.py``: asked for, else INT8
+    only where its graphs passed the gate and this CPU runs them faster, else FP32)."""
+    return choose_precision(m, opts.backend, opts.mode, opts.precision).precision
 
 
 def resolve(m: Manifest, opts: UpscaleOptions) -> UpscaleOptions:
@@ -178,11 +174,22 @@ class Upscaler:
     """Upscale float RGB arrays with a model directory on a backend."""
 
     def __init__(
-        self, model_dir: str | Path | None = None, opts: UpscaleOptions | None = None
+        self,
+        model_dir: str | Path | None = None,
+        opts: UpscaleOptions | None = None,
+        *,
+        manifest: Manifest | None = None,
     ) -> None:
+        """``manifest``: the model directory's manifest, already loaded (the runtime gate passes
+        one whose INT8 records it is judging; everything else reads ``model_dir``)."""
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
-        self.m: Manifest = load_manifest(self.model_dir, check_hashes=False)
-        self.opts = opts = resolve(self.m, opts or UpscaleOptions())
+        self.m: Manifest = manifest or load_manifest(self.model_dir, check_hashes=False)
+        opts = opts or UpscaleOptions()
+        self.choice: PrecisionChoice = choose_precision(
+            self.m, opts.backend, opts.mode, opts.precision
+        )
+        self.opts = opts = replace(opts, precision=self.choice.precision)
+        log.info("%s", self.choice.line())
         if opts.precision == "int8":
             why = self.m.int8_status("tensorrt" if opts.backend == "tensorrt" else "onnxruntime")
             if why:
@@ -240,9 +247,14 @@ class Upscaler:
         )
         self.executor = Executor(self.m, self.backend, mode=opts.mode)
 
-    def plan(self, h: int, w: int) -> TilePlan:
-        """The tile an (h, w) LR image runs with (whole image when it fits)."""
-        return plan_image(self.m, self.opts, h, w, self.max_lr_px)
+    def plan(self, h: int, w: int, max_px: int | None = None) -> TilePlan:
+        """The tile an (h, w) LR image runs with (whole image when it fits). ``max_px`` caps the
+        LR pixels per tile below the memory budget and overrides ``--tile`` (the out-of-memory
+        retry of ``upscale_retrying``)."""
+        if max_px is None:
+            return plan_image(self.m, self.opts, h, w, self.max_lr_px)
+        cap = max_px if self.max_lr_px is None else min(max_px, self.max_lr_px)
+        return plan_image(self.m, replace(self.opts, tile=None), h, w, cap)
 
     def close(self) -> None:
         self.backend.close()
@@ -253,9 +265,11 @@ class Upscaler:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _layout(self, h: int, w: int) -> tuple[TilePlan, list[int], list[int]]:
+    def _layout(
+        self, h: int, w: int, max_px: int | None = None
+    ) -> tuple[TilePlan, list[int], list[int]]:
         """The tile plan for an h x w LR image and its tile start offsets (rows, columns)."""
-        plan = self.plan(h, w)
+        plan = self.plan(h, w, max_px)
         th, tw = plan.tile
         overlap = self.overlap
         if self.opts.overlap is None and not self.fixed_tile:
@@ -273,16 +287,23 @@ class Upscaler:
         return len(ys) * len(xs)
 
     def upscale(
-        self, rgb: np.ndarray, *, seed: int | None = None, progress: TileProgress | None = None
+        self,
+        rgb: np.ndarray,
+        *,
+        seed: int | None = None,
+        progress: TileProgress | None = None,
+        max_tile_px: int | None = None,
+        batch: int | None = None,
     ) -> np.ndarray:
         """(h, w, 3) float32 in [0, 1] -> (4h, 4w, 3) float32 in [0, 1].
 
         ``progress(done, total)`` is called with 0 before the first tile and after every batch.
+        ``max_tile_px`` / ``batch``: a smaller tile / batch than planned (out-of-memory retry).
         """
         if rgb.ndim != 3 or rgb.shape[2] != 3:
             raise DeltaDiffError(f"expected an (h, w, 3) RGB array, got shape {rgb.shape}")
         h, w = rgb.shape[:2]
-        plan, ys, xs = self._layout(h, w)
+        plan, ys, xs = self._layout(h, w, max_tile_px)
         self.last_plan = plan
         th, tw = plan.tile
         log.debug(
@@ -311,8 +332,9 @@ class Upscaler:
         out = Blender(3, s * H, s * W)
         if progress:
             progress(0, len(jobs))
-        for b0 in range(0, len(jobs), self.opts.batch):
-            chunk = jobs[b0 : b0 + self.opts.batch]
+        per_call = batch or self.opts.batch
+        for b0 in range(0, len(jobs), per_call):
+            chunk = jobs[b0 : b0 + per_call]
             batch = np.stack(
                 [lr[:, ys[iy] : ys[iy] + th, xs[ix] : xs[ix] + tw] for iy, ix in chunk]
             )
@@ -359,15 +381,79 @@ class JobSummary:
 def plan_outputs(
     inputs: Sequence[str | Path], out: Path, *, recursive: bool = True, suffix: str | None = None
 ) -> list[tuple[Path, Path]]:
-    """(source, destination) pairs for a job; one input file may map to an output file name."""
-    found = find_images(inputs, recursive=recursive)
+    """(source, destination) pairs for a job; one input file may map to an output file name.
+    An output folder inside an input folder is not walked (its files are this job's outputs)."""
     single = len(inputs) == 1 and Path(inputs[0]).is_file()
+    found = find_images(inputs, recursive=recursive, exclude=() if single else (out,))
     return [(src, output_path(src, rel, out, suffix=suffix, single=single)) for src, rel in found]
 
 
+def _smaller_tiles(
+    up: Upscaler, h: int, w: int, tile: tuple[int, int], batch: int
+) -> tuple[int, int] | None:
+    """(LR pixel cap, batch) for the next try after running out of memory with ``tile`` x
+    ``batch``: a quarter of the pixels (half each side; a whole image becomes tiles), one tile
+    per call; the same tile one per call when it cannot shrink (static export, minimum tile)
+    but ran batched; None when nothing smaller is possible."""
+    area = tile[0] * tile[1]
+    try:
+        plan = up._layout(h, w, max(1, area // 4))[0]
+    except DeltaDiffError:  # e.g. a user --overlap that no smaller tile holds
+        plan = None
+    if plan is not None and plan.tile[0] * plan.tile[1] < area:
+        return max(1, area // 4), 1
+    return (area, 1) if batch > 1 else None
+
+
+def upscale_retrying(
+    up: Upscaler, rgb: np.ndarray, *, name: str | Path, progress: TileProgress | None = None
+) -> np.ndarray:
+    """``up.upscale(rgb)``; when it runs out of memory (``faults.allocation_failure``: numpy's
+    MemoryError, onnxruntime's "bad allocation" / "Failed to allocate", CUDA out of memory) it
+    is retried with smaller tiles (``_smaller_tiles``, logged) until the smallest fails too,
+    which raises a one-line BackendError naming ``name``. Other errors pass through."""
+    h, w = rgb.shape[:2]
+    cap: int | None = None
+    batch: int | None = None
+    while True:
+        try:
+            if cap is None:
+                return up.upscale(rgb, progress=progress)
+            return up.upscale(rgb, progress=progress, max_tile_px=cap, batch=batch)
+        except Exception as exc:
+            if not allocation_failure(exc):
+                raise
+            last = getattr(up, "last_plan", None)
+            if last is None or not hasattr(up, "_layout"):  # a view without the tiling state
+                raise BackendError(
+                    f"{name}: out of memory ({one_line(exc)}); free memory or upscale a "
+                    "smaller image"
+                ) from exc
+            tile = last.tile
+            used = batch or up.opts.batch
+            nxt = _smaller_tiles(up, h, w, tile, used)
+            if nxt is None:
+                raise BackendError(
+                    f"{name}: out of memory with {tile[0]}x{tile[1]} LR tiles, {used} per call, "
+                    f"the smallest this model runs ({one_line(exc)}); free memory or upscale a "
+                    "smaller image"
+                ) from exc
+            log.warning(
+                "%s: out of memory with %dx%d LR tiles, %d per call (%s); retrying with tiles of "
+                "at most %d LR pixels, 1 per call",
+                name,
+                *tile,
+                used,
+                one_line(exc),
+                nxt[0],
+            )
+            cap, batch = nxt
+
+
 def upscale_file(up: Upscaler, src: Path, dst: Path, progress: TileProgress | None = None) -> None:
+    """Read ``src``, upscale it (retrying in smaller tiles when out of memory), write ``dst``."""
     img = read_image(src)
-    sr = up.upscale(img.rgb, progress=progress)
+    sr = upscale_retrying(up, img.rgb, name=src, progress=progress)
     alpha = upscale_alpha(img.alpha, up.m.scale) if img.alpha is not None else None
     write_image(
         dst,
@@ -417,6 +503,9 @@ def run_job(
             log.debug("failed: %s", exc)
         except OSError as exc:
             summary.failed.append((src, f"{src}: {exc.strerror or exc}"))
+            status = "failed"
+        except Exception as exc:  # noqa: BLE001 - one file's fault never ends the folder job
+            summary.failed.append((src, unexpected_failure(src, exc)))
             status = "failed"
         if on_file:
             on_file(src, status)

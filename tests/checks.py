@@ -12,7 +12,7 @@ from deltadiff.model.swin_unet import relative_position_index, shift_mask
 
 # --------------------------------------------------------------------------------- tolerances
 # What a computation can differ by across CPUs (AVX2 vs AVX-512 kernels, 1 vs 2 threads, batch
-# 1 vs N). Numbers measured with scripts/measure_spread.py on an AVX-512 Xeon, natively and with
+# 1 vs N). Numbers measured with tools/measure_spread.py on an AVX-512 Xeon, natively and with
 # torch's ISA forced to AVX2 (ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY / MKL_ENABLE_INSTRUCTIONS /
 # OPENBLAS_CORETYPE), plus the AMD EPYC (AVX2) failure reported in issue 9; README "Tolerances".
 # Determinism (the same call twice) is always checked bit for bit, never with these.

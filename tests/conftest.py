@@ -12,7 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DD_SHARED", REPO.parent / "shared")).resolve()
-GOLDEN = SHARED / "golden"
+# committed with the repository (data only; tests/golden/README.md): runs on a fresh clone
+GOLDEN = REPO / "tests" / "golden"
 SPEC = SHARED / "spec"
 DATA = SHARED / "data"
 

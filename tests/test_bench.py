@@ -38,11 +38,21 @@ from deltadiff.benchmarks.report import (
 )
 from deltadiff.errors import DeltaDiffError
 
+from .conftest import REPO
 from .test_runtime_no_torch import BLOCK
 
 PIXEL = "deltadiff-pixel"
 STAGED = ["encode", "step_3", "step_2", "step_1", "step_0", "decode"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _tool(name: str):
+    """A lab script of ``tools/`` (not packaged), imported by path."""
+    spec = importlib.util.spec_from_file_location(f"_tools_{name}", REPO / "tools" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _opts(model: Path, **kw) -> BenchOptions:
@@ -255,6 +265,17 @@ def test_report_json_validates_against_the_schema(bench_run):
     bad["cases"][0]["e2e"]["median"] = -1.0
     with pytest.raises(jsonschema.ValidationError, match="minimum"):
         validate_report(bad)
+
+
+def test_old_reports_with_the_removed_isa_mask_fields_still_load_and_validate():
+    """Committed reports from before the ISA mask was removed keep ``cpu.isa_mask``; new ones
+    do not write it, and reading or comparing the old ones still works."""
+    old = REPO / "benchmarks/results/int8/bench-cpu-2core-epyc-avx2-patch-mask-int8-lr128.json"
+    d = load_report(old)
+    assert d["environment"]["cpu"]["isa_mask"] == "avx2"
+    validate_report(d)
+    cmp = compare_reports(d, d)
+    assert cmp.cells and not cmp.regressions
 
 
 def test_report_numbers_are_consistent(bench_run):
@@ -596,7 +617,7 @@ def test_stage_columns_keep_every_stage():
 
 
 def test_ort_vs_torch_script_small_path_reuses_the_cache(exported, tmp_path, capsys):
-    from deltadiff.benchmarks import bench_ort_vs_torch as script
+    script = _tool("bench_ort_vs_torch")
 
     cache = tmp_path / "cache"
     cached = script.model_dir(cache, "deltadiff-pixel-small", 16)
@@ -638,7 +659,7 @@ def test_ort_vs_torch_script_small_path_reuses_the_cache(exported, tmp_path, cap
 
 @pytest.mark.slow
 def test_ort_vs_torch_script_exports_when_the_cache_is_empty(tmp_path):
-    from deltadiff.benchmarks import bench_ort_vs_torch as script
+    script = _tool("bench_ort_vs_torch")
 
     code = script.main(
         [
@@ -665,10 +686,10 @@ def test_ort_vs_torch_script_exports_when_the_cache_is_empty(tmp_path):
 
 
 def test_int8_runtimes_script_times_fp32_and_each_int8_row(tmp_path, capsys):
-    """benchmarks/bench_int8_runtimes.py on the bundled demo (ONNX Runtime; OpenVINO too when
+    """tools/bench_int8_runtimes.py on the bundled demo (ONNX Runtime; OpenVINO too when
     installed): one cell per runtime x graph, FP32 equal to itself, INT8 rows close but not
     equal, the report written."""
-    from deltadiff.benchmarks import bench_int8_runtimes as b
+    b = _tool("bench_int8_runtimes")
     from deltadiff.runtime.upscaler import default_model_dir
 
     extra = ["--runtime", "openvino"] if importlib.util.find_spec("openvino") else []
@@ -716,3 +737,75 @@ def test_bench_at_an_lr_size_runs_a_dynamic_model_whole(dynamic_exported, export
         run_bench(_opts(d, lr=(m.lr_multiple + 1, m.lr_multiple)))
     r = _dd_run("bench", "--model", str(d), "--lr", "0x3", "--out", str(tmp_path / "p"))
     assert r.returncode == 1 and "--lr '0x3'" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# dd-run bench-cli: the end-to-end `dd-run upscale` timing
+
+
+def test_bench_cli_times_fresh_upscale_processes(tmp_path):
+    """One cold + one timed run of one variant on a 16x16 image with the bundled demo model:
+    the report names the sizes (WIDTHxHEIGHT), the command and the peak RSS, and no ISA."""
+    from typer.testing import CliRunner
+
+    from deltadiff.runtime.cli import app
+
+    img = tmp_path / "in.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((16, 24, 3)) * 255).astype(np.uint8)).save(img)  # W=24, H=16
+    args = [
+        "bench-cli",
+        str(img),
+        "--runs",
+        "1",
+        "--variant",
+        "fp32:OMP_NUM_THREADS=1 --precision fp32",
+    ]
+    r = CliRunner().invoke(
+        app, [*args, "-o", str(tmp_path / "o"), "--label", "t", "--", "--threads", "1"]
+    )
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "o" / "upscale-cli-t.json").read_text())
+    assert d["input_size"] == [24, 16] and d["output_size"] == [96, 64]
+    v = d["variants"]["fp32"]
+    assert v["command"] == (
+        "OMP_NUM_THREADS=1 dd-run upscale in.png -o out.png --precision fp32 --threads 1"
+    )
+    assert len(v["runs_s"]) == 1 and v["median_s"] == v["runs_s"][0] > 0 and v["first_s"] > 0
+    assert v["peak_rss_mib"] > 20  # the child's own peak: Python + numpy + onnxruntime
+    assert "isa" not in json.dumps(d["variants"]) and "isa_mask" not in d["environment"]["cpu"]
+    md = (tmp_path / "o" / "upscale-cli-t.md").read_text()
+    assert "24x16 -> 96x64" in md and "| fp32 | `OMP_NUM_THREADS=1 dd-run upscale" in md
+
+
+def test_bench_cli_bad_input_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from deltadiff.benchmarks.bench_upscale_cli import Variant
+    from deltadiff.runtime.cli import app
+
+    assert Variant.parse("a:K=1 'L=x y' --tile 64") == Variant(
+        "a", {"K": "1", "L": "x y"}, ("--tile", "64")
+    )
+    img = tmp_path / "in.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    cases = [
+        (["bench-cli", str(tmp_path / "none.png")], "does not exist"),
+        (["bench-cli", str(img), "--variant", ":--precision fp32"], "write NAME:OPTIONS"),
+        (["bench-cli", str(img), "--runs", "0"], "at least 1 run"),
+        (["bench-cli", str(img), "--variant", "a:", "--variant", "a:-v"], "must be unique"),
+        (["bench-cli", str(img), "--label", "a/b"], "a plain name"),
+        # dd-run upscale itself fails: its last stderr line, named by variant
+        (
+            ["bench-cli", str(img), "--runs", "1", "--variant", "bad:--precision int9"],
+            "(bad) failed",
+        ),
+    ]
+    for args, msg in cases:
+        r = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "o")])
+        assert r.exit_code == 1 and msg in r.output and "Traceback" not in r.output, (
+            args,
+            r.output,
+        )
+        assert len(r.output.strip().splitlines()) <= 2, r.output  # one line (rich may wrap once)
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

@@ -238,7 +238,7 @@ def test_interrupted_calibration_leaves_the_model_dir_unchanged(
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(C, "save_manifest", boom)  # dies at the swap, after graph files exist
+    monkeypatch.setattr(C, "update_manifest", boom)  # dies at the swap, after graph files exist
     with pytest.raises(KeyboardInterrupt):
         calibrate(_opts(d, images, method="minmax", search=False))
     after = {p.name: p.read_bytes() for p in d.iterdir() if not p.name.startswith("step@")}

@@ -50,11 +50,12 @@ def test_export_errors_are_one_line_without_traceback(tmp_path):
     assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_golden_subcommand_passes_on_shared_golden():
-    from .conftest import GOLDEN, need_shared
-
-    r = run("dd-export", "golden", str(need_shared(GOLDEN)))
+def test_golden_subcommand_defaults_to_the_repository_golden_folder(tmp_path):
+    r = run("dd-export", "golden")  # tests/golden, committed: no shared folder needed
     assert r.returncode == 0, r.stdout[-2000:]
+    assert "FAIL" not in r.stdout and r.stdout.count("PASS") >= 50
+    r = run("dd-export", "golden", str(tmp_path / "none"))
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_python_m_entry_points():

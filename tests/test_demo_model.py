@@ -33,7 +33,8 @@ def test_bundled_model_is_packaged_and_matches_the_committed_weights():
     files = {g.file: g.bytes for g in m.graphs.values()}  # INT8 stages reuse FP32 files
     # FP32 + FP16 + four per-row INT8 step graphs for each target (onnxruntime, tensorrt): 47 MB
     assert sum(files.values()) < 50e6
-    # re-run (not read back) the verification: graphs vs the reference built from weights/demo-pixel
+    # re-run (not read back) the verification: graphs vs the reference built from
+    # reference.safetensors (the same EMA weights as weights/demo-pixel/demo-pixel.pth)
     for precision, floor in (("fp32", 60.0), ("fp16", 40.0)):
         rep = verify(d, precision=precision, min_psnr=floor, record=False)
         assert rep.passed and rep.psnr >= floor, (precision, rep.psnr)
@@ -59,7 +60,8 @@ def test_bundled_weights_load_like_an_official_checkpoint():
     from deltadiff.model.pipeline import Pipeline
 
     pipe = Pipeline.from_yaml(WEIGHTS / "config.yaml")
-    st = canonicalize(read_weights(WEIGHTS / "demo-pixel.safetensors"))
+    # the one safetensors copy of the weights is the bundled model's FP32 reference
+    st = canonicalize(read_weights(REPO / "runtime/models/demo-pixel/reference.safetensors"))
     sd = pipe.unet.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in st.items())
     raw = torch.load(WEIGHTS / "demo-pixel.pth", weights_only=True)

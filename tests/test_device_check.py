@@ -15,10 +15,10 @@ import pytest
 from .conftest import REPO
 from .sim import install
 
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "tools"))
 import gpu_check  # noqa: E402
 
-SCRIPT = REPO / "scripts" / "device_check.sh"
+SCRIPT = REPO / "tools" / "device_check.sh"
 
 
 def _parts(dev: Path) -> None:
@@ -81,7 +81,7 @@ def test_gpu_check_runs_from_a_bare_checkout(tmp_path):
         "for k in [k for k in sys.modules if k.startswith('deltadiff')]: del sys.modules[k]\n"
         f"sys.argv = ['gpu_check.py', '--dry-run', '--work', {str(tmp_path)!r}, '--out', "
         f"{str(tmp_path)!r}, 'probe']\n"
-        f"try:\n    runpy.run_path({str(REPO / 'benchmarks' / 'gpu_check.py')!r}, run_name='__main__')\n"
+        f"try:\n    runpy.run_path({str(REPO / 'tools' / 'gpu_check.py')!r}, run_name='__main__')\n"
         "except SystemExit as e:\n    assert e.code == 0, e.code\n"
         "import deltadiff.benchmarks.harness, deltadiff.export.engine, deltadiff.export.verify\n"
         "import deltadiff.export.onnx_export, deltadiff.runtime.backends.trt\n"

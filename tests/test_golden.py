@@ -1,4 +1,5 @@
-"""The conformance checker on shared/golden, and on an unseen folder in the same format."""
+"""The conformance checker on tests/golden (in the repository: no shared folder needed), and on an
+unseen folder in the same format."""
 
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ from deltadiff.model.swin_unet import SwinUNet, shift_mask
 from deltadiff.model.vq_f4 import VQModel
 from deltadiff.runtime.resize import imresize_matlab
 
-from .conftest import GOLDEN, need_shared
+from .conftest import GOLDEN
 
 
-def test_shared_golden_folder_passes_every_output():
-    results = check_folder(need_shared(GOLDEN))
+def test_golden_folder_passes_every_output():
+    results = check_folder(GOLDEN)
     assert set(results) >= {
         "deltadiff_unet_pixel",
         "matlab_bicubic",
@@ -38,7 +39,7 @@ def test_shared_golden_folder_passes_every_output():
 
 def test_golden_module_cli_exit_codes(tmp_path):
     ok = subprocess.run(
-        [sys.executable, "-m", "deltadiff.model.golden", str(need_shared(GOLDEN))],
+        [sys.executable, "-m", "deltadiff.model.golden"],  # default: the repository's tests/golden
         capture_output=True,
         text=True,
     )
@@ -196,7 +197,6 @@ def make_unseen_folder(dst, seed: int = 7):
 
 
 def test_checker_runs_an_unseen_nonsquare_folder_and_catches_a_bad_output(tmp_path, capsys):
-    need_shared(GOLDEN)
     make_unseen_folder(tmp_path)
     assert main([str(tmp_path)]) == 0
     out = capsys.readouterr().out

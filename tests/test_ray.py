@@ -162,3 +162,37 @@ def test_missing_ray_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(MissingDependencyError, match=r"deltadiff-trt\[ray\]"):
         import_ray()
+
+
+def test_manifest_row_is_on_disk_when_each_file_finishes(
+    cluster, model: Path, folder: Path, tmp_path
+):
+    """Each row is appended (and fsynced) as the driver receives it: when ``on_row`` sees a row,
+    the manifest already holds it and every row before it, so a killed driver loses none."""
+    out = tmp_path / "out"
+    (out / "a.png").parent.mkdir(parents=True)
+    (out / "a.png").write_bytes(b"done before")  # a resumed file: a 'skipped' row first
+    on_disk: list[list[dict]] = []
+
+    def on_row(row: dict) -> None:
+        text = (out / "dd-job.jsonl").read_text()
+        on_disk.append([json.loads(ln) for ln in text.splitlines()])
+        assert on_disk[-1][-1] == row
+
+    res = run_ray_job([folder], out, model=model, opts=RayJobOptions(num_cpus=1), on_row=on_row)
+    assert [len(rows) for rows in on_disk] == list(range(1, len(GOOD) + len(BROKEN) + 1))
+    assert on_disk[0][0]["status"] == "skipped"
+    assert sorted(r["path"] for r in on_disk[-1]) == sorted(r["path"] for r in res.rows)
+
+
+def test_output_folder_inside_the_input_is_not_an_input(cluster, model: Path, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(src / "z.png")
+    opts = RayJobOptions(num_cpus=1)
+    assert [r["status"] for r in run_ray_job([src], src / "x4", model=model, opts=opts).rows] == [
+        "done"
+    ]
+    res = run_ray_job([src], src / "x4", model=model, opts=opts)
+    assert [(Path(r["path"]).name, r["status"]) for r in res.rows] == [("z.png", "skipped")]
+    assert not (src / "x4" / "x4").exists()

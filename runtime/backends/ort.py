@@ -12,7 +12,7 @@ import numpy as np
 from deltadiff._deps import require
 from deltadiff.errors import BackendError
 from deltadiff.runtime.backends import check_feeds
-from deltadiff.runtime.manifest import Manifest, verify_file
+from deltadiff.runtime.manifest import Manifest, verify_graph
 
 log = logging.getLogger(__name__)
 _logged = False
@@ -27,7 +27,8 @@ def shared_cpu_arena(ort: Any) -> bool:
     at 512x512: 3.7 GiB peak RSS instead of 1.2, and each row's first run page-faulted fresh
     memory). Sessions run one at a time in the staged executor, so one arena serves them all.
     Returns False, and sessions keep their own arenas, when ``DELTADIFF_ORT_ARENA=session`` is set
-    (the A/B switch of the README's measurement) or this onnxruntime build cannot register one.
+    (the A/B switch measured in docs/results/2026-11-30-epyc-int8-default.md) or this onnxruntime
+    build cannot register one.
     """
     global _env_arena
     if _env_arena is None:
@@ -102,8 +103,9 @@ class OrtBackend:
             if self.threads:
                 so.intra_op_num_threads = self.threads
                 so.inter_op_num_threads = 1
-            # The hash is checked here, once per graph actually loaded (not at manifest load).
-            path = verify_file(self.model_dir, rec.file, rec.sha256, what=f"graph {rec.file}")
+            # Checked here, once per graph actually loaded (not at manifest load): inside the
+            # model directory (symlinks resolved), sha256, external data; ORT opens the real path.
+            path = verify_graph(self.model_dir, rec, what=f"graph {rec.file}")
             try:
                 s = self.ort.InferenceSession(str(path), so, providers=self.providers)
             except Exception as exc:  # ORT raises its own Fail/InvalidGraph types

@@ -27,7 +27,7 @@ warning says why, and that chain is enqueued normally from then on.
 Status: written against the TensorRT 10/11 and TensorRT-RTX Python APIs and cuda-python 12/13;
 not yet run on a GPU. ``tests/test_trt_sim.py`` and ``tests/test_trt_dynamic_sim.py`` (profiles,
 sizes) run it on a CPU simulation of cuda-python and TensorRT (ONNX Runtime underneath);
-``scripts/device_check.sh`` runs it on a GPU.
+``tools/device_check.sh`` runs it on a GPU.
 """
 
 from __future__ import annotations
@@ -568,7 +568,13 @@ class TrtBackend:
         eng = _Engine(
             self.trt,
             self.runtime,
-            verify_file(self.model_dir, rec["file"], rec["sha256"], what=f"engine {graph}"),
+            verify_file(
+                self.model_dir,
+                rec["file"],
+                str(rec.get("sha256", "")),
+                what=f"engine {graph}",
+                hint=f"rebuild it with dd-export build-engine --model {self.model_dir}",
+            ),
         )
         self._engines[graph] = eng
         return eng
