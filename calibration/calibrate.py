@@ -544,7 +544,7 @@ def _runtime_gate(
     the graphs are already recorded as not usable."""
     if not tile_passed:
         return False, {"ran": False, "why": "the tile gate failed; graphs not usable"}, None
-    say(f"runtime gate: whole images of {opts.gate_data} through the runtime, FP32 vs INT8")
+    say(f"runtime gate: the images of {opts.gate_data} through the runtime, FP32 vs INT8")
     res = run_gate(
         GateOptions(
             model=model_dir,
@@ -766,7 +766,7 @@ def report_markdown(rep: dict[str, Any]) -> str:
         lines += [
             f"**Runtime gate {'PASSED' if rt.get('passed') else 'FAILED'}**"
             + (
-                f" on {rt['images']} whole images through the runtime ({rt['data']}): "
+                f" on {rt['images']} images run through the runtime ({rt['data']}): "
                 + ", ".join(
                     f"{c['name']} {c['value_db']:+.3f} dB (limit {c['limit_db']:+.2f})"
                     for c in rt["criteria"]

@@ -66,3 +66,25 @@ def parse(kind: type[E], value: str | E, what: str | None = None) -> E:
         label = what or kind.__name__.lower()
         choices = ", ".join(m.value for m in kind)
         raise DeltaDiffError(f"unknown {label} {value!r}; choose one of {choices}") from None
+
+
+def parse_size(text: str, option: str = "--size") -> tuple[int, int]:
+    """A size as every CLI takes it: ``WIDTHxHEIGHT`` (``640x480``: 640 wide, 480 high) or ``N``
+    for an N x N square. Returns ``(height, width)``, the order arrays, tiles and manifests use
+    inside; bad text is one line naming the option and the format."""
+    words = str(text).strip().lower().split("x")
+    try:
+        values = [int(v) for v in words]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2):
+        raise DeltaDiffError(f"{option} {text!r}: give WIDTHxHEIGHT or N (a square), e.g. 640x480")
+    w, h = values * 2 if len(values) == 1 else values
+    if w <= 0 or h <= 0:
+        raise DeltaDiffError(f"{option} {text!r}: width and height must be positive")
+    return h, w
+
+
+def format_size(hw: tuple[int, int] | list[int]) -> str:
+    """``(height, width)`` as the CLIs print sizes: ``WIDTHxHEIGHT``."""
+    return f"{hw[1]}x{hw[0]}"

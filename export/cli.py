@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from deltadiff.errors import DeltaDiffError
-from deltadiff.options import Backend, GroupNormForm, Precision, parse
+from deltadiff.options import Backend, GroupNormForm, Precision, format_size, parse, parse_size
 
 app = typer.Typer(
     name="dd-export",
@@ -48,18 +48,6 @@ def fail(exc: BaseException) -> None:
     from deltadiff.runtime.cli import fail as base
 
     base(exc)
-
-
-def _pairs(text: str, what: str) -> tuple[int, int]:
-    try:
-        parts = [int(p) for p in text.lower().replace("x", ",").split(",") if p.strip()]
-    except ValueError:
-        raise DeltaDiffError(f"--{what} {text!r}: give N or H,W (integers)") from None
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) <= 0:
-        raise DeltaDiffError(f"--{what} {text!r}: give N or H,W (positive integers)")
-    return parts[0], parts[1]
 
 
 def build_reference(
@@ -145,17 +133,21 @@ def onnx(
         str | None, typer.Option(help="posterior | x0 | posterior-noise | pixel-renoise")
     ] = None,
     tile: Annotated[
-        str, typer.Option(help="LR tile N or H,W (static shape; with --dynamic the optimum size).")
+        str,
+        typer.Option(
+            help="LR tile WIDTHxHEIGHT or N (static shape; with --dynamic the optimum size)."
+        ),
     ] = "64",
     dynamic: Annotated[
         bool,
         typer.Option(help="Dynamic LR height/width (any multiple of the pad multiple in range)."),
     ] = False,
     min_lr: Annotated[
-        str | None, typer.Option(help="--dynamic: smallest LR N or H,W (default: one multiple).")
+        str | None,
+        typer.Option(help="--dynamic: smallest LR, WIDTHxHEIGHT or N (default: one multiple)."),
     ] = None,
     max_lr: Annotated[
-        str | None, typer.Option(help="--dynamic: largest LR N or H,W (default 512).")
+        str | None, typer.Option(help="--dynamic: largest LR, WIDTHxHEIGHT or N (default 512).")
     ] = None,
     max_batch: Annotated[int, typer.Option(help="Largest batch the graphs are declared for.")] = 8,
     opset: Annotated[
@@ -198,7 +190,7 @@ def onnx(
             from deltadiff.model.pipeline import Pipeline
 
             pipe = Pipeline(pipe.cfg.replace(name=name), pipe.unet, pipe.vq)
-        h, w = _pairs(tile, "tile")
+        h, w = parse_size(tile, "--tile")
         if not dynamic and (min_lr or max_lr):
             raise DeltaDiffError(
                 "--min-lr / --max-lr set the range of a --dynamic export; add --dynamic"
@@ -211,16 +203,16 @@ def onnx(
                 opset=opset,
                 max_batch=max_batch,
                 dynamic=dynamic,
-                min_lr=_pairs(min_lr, "min-lr") if min_lr else None,
-                max_lr=_pairs(max_lr, "max-lr") if max_lr else None,
+                min_lr=parse_size(min_lr, "--min-lr") if min_lr else None,
+                max_lr=parse_size(max_lr, "--max-lr") if max_lr else None,
                 group_norm=parse(GroupNormForm, group_norm, "--group-norm"),
             ),
             source=source,
         )
         if m.dynamic:
             typer.echo(
-                f"dynamic    LR {m.lr_min[0]}x{m.lr_min[1]}..{m.lr_max[0]}x{m.lr_max[1]} in "
-                f"multiples of {m.lr_multiple} (optimum {m.tile[0]}x{m.tile[1]})"
+                f"dynamic    LR {format_size(m.lr_min)}..{format_size(m.lr_max)} (WxH) in "
+                f"multiples of {m.lr_multiple} (optimum {format_size(m.tile)})"
             )
         for k, g in m.graphs.items():
             typer.echo(f"{k:<10} {out / g.file}  {g.bytes / 1e6:.1f} MB")
@@ -294,7 +286,9 @@ def verify(
     ] = None,
     size: Annotated[
         list[str] | None,
-        typer.Option(help="Dynamic models: LR size N or H,W to verify at (repeatable; padded)."),
+        typer.Option(
+            help="Dynamic models: LR size WIDTHxHEIGHT or N to verify at (repeatable; padded)."
+        ),
     ] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
@@ -302,7 +296,7 @@ def verify(
     setup_logging(verbose)
     try:
         ok = True
-        for lr_hw in [_pairs(x, "size") for x in size or []] or [None]:
+        for lr_hw in [parse_size(x, "--size") for x in size or []] or [None]:
             ok = (
                 _verify_and_print(
                     model,
@@ -381,11 +375,11 @@ def fp16(
 
 
 def parse_profile(text: str) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-    """``MIN:OPT:MAX`` LR sizes, each N or HxW."""
+    """``MIN:OPT:MAX`` LR sizes, each WIDTHxHEIGHT or N -> three (height, width)."""
     parts = text.split(":")
     if len(parts) != 3:
         raise DeltaDiffError(f"--profile {text!r}: give MIN:OPT:MAX LR sizes, e.g. 64:128:256")
-    lo, opt, hi = (_pairs(p, "profile") for p in parts)
+    lo, opt, hi = (parse_size(p, "--profile") for p in parts)
     if not (lo[0] <= opt[0] <= hi[0] and lo[1] <= opt[1] <= hi[1]):
         raise DeltaDiffError(f"--profile {text!r}: needs MIN <= OPT <= MAX on both axes")
     return lo, opt, hi
@@ -397,8 +391,8 @@ def measure_memory(
     sizes: Annotated[
         str,
         typer.Option(
-            help="LR sides to run at (comma list, >= 2; the fit uses the three largest: "
-            "a + b*px + c*px^2, a line with two)."
+            help="LR sizes to run at, each WIDTHxHEIGHT or N (comma list, >= 2; the fit uses "
+            "the three largest: a + b*px + c*px^2, a line with two)."
         ),
     ] = "64,128,192",
     precision: Annotated[
@@ -417,13 +411,9 @@ def measure_memory(
         from deltadiff.runtime.manifest import update_manifest
         from deltadiff.runtime.memory import measure, memory_text, record_key
 
-        try:
-            sides = [int(x) for x in sizes.split(",") if x.strip()]
-        except ValueError:
-            raise DeltaDiffError(f"--sizes {sizes!r}: give LR sides as integers") from None
         rec = measure(
             model,
-            [(n, n) for n in sides],
+            [parse_size(x, "--sizes") for x in sizes.split(",") if x.strip()],
             precision=precision,
             mode=mode,
             threads=threads,
@@ -431,9 +421,7 @@ def measure_memory(
         key = record_key("onnxruntime", precision, mode)
         update_manifest(model, lambda m: replace(m, memory={**m.memory, key: rec}))
         for p in rec["points"]:
-            typer.echo(
-                f"LR {p['lr'][0]}x{p['lr'][1]}: peak RSS {p['peak_bytes'] / (1 << 20):.0f} MiB"
-            )
+            typer.echo(f"LR {format_size(p['lr'])}: peak RSS {p['peak_bytes'] / (1 << 20):.0f} MiB")
         typer.echo(f"{key}: {memory_text(rec)} (recorded in {model / 'manifest.json'})")
     except DeltaDiffError as exc:
         fail(exc)
@@ -459,7 +447,8 @@ def build_engine(
     profile: Annotated[
         list[str] | None,
         typer.Option(
-            help="Dynamic models: LR MIN:OPT:MAX sizes (N or HxW each), e.g. 64x64:128x128:256x256; "
+            help="Dynamic models: LR MIN:OPT:MAX sizes (WIDTHxHEIGHT or N each), e.g. "
+            "64x48:128x96:256x192; "
             "repeatable (one profile each; the first must hold the manifest tile). "
             "Default: the manifest's range and tile."
         ),

@@ -20,7 +20,7 @@ import torch
 
 from deltadiff.errors import DeltaDiffError, VerificationError
 from deltadiff.model.pipeline import Pipeline
-from deltadiff.options import Backend, Mode, Precision, parse
+from deltadiff.options import Backend, Mode, Precision, format_size, parse
 from deltadiff.runtime.backends import open_backend
 from deltadiff.runtime.compare import CompareResult, compare
 from deltadiff.runtime.executor import Executor
@@ -113,11 +113,12 @@ def verify(
         ph, pw = pad_amounts(*lr_hw, m.lr_multiple, m.lr_range()[0])
         if not m.accepts(lr_hw[0] + ph, lr_hw[1] + pw):
             raise DeltaDiffError(
-                f"--size {lr_hw[0]}x{lr_hw[1]}: the graphs accept {m.lr_range_text()}"
+                f"--size {format_size(lr_hw)}: the graphs accept {m.lr_range_text()}"
             )
         rng = np.random.default_rng(seed)
         lr = reflect_pad(rng.random((batch, 3, *lr_hw), dtype=np.float32), ph, pw)
-        what = f"{batch} random LR {lr_hw[0]}x{lr_hw[1]} padded to {lr.shape[2]}x{lr.shape[3]}, seed {seed}"
+        padded = format_size(lr.shape[2:])
+        what = f"{batch} random LR {format_size(lr_hw)} padded to {padded} (WxH), seed {seed}"
     elif images:
         lr = image_tiles(m, images)
         what = f"{len(images)} image tile(s)"

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from deltadiff.errors import DeltaDiffError
-from deltadiff.options import DEFAULT_MODE, Backend, Precision
+from deltadiff.options import DEFAULT_MODE, Backend, Precision, format_size, parse_size
 
 app = typer.Typer(
     name="dd-run",
@@ -161,9 +161,9 @@ def upscale(
 
         def on_tile(src: Path, done: int, total: int) -> None:
             if done == 0 and total > 1:  # a big image: say up front what it will run
-                th, tw = up.last_plan.tile
+                tile = format_size(up.last_plan.tile)
                 if not quiet:
-                    bar.console.print(f"{src.name}: {total} tiles of {th}x{tw} LR", highlight=False)
+                    bar.console.print(f"{src.name}: {total} tiles of {tile} LR", highlight=False)
                 bar.reset(tiles, total=total, name=f"tiles of {src.name}", visible=True)
             elif total > 1:
                 bar.update(tiles, completed=done)
@@ -201,7 +201,9 @@ def info(
     ] = None,
     size: Annotated[
         list[str] | None,
-        typer.Option(help="LR image size WxH to show the plan for (repeatable), e.g. 640x480."),
+        typer.Option(
+            help="LR image size WIDTHxHEIGHT or N to show the plan for (repeatable), e.g. 640x480."
+        ),
     ] = None,
 ) -> None:
     """Show a model directory's manifest summary (family, tile/range, graphs, engines,
@@ -221,21 +223,23 @@ def info(
         )
         choice = choose_precision(m, opts.backend, opts.mode, opts.precision)
         opts = replace(opts, precision=choice.precision)
-        sizes = [_size(x) for x in size or []]
+        sizes = [parse_size(x, "--size") for x in size or []]
     except DeltaDiffError as exc:
         fail(exc)
     typer.echo(f"model       {m.name} ({m.family}) at {d}")
     typer.echo(f"cpu         {cpu_info().model} ({cpu_info().isa})")
-    typer.echo(f"precision   {choice.precision} ({'asked for' if choice.explicit else 'default'}: {choice.reason})")
+    typer.echo(
+        f"precision   {choice.precision} ({'asked for' if choice.explicit else 'default'}: {choice.reason})"
+    )
     if m.dynamic:
-        (h0, w0), (h1, w1) = m.lr_range()
+        lo, hi = m.lr_range()
         typer.echo(
-            f"shapes      dynamic: LR {h0}x{w0}..{h1}x{w1} (HxW), pad multiple {m.lr_multiple}; "
-            f"optimum {m.tile[0]}x{m.tile[1]}; batch {m.batch[0]}..{m.batch[1]}"
+            f"shapes      dynamic: LR {format_size(lo)}..{format_size(hi)} (WxH), pad multiple "
+            f"{m.lr_multiple}; optimum {format_size(m.tile)}; batch {m.batch[0]}..{m.batch[1]}"
         )
     else:
         typer.echo(
-            f"tile        {m.tile[0]}x{m.tile[1]} LR -> {4 * m.tile[0]}x{4 * m.tile[1]}, "
+            f"tile        {format_size(m.tile)} LR -> {4 * m.tile[1]}x{4 * m.tile[0]} (WxH), "
             f"batch {m.batch[0]}..{m.batch[1]} (static shapes; pad multiple {m.lr_multiple})"
         )
     typer.echo(
@@ -249,7 +253,7 @@ def info(
         typer.echo(f"graph       {k:<14} {g.file:<24} {g.bytes / 1e6:8.1f} MB  {g.precision}")
     for e in m.engines:
         prof = "; profiles " + " ".join(
-            ":".join(f"{a}x{b}" for a, b in p) for p in e.get("profiles", [])
+            ":".join(format_size(hw) for hw in p) for p in e.get("profiles", [])
         )
         typer.echo(
             f"engine      {e.get('graph')} {e.get('file')} {e.get('flavour')} {e.get('precision')}"
@@ -266,20 +270,6 @@ def info(
         )
     for line in fit_lines(m, opts, sizes):
         typer.echo(line)
-
-
-def _size(text: str, option: str = "--size") -> tuple[int, int]:
-    """WxH (image convention) or N (square) -> (h, w)."""
-    try:
-        parts = [int(v) for v in text.lower().split("x")]
-        w, h = parts * 2 if len(parts) == 1 else parts  # ValueError unless one or two numbers
-    except ValueError:
-        raise DeltaDiffError(
-            f"{option} {text!r}: give WIDTHxHEIGHT in LR pixels, e.g. 640x480"
-        ) from None
-    if w <= 0 or h <= 0:
-        raise DeltaDiffError(f"{option} {text!r}: width and height must be positive")
-    return h, w
 
 
 def fit_lines(m, opts, sizes: list[tuple[int, int]]) -> list[str]:  # noqa: ANN001
@@ -480,7 +470,7 @@ def bench(
             reference=reference,
             peak=peak,
             plots=plots,
-            lr=_size(lr, "--lr") if lr else None,
+            lr=parse_size(lr, "--lr") if lr else None,
         )
         code = bench_main(opts)
     except DeltaDiffError as exc:

@@ -496,8 +496,9 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     """Read an image file as float32 RGB (+ alpha) in [0, 1]; see the module doc for the rules.
 
     Raises ImageError (one line: what, the value seen, the fix) for a missing file, a folder, an
-    empty, truncated, corrupt or non-image file, an image over ``max_pixels``, animation, and
-    unsupported pixel modes.
+    empty, truncated, corrupt or non-image file, an image over ``max_pixels``, compressed data
+    that inflates past its header (a decompression bomb), animation, unsupported pixel modes, and
+    running out of memory while decoding.
     """
     path = Path(path)
     if max_pixels < 1:

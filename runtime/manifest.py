@@ -1,4 +1,4 @@
-"""The manifest: the contract between export and runtime (DESIGN "The manifest").
+"""The manifest: the contract between export and runtime (docs/design.md, "The manifest").
 
 ``model_dir/manifest.json`` is plain JSON with a ``schema_version``. It names the family, the step
 table, the tile shape and batch range, every graph file with its I/O specs, precision and sha256,

@@ -103,7 +103,8 @@ def probe(
     m = load_manifest(model_dir)
     if not m.accepts(h, w):
         raise DeltaDiffError(
-            f"LR {h}x{w} is not accepted by {model_dir} ({m.lr_range_text()}); choose another size"
+            f"LR {w}x{h} (WxH) is not accepted by {model_dir} ({m.lr_range_text()}); "
+            "choose another size"
         )
     rng = np.random.default_rng(0)
     lr = rng.random((1, 3, h, w), dtype=np.float32)
@@ -136,7 +137,7 @@ def measure(
         p = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if p.returncode != 0:
             last = (p.stderr.strip().splitlines() or ["no output"])[-1]
-            raise DeltaDiffError(f"memory probe at LR {h}x{w} failed: {last}")
+            raise DeltaDiffError(f"memory probe at LR {w}x{h} (WxH) failed: {last}")
         points.append(json.loads(p.stdout.strip().splitlines()[-1]))
     return {
         **fit(points),

@@ -32,7 +32,7 @@ from deltadiff.runtime.imageio import (
     upscale_alpha,
     write_image,
 )
-from deltadiff.runtime.manifest import Manifest, load_manifest
+from deltadiff.runtime.manifest import Manifest, load_manifest, verify_graph
 from deltadiff.runtime.memory import default_budget, max_hr_pixels, record_key
 from deltadiff.runtime.noise import noise_field
 from deltadiff.runtime.precision import PrecisionChoice, choose_precision
@@ -237,6 +237,8 @@ class Upscaler:
             )
         if opts.blend not in ("cosine", "crop"):
             raise DeltaDiffError(f"--blend {opts.blend!r}: choose cosine or crop")
+        if opts.backend is not Backend.TENSORRT:
+            self._check_graphs()  # a bad model folder fails here once, not once per image
         self.backend = open_backend(
             opts.backend,
             self.model_dir,
@@ -246,6 +248,17 @@ class Upscaler:
             device=opts.device,
         )
         self.executor = Executor(self.m, self.backend, mode=opts.mode)
+
+    def _check_graphs(self) -> None:
+        """Every graph this run will open: inside the model folder and matching its sha256
+        (``verify_graph``; hashes are cached per process, so the backend's own check is free)."""
+        prec, mode = self.opts.precision, self.opts.mode
+        names = ["unrolled"] if mode is Mode.UNROLLED else ["encoder", "decoder"]
+        if mode is not Mode.UNROLLED:
+            names += [f"step@{r.t}" for r in self.m.step_table.rows]
+        for name in names:
+            rec = self.m.graph(name, prec)  # the executor's lookup on onnxruntime
+            verify_graph(self.model_dir, rec, what=f"graph {rec.file}")
 
     def plan(self, h: int, w: int, max_px: int | None = None) -> TilePlan:
         """The tile an (h, w) LR image runs with (whole image when it fits). ``max_px`` caps the

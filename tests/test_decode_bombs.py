@@ -177,7 +177,7 @@ def test_tiff_builder_makes_a_tiff_pillow_and_tifffile_read(tmp_path: Path) -> N
     ("w", "h", "depth", "color", "inflated"),
     [
         (1, 1, 16, 2, 2 * GIB),  # the issue's file: 16-bit, IHDR 1x1, IDAT -> 2 GiB
-        (4096, 4096, 16, 6, 3 * GIB // 2),  # large (valid) header, data 10x past it
+        (4096, 4096, 16, 0, 3 * GIB // 2),  # large (valid) header, data 48x past it
         (1, 1, 8, 2, 2 * GIB),  # 8-bit (Pillow's decoder would stop; refused all the same)
         (3000, 3000, 8, 0, 3 * GIB // 2),
     ],
@@ -374,3 +374,27 @@ def test_out_of_memory_while_decoding_is_a_one_line_error(tmp_path: Path) -> Non
     assert not res["ok"], res
     assert res["error"].startswith(f"{p}: not enough memory to decode"), res
     assert "\n" not in res["error"]
+
+
+def test_upscale_cli_refuses_the_bomb_and_goes_on(tmp_path: Path) -> None:
+    """dd-run upscale on a folder holding the issue's file (16-bit PNG, 1x1, 2 GiB of IDAT) and
+    a good image: the bomb is one failed line, the good image is upscaled, exit 1."""
+    import time
+
+    from typer.testing import CliRunner
+
+    from deltadiff.runtime.cli import app
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "bomb.png").write_bytes(png_file(1, 1, 16, 2, zlib_zeros(2 * GIB)))
+    Image.fromarray(np.full((8, 8, 3), 120, np.uint8)).save(src / "good.png")
+    t0 = time.monotonic()
+    r = CliRunner().invoke(
+        app, ["upscale", str(src), "-o", str(tmp_path / "out"), "--precision", "fp32", "-q"]
+    )
+    assert r.exit_code == 1, r.output
+    assert "1 upscaled, 0 skipped, 1 failed" in r.output and "Traceback" not in r.output
+    assert "bomb.png: PNG image data inflates past the 1x1" in " ".join(r.output.split())
+    assert (tmp_path / "out" / "good.png").exists() and not (tmp_path / "out" / "bomb.png").exists()
+    assert time.monotonic() - t0 < 60  # was 44 s and 5.5 GB before the check (issue 22)

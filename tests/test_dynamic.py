@@ -208,7 +208,7 @@ def test_dd_run_info_says_what_fits(budgeted, exported):
         + ["--size", "75x100"],
     )
     assert r.exit_code == 0, r.output
-    assert "dynamic: LR 4x4..128x128 (HxW), pad multiple 4" in r.output
+    assert "dynamic: LR 4x4..128x128 (WxH), pad multiple 4" in r.output
     assert "whole images up to 128x128 LR" in r.output
     assert "30x28 LR -> 120x112: whole" in r.output
     assert "75x100 LR -> 300x400: tiles of 32x32" in r.output

@@ -168,6 +168,7 @@ def test_identical_outputs_pass_and_the_report_lists_every_image(identical):
     assert all(v == 0.0 for im in res.images for v in im.border_db.values())
     assert not any(im.fp32_cached for im in res.images)
     assert all(20 < im.fp32_db < 60 for im in res.images)  # the demo really upscaled them
+    assert [im.ran for im in res.images] == ["whole"] * N_REAL and "(3 whole)" in res.line()
     rep = json.loads(res.report_path.read_text())
     assert rep["passed"] and [i["name"] for i in rep["images"]] == ["img0", "img1", "img2"]
     assert {i["source"] for i in rep["images"]} == {"synth-a", "synth-b"}

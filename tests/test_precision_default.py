@@ -54,7 +54,7 @@ def demo() -> Manifest:
 def _gate(m: Manifest, passed: bool) -> Manifest:
     """``m`` with its onnxruntime INT8 graphs marked as passing / failing the gate."""
     graphs = {
-        k: replace(g, quant={**g.quant, "usable": passed})
+        k: replace(g, quant={**g.quant, "usable": passed, "runtime_gate": {"passed": passed}})
         if g.precision == "int8" and g.target == "onnxruntime"
         else g
         for k, g in m.graphs.items()
@@ -84,7 +84,7 @@ def test_isa_rule_when_the_gate_passed(demo, no_probes):
 def test_failed_gate_or_other_backends_mean_fp32_and_explicit_always_wins(demo, no_probes):
     failed = _gate(demo, False)
     pick = P.choose_precision(failed, ORT, STAGED, None, cpu=VNNI)
-    assert pick.precision is Precision.FP32 and "failed the calibration gate" in pick.reason
+    assert pick.precision is Precision.FP32 and "failed the runtime gate" in pick.reason
     ok = _gate(demo, True)
     for backend, mode in [(Backend.TENSORRT, STAGED), (ORT, Mode.UNROLLED)]:
         assert P.choose_precision(ok, backend, mode, None, cpu=VNNI).precision is Precision.FP32
@@ -163,7 +163,7 @@ def test_probe_times_both_precisions_and_its_record_drives_the_default(tmp_path,
     m = json.loads((d / "manifest.json").read_text())
     for g in m["graphs"].values():  # this test is about the probe, not the gate's verdict
         if g["precision"] == "int8":
-            g.setdefault("quant", {})["usable"] = True
+            g.setdefault("quant", {}).update(usable=True, runtime_gate={"passed": True})
     (d / "manifest.json").write_text(json.dumps(m))
     rec = P.run_probe(d, lr=8, runs=1, threads=1)
     assert rec.fp32_s > 0 and rec.int8_s > 0 and rec.runs == 1 and rec.threads == 1

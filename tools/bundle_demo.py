@@ -50,7 +50,7 @@ from deltadiff.model.checkpoint import (
 )
 from deltadiff.model.config import from_upstream_yaml, to_upstream_yaml_dict
 from deltadiff.model.pipeline import Pipeline
-from deltadiff.runtime.manifest import load_manifest, save_manifest, sha256_file
+from deltadiff.runtime.manifest import sha256_file, update_manifest
 from deltadiff.runtime.memory import measure, record_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,9 +192,9 @@ def bundle(args: argparse.Namespace, mdir: Path) -> None:
     )
     add_fp16(mdir)
     if args.dynamic:
-        m = load_manifest(mdir)
         rec = measure(mdir, [(int(n), int(n)) for n in args.memory_sizes.split(",")])
-        save_manifest(mdir, replace(m, memory={record_key("onnxruntime", "fp32", "staged"): rec}))
+        key = record_key("onnxruntime", "fp32", "staged")
+        update_manifest(mdir, lambda m: replace(m, memory={key: rec}))
         print(
             "peak RSS per HR megapixel (ORT CPU fp32 staged):", rec["mib_per_hr_megapixel"], "MiB"
         )

@@ -665,7 +665,7 @@ class TrtBackend:
         h, w = int(lr.shape[2]), int(lr.shape[3])
         if not self.m.accepts(h, w):
             raise BackendError(
-                f"LR {h}x{w} is outside the model's shapes ({self.m.lr_range_text()}); "
+                f"LR {w}x{h} (WxH) is outside the model's shapes ({self.m.lr_range_text()}); "
                 "pad or tile it (the upscaler does)"
             )
         state = (B, 3, *self.m.state_hw((h, w)))
