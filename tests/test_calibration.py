@@ -735,16 +735,25 @@ def test_calibrate_records_int8_memory_so_int8_runs_images_whole(
 
 
 def test_default_precision_is_int8_on_onnxruntime_cpu_once_the_gate_passed(
-    calibrated, exported, tmp_path
+    calibrated, exported, tmp_path, monkeypatch
 ):
     """No --precision: INT8 on ONNX Runtime's CPU provider (staged) for a model whose INT8
-    graphs passed the gate, FP32 for every other backend / mode and for models without them;
-    an explicit --precision always wins."""
+    graphs passed the gate, on a CPU with fast 8-bit dot products (VNNI here: the CPU is
+    stubbed, so the test means the same on every machine); FP32 for every other backend / mode,
+    for models without INT8 graphs and on an AVX2-only CPU; an explicit --precision wins."""
+    from deltadiff.cpu import parse_cpuinfo
+    from deltadiff.runtime import precision as P
     from deltadiff.runtime.cli import app as run_app
     from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler, default_precision
 
+    monkeypatch.setenv("DELTADIFF_CACHE", str(tmp_path / "cache"))  # no probe records
+    avx2 = parse_cpuinfo("model name\t: AMD EPYC\nflags\t: avx avx2 fma\n")
+    vnni = parse_cpuinfo("model name\t: Xeon\nflags\t: avx2 fma avx512f avx512_vnni\n")
     d, *_ = calibrated
     m = load_manifest(d)
+    monkeypatch.setattr(P, "cpu_info", lambda: avx2)
+    assert default_precision(m, UpscaleOptions()) == "fp32"
+    monkeypatch.setattr(P, "cpu_info", lambda: vnni)
     assert default_precision(m, UpscaleOptions()) == "int8"
     assert default_precision(m, UpscaleOptions(mode="unrolled")) == "fp32"
     assert default_precision(m, UpscaleOptions(backend="tensorrt")) == "fp32"
