@@ -552,9 +552,9 @@ def _listen_socket(host: str, port: int) -> socket.socket:
 
 def serve_forever(opts: ServeOptions, on_ready: Callable[[str], None]) -> int:
     """Run until SIGINT / SIGTERM, drain, stop. ``on_ready(url)`` once requests are served."""
-    import uvicorn
-
-    check_options(opts)
+    check_options(opts)  # a bad option or model is one line, with or without the extra
+    uvicorn = require("uvicorn", "serve")
+    require("starlette", "serve")
     sock = _listen_socket(opts.host, opts.port)
     host, port = sock.getsockname()[:2]
     stop = threading.Event()
