@@ -95,11 +95,6 @@ def default_precision(m: Manifest, opts: UpscaleOptions) -> Precision:
     return choose_precision(m, opts.backend, opts.mode, opts.precision).precision
 
 
-def resolve(m: Manifest, opts: UpscaleOptions) -> UpscaleOptions:
-    """``opts`` with the precision made explicit (``default_precision``)."""
-    return replace(opts, precision=default_precision(m, opts))
-
-
 def fixed_tile(m: Manifest, opts: UpscaleOptions) -> bool:
     """Static exports run their tile; dynamic ones any size their graphs (ONNX Runtime) or
     their engines' optimization profiles (TensorRT) accept."""
