@@ -71,6 +71,7 @@ from deltadiff.runtime.image_request import (
     upscale_bytes,
     upscale_request,
 )
+from deltadiff.runtime.ray_job import import_ray, start_local_cluster
 from deltadiff.runtime.triton_service import (
     INPUT,
     OUTPUT,
@@ -483,7 +484,7 @@ def ray_cluster(opts: ServeOptions) -> Iterator[Any]:
     """Connect to ``--address`` or start a local Ray cluster on 127.0.0.1 (no dashboard, no
     usage reporting); shut down what this call started."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray = require("ray", "serve")
+    ray = import_ray("serve")
     require("ray.serve", "serve")
     kw: dict[str, Any] = {
         "include_dashboard": False,
@@ -494,9 +495,7 @@ def ray_cluster(opts: ServeOptions) -> Iterator[Any]:
     if opts.address:
         ray.init(address=opts.address, **kw)
     else:
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        cpus = opts.local_cpus or os.cpu_count() or 1
-        ray.init(num_cpus=cpus, _node_ip_address="127.0.0.1", **kw)
+        start_local_cluster(ray, num_cpus=opts.local_cpus or os.cpu_count() or 1, **kw)
     try:
         have = ray.cluster_resources().get("CPU", 0)
         need = opts.replicas * opts.cpus_per_replica
