@@ -121,7 +121,7 @@ def _dd_run() -> list[str]:
     if beside.is_file():
         return [str(beside)]
     exe = shutil.which("dd-run")
-    return [exe] if exe else [sys.executable, "-m", "deltadiff.runtime.cli"]
+    return [exe] if exe else [sys.executable, "-m", "deltadiff.cli.run"]
 
 
 def _run_once(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
@@ -201,9 +201,9 @@ def run_cli_bench(
 ) -> tuple[CliBenchReport, dict[str, Path]]:
     """Time the variants (default: one, ``dd-run upscale``'s defaults), each with ``extra``
     options appended; write ``upscale-cli-LABEL.json`` / ``.md`` into ``out`` atomically."""
+    from deltadiff.atomic import write_text_atomic
     from deltadiff.benchmarks.harness import BenchOptions, environment
-    from deltadiff.runtime.atomic import write_text_atomic
-    from deltadiff.runtime.manifest import write_json_atomic
+    from deltadiff.manifest import write_json_atomic
 
     if not label or Path(label).name != label:
         raise DeltaDiffError(f"--label {label!r}: a plain name (it becomes the file name)")

@@ -13,11 +13,11 @@ import numpy as np
 from deltadiff._deps import require
 from deltadiff.benchmarks.cases import CaseSpec
 from deltadiff.benchmarks.options import EAGER, GRAPH_ORDER, MODE_GRAPHS, BenchOptions
+from deltadiff.compare import compare
 from deltadiff.errors import DeltaDiffError, MissingDependencyError
+from deltadiff.manifest import Manifest, load_manifest
+from deltadiff.noise import noise_field
 from deltadiff.options import Mode, Precision
-from deltadiff.runtime.compare import compare
-from deltadiff.runtime.manifest import Manifest, load_manifest
-from deltadiff.runtime.noise import noise_field
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class ModelContext:
     # MACs ------------------------------------------------------------------------------------
     def _count_macs(self) -> None:
         """MACs are counted lazily per (graph, batch) by ``case_macs``; this checks onnx is here."""
-        from deltadiff.benchmarks.flops import GraphMacs
+        from deltadiff.export.flops import GraphMacs
 
         try:
             require("onnx", "export")

@@ -51,7 +51,7 @@ from deltadiff.benchmarks.options import (
     WrapBackend,
 )
 from deltadiff.benchmarks.stats import Stats
-from deltadiff.runtime.manifest import load_manifest
+from deltadiff.manifest import load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def run_bench(
     keys = _model_keys(opts.models, opts.lr)
     pairs = None
     if opts.dataset is not None:
-        from deltadiff.benchmarks.quality import load_dataset
+        from deltadiff.metrics import load_dataset
 
         pairs = load_dataset(Path(opts.dataset))
     peaks = measure_peaks(opts, specs, notes)

@@ -15,9 +15,9 @@ from typing import Any
 
 import deltadiff
 from deltadiff._deps import require
-from deltadiff.benchmarks.memory import NVML, nvml_handle
+from deltadiff.benchmarks.memory_sampler import NVML, nvml_handle
 from deltadiff.benchmarks.options import BenchOptions
-from deltadiff.runtime.memory import cpu_name
+from deltadiff.runtime.memory_budget import cpu_name
 
 # ---------------------------------------------------------------------------------------------
 # environment

@@ -11,7 +11,7 @@ import numpy as np
 from deltadiff._deps import require
 from deltadiff.benchmarks.cases import CaseResult, CaseSpec
 from deltadiff.benchmarks.context import ModelContext
-from deltadiff.benchmarks.memory import MemorySampler
+from deltadiff.benchmarks.memory_sampler import MemorySampler
 from deltadiff.benchmarks.options import EAGER, BenchOptions, CaseUnavailableError, WrapBackend
 from deltadiff.benchmarks.runners import RuntimeRunner, TorchRunner
 from deltadiff.errors import DeltaDiffError, MissingDependencyError
@@ -129,7 +129,7 @@ def peak_key(backend: Backend, device: str | None, peaks: dict[str, Any]) -> str
 
 
 def measure_peaks(opts: BenchOptions, specs: list[CaseSpec], notes: list[str]) -> dict[str, Any]:
-    from deltadiff.benchmarks import flops
+    from deltadiff.export import flops
 
     peaks: dict[str, Any] = {}
     if not opts.peak:
@@ -176,8 +176,8 @@ def quality_vs_hr(
     mdict: dict[str, Any],
     pairs: list[Any],
 ) -> None:
-    from deltadiff.benchmarks.lpips import LPIPS, default_lpips_weights
     from deltadiff.benchmarks.quality import evaluate
+    from deltadiff.lpips import LPIPS, default_lpips_weights
     from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler
 
     mode = next(iter(opts.modes), Mode.STAGED)

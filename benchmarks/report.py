@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from deltadiff._deps import require
+from deltadiff.atomic import atomic_path, write_text_atomic
 from deltadiff.errors import DeltaDiffError
-from deltadiff.runtime.atomic import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from deltadiff.errors import MissingDependencyError
 from deltadiff.options import RUNTIME_BACKENDS, Backend, Precision
 from deltadiff.runtime.backends import RuntimeBackend, open_backend
 from deltadiff.runtime.executor import Executor
-from deltadiff.runtime.steps import StepRow
+from deltadiff.steps import StepRow
 
 # ---------------------------------------------------------------------------------------------
 # runners: one per backend family; open() is timed as "load", run() returns the SR batch

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from deltadiff.atomic import write_bytes_atomic, write_text_atomic
 from deltadiff.calibration import ranges as R
 from deltadiff.calibration.data import (
     CalibrationDataError,
@@ -60,8 +61,7 @@ from deltadiff.calibration.search import (
 )
 from deltadiff.calibration.trt_check import culprits, rtx_available, rtx_builds
 from deltadiff.errors import DeltaDiffError, ManifestError
-from deltadiff.runtime.atomic import write_bytes_atomic, write_text_atomic
-from deltadiff.runtime.manifest import (
+from deltadiff.manifest import (
     INT8_TARGETS,
     GraphRecord,
     Manifest,
@@ -70,8 +70,8 @@ from deltadiff.runtime.manifest import (
     update_manifest,
     verify_graph,
 )
-from deltadiff.runtime.memory import measure as measure_memory
-from deltadiff.runtime.memory import memory_text, record_key
+from deltadiff.runtime.memory_budget import measure as measure_memory
+from deltadiff.runtime.memory_budget import memory_text, record_key
 
 log = logging.getLogger(__name__)
 
@@ -526,7 +526,7 @@ def calibrate(
 
 def _check_gate_data(folder: Path, calib_hashes: set[str]) -> None:
     """The runtime gate's pairs load, and none of their LR images calibrated the ranges."""
-    from deltadiff.runtime.manifest import sha256_file
+    from deltadiff.manifest import sha256_file
 
     shared = [p.name for p in load_pairs(folder) if sha256_file(p.lr_path) in calib_hashes]
     if shared:

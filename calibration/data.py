@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from deltadiff.errors import DeltaDiffError, ImageError
+from deltadiff.manifest import Manifest
+from deltadiff.noise import noise_field
 from deltadiff.runtime.backends.ort import OrtBackend
 from deltadiff.runtime.executor import Executor
 from deltadiff.runtime.imageio import read_image
-from deltadiff.runtime.manifest import Manifest
-from deltadiff.runtime.noise import noise_field
-from deltadiff.runtime.steps import StepRow
-from deltadiff.runtime.tiling import reflect_pad
+from deltadiff.steps import StepRow
+from deltadiff.tiling import reflect_pad
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from deltadiff.calibration.data import Image, Trajectory, fp32_trajectory, tiles
-from deltadiff.runtime.manifest import Manifest, verify_graph
+from deltadiff.manifest import Manifest, verify_graph
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class Evaluator:
         return img
 
     def _hr_scores(self, outs: np.ndarray, images: list[Image] | None = None) -> list[float] | None:
-        from deltadiff.benchmarks.quality import psnr_y
+        from deltadiff.metrics import psnr_y
 
         images = self.images if images is None else images
         if any(im.hr is None for im in images):

@@ -40,16 +40,16 @@ from typing import Any
 
 import numpy as np
 
+from deltadiff.atomic import atomic_path, write_text_atomic
 from deltadiff.errors import DeltaDiffError, ManifestError
-from deltadiff.options import Backend, Mode, Precision, parse
-from deltadiff.runtime.atomic import atomic_path, write_text_atomic
-from deltadiff.runtime.manifest import (
+from deltadiff.manifest import (
     INT8_TARGETS,
     Manifest,
     load_manifest,
     sha256_file,
     update_manifest,
 )
+from deltadiff.options import Backend, Mode, Precision, parse
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class GatePair:
 def load_pairs(data: Path, limit: int | None = None) -> list[GatePair]:
     """The ``gt/`` + ``lq/`` pairs of ``data`` (benchmarks/quality.py's loader checks the
     pairing and the x4 sizes), with each LR image's file for the runtime's reader."""
-    from deltadiff.benchmarks.quality import IMAGE_EXTS, load_dataset
+    from deltadiff.metrics import IMAGE_EXTS, load_dataset
 
     data = Path(data)
     if not ((data / "gt").is_dir() and (data / "lq").is_dir()):
@@ -399,7 +399,7 @@ def worst_window(err_gain: np.ndarray, side: int) -> tuple[int, int]:
 def score_image(
     pair: GatePair, source: str, fp32: np.ndarray, cand: np.ndarray, cached: bool
 ) -> ImageResult:
-    from deltadiff.benchmarks.quality import psnr_y, rgb_to_y
+    from deltadiff.metrics import psnr_y, rgb_to_y
 
     hr = pair.hr
     h, w = hr.shape[:2]

@@ -21,7 +21,7 @@ from deltadiff.calibration.data import Image
 from deltadiff.calibration.evaluate import Evaluator, Score
 from deltadiff.calibration.search import bisect_keep
 from deltadiff.export.fp16 import IslandRule, convert_to_fp16, load_rules
-from deltadiff.runtime.manifest import load_manifest, verify_graph
+from deltadiff.manifest import load_manifest, verify_graph
 
 log = logging.getLogger(__name__)
 

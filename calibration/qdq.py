@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 TARGETS = ("onnxruntime", "tensorrt")
 OP_TYPES = ("Conv", "MatMul")  # Gemm is the timestep/FiLM path: tiny and sensitive; never quantized
-ORT_WEIGHT_QMAX = 64  # onnxruntime target: weight levels -64..64 (7 bits: no U8S8 saturation)
 
 
 def quantizable_nodes(model: Any) -> list[str]:

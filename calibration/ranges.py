@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from deltadiff.atomic import write_text_atomic
 from deltadiff.errors import DeltaDiffError
-from deltadiff.runtime.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -132,7 +132,7 @@ class PlanBuilder:
         attention MatMuls of a dynamic-shape graph)."""
         g = t if isinstance(t, str) else "step"
         if g not in self._macs:
-            from deltadiff.benchmarks.flops import node_macs
+            from deltadiff.export.flops import node_macs
 
             model = self.stages[t].model if isinstance(t, str) else self.model
             counted = node_macs(model, lr_units=self.lr_units)

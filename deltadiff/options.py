@@ -55,6 +55,50 @@ class GroupNormForm(StrEnum):
     NATIVE = "native"  # the opset-21 GroupNormalization op
 
 
+class Int8Target(StrEnum):
+    """The Q/DQ layout an INT8 graph is written for: ONNX Runtime's CPU provider (U8 activations,
+    7-bit S8 weights) or TensorRT (symmetric S8 activations and weights)."""
+
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
+
+
+class SearchUnit(StrEnum):
+    """What the INT8 search keeps in FP32 or quantizes as one: a whole UNet block or one layer."""
+
+    BLOCK = "block"
+    LAYER = "layer"
+
+
+class SearchRank(StrEnum):
+    """How the INT8 search orders candidates: PSNR lost per MAC saved, or by cost alone."""
+
+    PER_MAC = "per-mac"
+    COST = "cost"
+
+
+class RangeMethod(StrEnum):
+    """How a calibration histogram becomes an INT8 range."""
+
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+    MSE = "mse"
+
+
+class TritonEngine(StrEnum):
+    """What runs the model inside a ``dd-export triton`` repository."""
+
+    TENSORRT = "tensorrt"
+    ONNXRUNTIME = "onnxruntime"
+    PYTHON = "python"
+
+
+# onnxruntime INT8 target: weight levels -64..64 (7 bits, so x86 CPUs without VNNI cannot
+# saturate U8S8 products); QAT (model/qat.py) and the Q/DQ writer (calibration/qdq.py) share it.
+ORT_WEIGHT_QMAX = 64
+
+
 E = TypeVar("E", bound=StrEnum)
 
 

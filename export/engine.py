@@ -19,9 +19,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from deltadiff.atomic import write_bytes_atomic
 from deltadiff.errors import EngineError, ManifestError
-from deltadiff.runtime.atomic import write_bytes_atomic
-from deltadiff.runtime.manifest import (
+from deltadiff.manifest import (
     Manifest,
     load_manifest,
     update_manifest,

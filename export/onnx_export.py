@@ -29,6 +29,7 @@ import torch
 
 import deltadiff
 from deltadiff._deps import require
+from deltadiff.atomic import atomic_path
 from deltadiff.errors import DeltaDiffError
 from deltadiff.export.compose import compose_unrolled
 from deltadiff.export.graphs import (
@@ -39,17 +40,16 @@ from deltadiff.export.graphs import (
     cond_shape,
     state_shape,
 )
-from deltadiff.model.pipeline import Pipeline
-from deltadiff.options import GroupNormForm
-from deltadiff.runtime.atomic import atomic_path
-from deltadiff.runtime.manifest import (
+from deltadiff.manifest import (
     GraphRecord,
     Manifest,
     TensorSpec,
     save_manifest,
     sha256_file,
 )
-from deltadiff.runtime.steps import PRIOR_NOISE
+from deltadiff.model.pipeline import Pipeline
+from deltadiff.options import GroupNormForm
+from deltadiff.steps import PRIOR_NOISE
 
 log = logging.getLogger(__name__)
 
@@ -433,7 +433,7 @@ def add_fp16(
     from dataclasses import replace
 
     from deltadiff.export.fp16 import convert_to_fp16
-    from deltadiff.runtime.manifest import load_manifest, update_manifest, verify_graph
+    from deltadiff.manifest import load_manifest, update_manifest, verify_graph
 
     onnx = require("onnx")
     out = Path(model_dir)

@@ -18,15 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from deltadiff.compare import CompareResult, compare
 from deltadiff.errors import DeltaDiffError, VerificationError
+from deltadiff.manifest import Manifest, load_manifest, update_manifest
 from deltadiff.model.pipeline import Pipeline
+from deltadiff.noise import noise_field
 from deltadiff.options import Backend, Mode, Precision, format_size, parse
 from deltadiff.runtime.backends import open_backend
-from deltadiff.runtime.compare import CompareResult, compare
 from deltadiff.runtime.executor import Executor
-from deltadiff.runtime.manifest import Manifest, load_manifest, update_manifest
-from deltadiff.runtime.noise import noise_field
-from deltadiff.runtime.steps import StepRow
+from deltadiff.steps import StepRow
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class VerifyReport:
 def image_tiles(m: Manifest, images: list[Path]) -> np.ndarray:
     """Centre crops (reflect-padded if small) of the tile size from image files, (N,3,h,w)."""
     from deltadiff.runtime.imageio import read_image
-    from deltadiff.runtime.tiling import reflect_pad
+    from deltadiff.tiling import reflect_pad
 
     th, tw = m.tile
     out = []
@@ -106,7 +106,7 @@ def verify(
         m, unet_weights=unet_weights, vq_weights=vq_weights, model_dir=model_dir
     )
     if lr_hw is not None and tuple(lr_hw) != tuple(m.tile):
-        from deltadiff.runtime.tiling import pad_amounts, reflect_pad
+        from deltadiff.tiling import pad_amounts, reflect_pad
 
         if images:
             raise DeltaDiffError("verify at another size (--size) takes random tiles, not --images")

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltadiff.atomic import atomic_path
 from deltadiff.errors import CheckpointError
 from deltadiff.model.swin_unet import IGNORED_BUFFER_SUFFIXES
-from deltadiff.runtime.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

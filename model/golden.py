@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deltadiff.compare import CompareResult, compare, compare_equal
 from deltadiff.errors import DeltaDiffError
+from deltadiff.imresize import imresize_matlab, resize_matrix
+from deltadiff.model.bicubic_x4 import BicubicUp4
 from deltadiff.model.checkpoint import load_weights_into
 from deltadiff.model.config import from_upstream_yaml, load_yaml, unet_from_params, vq_from_params
-from deltadiff.model.resize import BicubicUp4
 from deltadiff.model.schedule import etas, make_step_table, sqrt_etas
 from deltadiff.model.swin_unet import SwinUNet, shift_mask
 from deltadiff.model.vq_f4 import VQModel
-from deltadiff.runtime.compare import CompareResult, compare, compare_equal
-from deltadiff.runtime.resize import imresize_matlab, resize_matrix
 
 # Suggested tolerances (golden README, "Suggested tolerances"); intermediates at 1e-6.
 TOL = {

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from deltadiff.errors import ConfigError, DeltaDiffError
+from deltadiff.manifest import Manifest, sha256_file
+from deltadiff.model.bicubic_x4 import BicubicUp4
 from deltadiff.model.checkpoint import load_weights_into
 from deltadiff.model.config import (
     ModelConfig,
@@ -30,14 +32,12 @@ from deltadiff.model.config import (
     from_upstream_yaml,
     preset,
 )
-from deltadiff.model.resize import BicubicUp4
 from deltadiff.model.schedule import StepRow, StepTable, step_table
 from deltadiff.model.swin_unet import SwinUNet
 from deltadiff.model.vq_f4 import VQModel
-from deltadiff.runtime.manifest import Manifest, sha256_file
-from deltadiff.runtime.noise import noise_field
-from deltadiff.runtime.steps import PRIOR_NOISE
-from deltadiff.runtime.tiling import pad_amounts, reflect_index
+from deltadiff.noise import noise_field
+from deltadiff.steps import PRIOR_NOISE
+from deltadiff.tiling import pad_amounts, reflect_index
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ in INT8 at the same gate.
 The noise imitates the ONNX Runtime target that ``dd-export calibrate`` writes: every Conv2d and
 Linear reads its input through per-tensor asymmetric U8 quantization (range: the batch's min/max,
 widened to include 0) and its weight through per-output-channel symmetric quantization with the
-target's levels (-64..64: ``calibration.qdq.ORT_WEIGHT_QMAX``). The bundled demo weights were
+target's levels (-64..64: ``deltadiff.options.ORT_WEIGHT_QMAX``). The bundled demo weights were
 fine-tuned with -127..127, before the target moved to 7-bit weights.
 Gradients pass straight through the rounding (the straight-through estimator). The module's
 parameters and state-dict keys are untouched: the forward methods are replaced on the instances
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltadiff.calibration.qdq import ORT_WEIGHT_QMAX
+from deltadiff.options import ORT_WEIGHT_QMAX
 
 
 def fake_quant_activation(x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import numpy as np
 
 from deltadiff.errors import ConfigError
 from deltadiff.model.config import ModelConfig, ScheduleConfig
-from deltadiff.runtime.steps import StepRow, StepTable
+from deltadiff.steps import StepRow, StepTable
 
 __all__ = ["StepRow", "StepTable", "etas", "make_step_table", "sqrt_etas", "step_table"]
 

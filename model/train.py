@@ -3,7 +3,8 @@
 Recipe: random HR crops with 8-way flips/rotations; LR = MATLAB bicubic x1/4 (antialiased),
 optionally rounded to 8 bits as real LR files are; lq_up = MATLAB bicubic x4 of the LR;
 t ~ Uniform{0..3}; x_t = (1 - eta_t) gt + eta_t lq_up (no noise); the network sees
-in_scale_t * x_t with cond = lq_up and predicts x0; loss = MSE(x0_hat, gt) in [-1, 1]. AdamW,
+in_scale_t * x_t with cond = lq_up and predicts x0; loss = MSE(x0_hat, gt) in [-1, 1], plus
+``lpips_weight`` x LPIPS(x0_hat, gt) (AlexNet, ``model/lpips_loss.py``) when asked. AdamW,
 linear warm-up then cosine decay, EMA of the weights, fixed seed, resumable.
 
 Outputs in OUT:
@@ -11,31 +12,37 @@ Outputs in OUT:
   ema_ckpts/ema_model_{iter}.pth raw EMA state dict (upstream layout)
   train_state.pth                optimizer + EMA + RNG state for --resume (weights_only readable)
   config.yaml                    upstream-schema YAML (loads like an official config)
-  log.jsonl                      loss / lr / validation PSNR per log interval
+  log.jsonl                      loss (MSE, LPIPS) / lr / validation PSNR-Y, LPIPS per log interval
+  data-sources.json              every training image: folder, file, size, sha256
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from deltadiff.atomic import atomic_path, write_text_atomic
 from deltadiff.errors import ConfigError
+from deltadiff.imresize import imresize_matlab
+from deltadiff.lpips import LPIPS, WEIGHTS_FILE, default_lpips_weights
+from deltadiff.metrics import load_dataset, psnr_y, to_uint8
+from deltadiff.model.bicubic_x4 import BicubicUp4
 from deltadiff.model.checkpoint import load_weights_into, save_trainer_checkpoint
 from deltadiff.model.config import ModelConfig, preset, to_upstream_yaml_dict
+from deltadiff.model.lpips_loss import LPIPSLoss
 from deltadiff.model.pipeline import Pipeline, randomize_
 from deltadiff.model.qat import FakeQuant
-from deltadiff.model.resize import BicubicUp4
 from deltadiff.model.schedule import StepTable, make_step_table
 from deltadiff.model.swin_unet import SwinUNet
-from deltadiff.runtime.atomic import atomic_path, write_text_atomic
-from deltadiff.runtime.resize import imresize_matlab
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +51,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 @dataclass(frozen=True)
 class TrainOptions:
-    data: Path
+    data: tuple[Path, ...] | Path  # one or more folders of HR images
     out: Path
     preset: str = "demo-pixel"
     iters: int = 5000
@@ -72,10 +79,17 @@ class TrainOptions:
     init: Path | None = None
     # quantization-aware fine-tuning: INT8 fake quantization in every forward (model/qat.py)
     qat: bool = False
+    # LPIPS (AlexNet) on the x0 prediction, added to the MSE with this weight (official recipe)
+    lpips_weight: float = 0.0
+    lpips_weights: Path | None = None  # the npz; default: deltadiff.lpips.default_lpips_weights
 
 
 def load_hr_images(folder: Path, min_side: int) -> list[np.ndarray]:
     """All RGB images of a folder as uint8 HWC arrays (images smaller than a crop are skipped)."""
+    return [img for _, img in _folder_images(Path(folder), min_side)]
+
+
+def _folder_images(folder: Path, min_side: int) -> list[tuple[Path, np.ndarray]]:
     from PIL import Image
 
     if not folder.is_dir():
@@ -88,9 +102,34 @@ def load_hr_images(folder: Path, min_side: int) -> list[np.ndarray]:
         with Image.open(p) as im:
             a = np.asarray(im.convert("RGB"))
         if min(a.shape[:2]) >= min_side:
-            imgs.append(a)
+            imgs.append((p, a))
     if not imgs:
         raise ConfigError(f"no training images of at least {min_side}px in {folder}")
+    return imgs
+
+
+def load_training_images(
+    folders: Sequence[Path] | Path, min_side: int, record: Path | None = None
+) -> list[np.ndarray]:
+    """The images of every ``--data`` folder; ``record`` gets the source list (folder, file,
+    size, sha256 of the file) so a run says what it trained on."""
+    folders = [Path(folders)] if isinstance(folders, (str, Path)) else [Path(f) for f in folders]
+    rows, imgs = [], []
+    for folder in folders:
+        for path, img in _folder_images(folder, min_side):
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            rows.append(
+                {
+                    "folder": str(folder),
+                    "file": path.name,
+                    "hw": list(img.shape[:2]),
+                    "sha256": digest,
+                }
+            )
+            imgs.append(img)
+    if record is not None:
+        write_text_atomic(record, json.dumps({"images": rows}, indent=1) + "\n")
+    log.info("training on %d images from %d folders", len(imgs), len(folders))
     return imgs
 
 
@@ -150,21 +189,63 @@ def lr_at(it: int, o: TrainOptions) -> float:
 
 
 @torch.no_grad()
-def validate(pipe: Pipeline, pairs: list) -> float:
-    """Mean PSNR-Y (4-px border) of the reference pipeline on (HR, LR) pairs of the evaluator."""
-    from deltadiff.benchmarks.quality import psnr_y
-
-    vals = []
+def validate(pipe: Pipeline, pairs: list, lpips: LPIPS | None = None) -> dict[str, float]:
+    """Mean PSNR-Y (4-px border) and, with ``lpips``, mean LPIPS of the reference pipeline on
+    (HR, LR) pairs (``deltadiff.metrics.load_dataset``)."""
+    psnr, lp = [], []
     for p in pairs:
         lr = torch.from_numpy(p.lr.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
         sr = pipe.upscale(lr)[0].permute(1, 2, 0).numpy()
-        vals.append(psnr_y(sr, p.hr))
-    return float(np.mean(vals))
+        psnr.append(psnr_y(sr, p.hr))
+        if lpips is not None:
+            lp.append(lpips(to_uint8(sr), p.hr))
+    rec = {"val_psnr_y_ema": float(np.mean(psnr))}
+    if lp:
+        rec["val_lpips_ema"] = float(np.mean(lp))
+    return rec
 
 
-@torch.enable_grad()
-def train(o: TrainOptions, *, resume: bool = False, progress: bool = True) -> Path:
-    """Train; returns the path of the final EMA checkpoint."""
+@dataclass
+class _Run:
+    """The state one training run carries between its phases."""
+
+    o: TrainOptions
+    cfg: ModelConfig
+    out: Path
+    net: SwinUNet
+    ema: dict[str, torch.Tensor]
+    opt: torch.optim.Optimizer
+    rng: np.random.Generator
+    start: int = 0
+    lpips: LPIPSLoss | None = None
+    lpips_np: LPIPS | None = None
+    val_pairs: list = field(default_factory=list)
+
+    @property
+    def state_path(self) -> Path:
+        return self.out / "train_state.pth"
+
+    @property
+    def end(self) -> int:
+        return min(self.o.iters, self.o.stop_at or self.o.iters)
+
+
+@dataclass
+class _Batch:
+    gt: torch.Tensor
+    lq_up: torch.Tensor
+    t: torch.Tensor
+    x_in: torch.Tensor
+
+
+@dataclass
+class _Losses:
+    total: torch.Tensor
+    mse: float
+    lpips: float | None  # None: no LPIPS term, or a non-finite one dropped for this batch
+
+
+def _check(o: TrainOptions) -> ModelConfig:
     cfg: ModelConfig = preset(o.preset)
     if cfg.latent:
         raise ConfigError(
@@ -172,53 +253,166 @@ def train(o: TrainOptions, *, resume: bool = False, progress: bool = True) -> Pa
         )
     if o.crop % 16:
         raise ConfigError(f"--crop {o.crop} must be a multiple of 16 (HR % 16 for the UNet)")
+    if o.lpips_weight < 0:
+        raise ConfigError(f"--lpips-weight {o.lpips_weight} must be >= 0")
+    return cfg
+
+
+def _new_net(o: TrainOptions, cfg: ModelConfig) -> SwinUNet:
+    net = SwinUNet(cfg.unet)
+    if o.init is not None:
+        load_weights_into(net, o.init, what="UNet", config_desc=f"preset {o.preset}")
+        return net
+    randomize_(net, o.seed)
+    with torch.no_grad():  # zero-init the last conv of every ResBlock and the head (upstream)
+        for name, p in net.named_parameters():
+            if "out_layers.3" in name or name.startswith("out.2"):
+                p.zero_()
+    return net
+
+
+def _lpips_path(o: TrainOptions) -> Path:
+    path = o.lpips_weights or default_lpips_weights()
+    if path is None:
+        raise ConfigError(
+            f"--lpips-weight needs the LPIPS AlexNet weights ({WEIGHTS_FILE}); pass "
+            "--lpips-weights PATH or set DD_LPIPS_WEIGHTS"
+        )
+    return Path(path)
+
+
+def _start(o: TrainOptions, resume: bool) -> _Run:
+    """Check the options, build the net / EMA / optimizer, resume if asked, write the run files."""
+    cfg = _check(o)
     if o.threads:
         torch.set_num_threads(o.threads)
     out = Path(o.out)
     (out / "ckpts").mkdir(parents=True, exist_ok=True)
     (out / "ema_ckpts").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(o.seed)
-    rng = np.random.default_rng(o.seed)
-    net = SwinUNet(cfg.unet)
-    if o.init is not None:
-        load_weights_into(net, o.init, what="UNet", config_desc=f"preset {o.preset}")
-    else:
-        randomize_(net, o.seed)
-        with torch.no_grad():  # zero-init the last conv of every ResBlock and the head (upstream)
-            for name, p in net.named_parameters():
-                if "out_layers.3" in name or name.startswith("out.2"):
-                    p.zero_()
+    net = _new_net(o, cfg)
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
     opt = torch.optim.AdamW(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    start = 0
-    state_path = out / "train_state.pth"
-    if resume and state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
+    run = _Run(o, cfg, out, net, ema, opt, np.random.default_rng(o.seed))
+    if resume and run.state_path.exists():
+        st = torch.load(run.state_path, map_location="cpu", weights_only=True)
         net.load_state_dict(st["model"])
-        ema = st["ema"]
+        run.ema = st["ema"]
         opt.load_state_dict(st["optimizer"])
-        start = int(st["iters"])
-        rng.bit_generator.state = st["numpy_rng"]
+        run.start = int(st["iters"])
+        run.rng.bit_generator.state = st["numpy_rng"]
         torch.set_rng_state(st["torch_rng"])
-        log.info("resumed from %s at iteration %d", state_path, start)
-    table = Pipeline(cfg, net).table
-    roll_table = make_step_table(cfg.schedule, o.rollout_rule)
-    eta = torch.tensor(table.eta, dtype=torch.float32)
-    in_scale = torch.tensor([0.0] * len(table.eta), dtype=torch.float32)
-    for r in table.rows:
-        in_scale[r.t] = r.in_scale
-    up4 = BicubicUp4("matlab")
-    if o.qat:  # the training net only: the EMA copy validated below runs in float
-        FakeQuant(net)
-    sampler = CropSampler(load_hr_images(o.data, o.crop), o.crop, o.quantize_lr, rng)
-    pairs = []
+        log.info("resumed from %s at iteration %d", run.state_path, run.start)
+    if o.lpips_weight > 0 or o.val:
+        path = _lpips_path(o) if o.lpips_weight > 0 else default_lpips_weights()
+        run.lpips = LPIPSLoss(path) if o.lpips_weight > 0 and path else None
+        run.lpips_np = LPIPS(path) if path else None
     if o.val:
-        from deltadiff.benchmarks.quality import load_dataset
-
-        pairs = load_dataset(o.val)
+        run.val_pairs = load_dataset(o.val)
     write_text_atomic(out / "config.yaml", _yaml_dump(to_upstream_yaml_dict(cfg)))
     write_text_atomic(out / "options.json", json.dumps(asdict(o), default=str, indent=1))
+    return run
 
+
+def _sample(run: _Run, sampler: CropSampler, tables: _Tables) -> _Batch:
+    """A batch: HR crops, their bicubic lq_up, rows t, and the network inputs of those rows."""
+    o, rng = run.o, run.rng
+    gt_np, lq_np = sampler.batch(o.batch)
+    gt = torch.from_numpy(gt_np) * 2 - 1
+    with torch.no_grad():
+        lq_up = tables.up4(torch.from_numpy(lq_np) * 2 - 1)
+        t = torch.from_numpy(rng.integers(0, len(tables.eta), size=o.batch)).long()
+        e = tables.eta[t][:, None, None, None]
+        x_t = (1 - e) * gt + e * lq_up
+        last = len(tables.eta) - 1
+        if o.rollout and rng.random() < o.rollout and int(t.min()) < last:
+            chain = rollout(run.net, tables.roll, lq_up, t)
+            x_t = torch.where((t < last)[:, None, None, None], chain, x_t)
+        x_in = tables.in_scale[t][:, None, None, None] * x_t
+    return _Batch(gt, lq_up, t, x_in)
+
+
+def _losses(run: _Run, x0: torch.Tensor, gt: torch.Tensor) -> _Losses:
+    """MSE on x̂₀, plus ``lpips_weight`` x LPIPS(x̂₀, gt) when asked; a non-finite LPIPS batch
+    falls back to the MSE alone (as the official trainer does)."""
+    mse = torch.mean((x0 - gt) ** 2)
+    if run.lpips is None:
+        return _Losses(mse, float(mse.detach()), None)
+    lp = run.lpips(x0.clamp(-1, 1), gt).mean()  # clamped as the official trainer does
+    if not torch.isfinite(lp):
+        log.warning("non-finite LPIPS in this batch: MSE only")
+        return _Losses(mse, float(mse.detach()), None)
+    return _Losses(mse + run.o.lpips_weight * lp, float(mse.detach()), float(lp.detach()))
+
+
+def _step(run: _Run, it: int, batch: _Batch) -> _Losses:
+    """One optimizer step on the batch, then the EMA update."""
+    for g in run.opt.param_groups:
+        g["lr"] = lr_at(it, run.o)
+    x0 = run.net(batch.x_in, batch.t, batch.lq_up)
+    losses = _losses(run, x0, batch.gt)
+    run.opt.zero_grad(set_to_none=True)
+    losses.total.backward()
+    run.opt.step()
+    with torch.no_grad():
+        rate = min(run.o.ema_rate, (1 + it) / (10 + it))
+        for k, v in run.net.state_dict().items():
+            if v.dtype.is_floating_point:
+                run.ema[k].mul_(rate).add_(v.detach(), alpha=1 - rate)
+            else:
+                run.ema[k].copy_(v)
+    return losses
+
+
+def _validate_ema(run: _Run) -> dict[str, float]:
+    ema_net = SwinUNet(run.cfg.unet)
+    ema_net.load_state_dict(run.ema)
+    rec = validate(Pipeline(run.cfg, ema_net), run.val_pairs, run.lpips_np)
+    run.net.train()
+    return rec
+
+
+def _checkpoint(run: _Run, done: int) -> None:
+    save_trainer_checkpoint(run.out / "ckpts" / f"model_{done}.pth", run.net.state_dict(), done)
+    _save(
+        run.out / "ema_ckpts" / f"ema_model_{done}.pth",
+        {"_orig_mod." + k: v for k, v in run.ema.items()},
+    )
+    _save(
+        run.state_path,
+        {
+            "model": run.net.state_dict(),
+            "ema": run.ema,
+            "optimizer": run.opt.state_dict(),
+            "iters": done,
+            "numpy_rng": run.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+        },
+    )
+
+
+@dataclass
+class _Tables:
+    eta: torch.Tensor
+    in_scale: torch.Tensor
+    roll: StepTable
+    up4: BicubicUp4
+
+
+def _tables(run: _Run) -> _Tables:
+    table = Pipeline(run.cfg, run.net).table
+    in_scale = torch.zeros(len(table.eta), dtype=torch.float32)
+    for r in table.rows:
+        in_scale[r.t] = r.in_scale
+    return _Tables(
+        eta=torch.tensor(table.eta, dtype=torch.float32),
+        in_scale=in_scale,
+        roll=make_step_table(run.cfg.schedule, run.o.rollout_rule),
+        up4=BicubicUp4("matlab"),
+    )
+
+
+def _progress(disable: bool):
     from rich.progress import (
         BarColumn,
         Progress,
@@ -236,81 +430,59 @@ def train(o: TrainOptions, *, resume: bool = False, progress: bool = True) -> Pa
         TextColumn("ETA"),
         TimeRemainingColumn(),
     ]
+    return Progress(*cols, disable=disable)
+
+
+@torch.enable_grad()
+def train(o: TrainOptions, *, resume: bool = False, progress: bool = True) -> Path:
+    """Train; returns the path of the final EMA checkpoint."""
+    run = _start(o, resume)
+    tables = _tables(run)
+    if o.qat:  # the training net only: the EMA copy validated below runs in float
+        FakeQuant(run.net)
+    images = load_training_images(o.data, o.crop, run.out / "data-sources.json")
+    sampler = CropSampler(images, o.crop, o.quantize_lr, run.rng)
     t0 = time.time()
-    run_loss, run_n = 0.0, 0
+    window: list[_Losses] = []
     with (
-        (out / "log.jsonl").open("a", encoding="utf-8") as logf,
-        Progress(*cols, disable=not progress) as bar,
+        (run.out / "log.jsonl").open("a", encoding="utf-8") as logf,
+        _progress(not progress) as bar,
     ):
-        task = bar.add_task("train", total=o.iters, completed=start, loss=float("nan"))
-        net.train()
-        for it in range(start, min(o.iters, o.stop_at or o.iters)):
-            gt_np, lq_np = sampler.batch(o.batch)
-            gt = torch.from_numpy(gt_np) * 2 - 1
-            with torch.no_grad():
-                lq_up = up4(torch.from_numpy(lq_np) * 2 - 1)
-                t = torch.from_numpy(rng.integers(0, len(eta), size=o.batch)).long()
-                e = eta[t][:, None, None, None]
-                x_t = (1 - e) * gt + e * lq_up
-                if o.rollout and rng.random() < o.rollout and int(t.min()) < len(eta) - 1:
-                    x_t = torch.where(
-                        (t < len(eta) - 1)[:, None, None, None],
-                        rollout(net, roll_table, lq_up, t),
-                        x_t,
-                    )
-                x_in = in_scale[t][:, None, None, None] * x_t
-            for g in opt.param_groups:
-                g["lr"] = lr_at(it, o)
-            x0 = net(x_in, t, lq_up)
-            loss = torch.mean((x0 - gt) ** 2)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                rate = min(o.ema_rate, (1 + it) / (10 + it))
-                for k, v in net.state_dict().items():
-                    if v.dtype.is_floating_point:
-                        ema[k].mul_(rate).add_(v.detach(), alpha=1 - rate)
-                    else:
-                        ema[k].copy_(v)
-            run_loss += float(loss.detach())
-            run_n += 1
-            bar.update(task, advance=1, loss=float(loss.detach()))
+        task = bar.add_task("train", total=o.iters, completed=run.start, loss=float("nan"))
+        run.net.train()
+        for it in range(run.start, run.end):
+            losses = _step(run, it, _sample(run, sampler, tables))
+            window.append(losses)
+            bar.update(task, advance=1, loss=float(losses.total.detach()))
             done = it + 1
+            saving = done % o.save_every == 0 or done in (o.iters, o.stop_at)
             if done % o.log_every == 0 or done == o.iters:
-                rec = {
-                    "iter": done,
-                    "loss": run_loss / max(1, run_n),
-                    "lr": lr_at(it, o),
-                    "elapsed_s": round(time.time() - t0, 1),
-                }
-                run_loss, run_n = 0.0, 0
-                if pairs and (done % o.save_every == 0 or done == o.iters):
-                    ema_net = SwinUNet(cfg.unet)
-                    ema_net.load_state_dict(ema)
-                    rec["val_psnr_y_ema"] = validate(Pipeline(cfg, ema_net), pairs)
-                    net.train()
+                rec = _log_record(run, done, it, window, time.time() - t0, validate_now=saving)
+                window = []
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
                 log.info("%s", rec)
-            if done % o.save_every == 0 or done in (o.iters, o.stop_at):
-                save_trainer_checkpoint(out / "ckpts" / f"model_{done}.pth", net.state_dict(), done)
-                _save(
-                    out / "ema_ckpts" / f"ema_model_{done}.pth",
-                    {"_orig_mod." + k: v for k, v in ema.items()},
-                )
-                _save(
-                    state_path,
-                    {
-                        "model": net.state_dict(),
-                        "ema": ema,
-                        "optimizer": opt.state_dict(),
-                        "iters": done,
-                        "numpy_rng": rng.bit_generator.state,
-                        "torch_rng": torch.get_rng_state(),
-                    },
-                )
-    return out / "ema_ckpts" / f"ema_model_{min(o.iters, o.stop_at or o.iters)}.pth"
+            if saving:
+                _checkpoint(run, done)
+    return run.out / "ema_ckpts" / f"ema_model_{run.end}.pth"
+
+
+def _log_record(
+    run: _Run, done: int, it: int, window: list[_Losses], elapsed: float, *, validate_now: bool
+) -> dict[str, float]:
+    rec: dict[str, float] = {
+        "iter": done,
+        "loss": float(np.mean([float(w.total.detach()) for w in window])) if window else 0.0,
+        "mse": float(np.mean([w.mse for w in window])) if window else 0.0,
+        "lr": lr_at(it, run.o),
+        "elapsed_s": round(elapsed, 1),
+    }
+    lp = [w.lpips for w in window if w.lpips is not None]
+    if lp:
+        rec["lpips"] = float(np.mean(lp))
+    if run.val_pairs and validate_now:
+        rec.update(_validate_ema(run))
+    return rec
 
 
 def _save(path: Path, obj: object) -> None:

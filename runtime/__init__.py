@@ -10,7 +10,7 @@ def __getattr__(name: str):  # noqa: ANN202 - lazy re-exports keep ``import delt
 
         return getattr(upscaler, name)
     if name == "load_manifest":
-        from deltadiff.runtime.manifest import load_manifest
+        from deltadiff.manifest import load_manifest
 
         return load_manifest
     raise AttributeError(name)

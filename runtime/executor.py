@@ -14,9 +14,9 @@ from collections.abc import Callable
 import numpy as np
 
 from deltadiff.errors import BackendError
+from deltadiff.manifest import Manifest
 from deltadiff.options import DEFAULT_MODE, Backend, Mode, Precision, parse
 from deltadiff.runtime.backends import RuntimeBackend
-from deltadiff.runtime.manifest import Manifest
 
 StageHook = Callable[[str, float], None]  # (stage name, seconds)
 

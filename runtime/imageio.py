@@ -63,10 +63,10 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError
 
+from deltadiff.atomic import atomic_path
 from deltadiff.errors import ImageError, MissingDependencyError
+from deltadiff.imresize import imresize_matlab
 from deltadiff.runtime import decode_limits
-from deltadiff.runtime.atomic import atomic_path
-from deltadiff.runtime.resize import imresize_matlab
 
 log = logging.getLogger(__name__)
 

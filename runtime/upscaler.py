@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from deltadiff.errors import BackendError, DeltaDiffError, ImageError
+from deltadiff.manifest import Manifest, load_manifest, verify_graph
+from deltadiff.noise import noise_field
 from deltadiff.options import DEFAULT_MODE, Backend, Mode, Precision, parse
 from deltadiff.runtime.backends import open_backend
 from deltadiff.runtime.executor import Executor
@@ -32,11 +34,9 @@ from deltadiff.runtime.imageio import (
     upscale_alpha,
     write_image,
 )
-from deltadiff.runtime.manifest import Manifest, load_manifest, verify_graph
-from deltadiff.runtime.memory import default_budget, max_hr_pixels, record_key
-from deltadiff.runtime.noise import noise_field
+from deltadiff.runtime.memory_budget import default_budget, max_hr_pixels, record_key
 from deltadiff.runtime.precision import PrecisionChoice, choose_precision
-from deltadiff.runtime.tiling import (
+from deltadiff.tiling import (
     Blender,
     TilePlan,
     axis_weights,

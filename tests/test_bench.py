@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deltadiff.benchmarks.flops import count_macs
 from deltadiff.benchmarks.harness import (
     BenchOptions,
     CaseResult,
@@ -37,6 +36,7 @@ from deltadiff.benchmarks.report import (
     validate_report,
 )
 from deltadiff.errors import DeltaDiffError
+from deltadiff.export.flops import count_macs
 
 from .conftest import REPO
 from .test_runtime_no_torch import BLOCK
@@ -442,7 +442,7 @@ def test_tiny_stages_are_not_flagged_for_jitter():
 def test_bench_compare_command_compares_two_saved_reports(tmp_path):
     from typer.testing import CliRunner
 
-    from deltadiff.runtime.cli import app
+    from deltadiff.cli.run import app
 
     old = _fake_report({"step_3": (0.010, 0.02), "e2e": (0.040, 0.02)})
     new = _fake_report({"step_3": (0.020, 0.02), "e2e": (0.050, 0.02)})
@@ -475,7 +475,7 @@ def _scaled_report(path: Path, factor: float, dest: Path) -> Path:
 def test_compare_against_a_report_100x_faster_or_slower(bench_run, exported, tmp_path):
     """--compare / --fail-on-regression end to end. The earlier reports are the fixture's own
     numbers scaled by 1/100 and by 100, so the verdicts do not depend on this machine's noise."""
-    from deltadiff.benchmarks.cli import bench_main
+    from deltadiff.cli.bench import bench_main
 
     _report, out = bench_run
     saved = out / "bench-ci.json"
@@ -588,7 +588,7 @@ def test_dd_run_bench_errors_are_one_line(tmp_path):
 def test_dd_run_bench_works_without_torch(exported, tmp_path):
     model = str(exported(PIXEL))
     code = (
-        "import sys\nfrom deltadiff.runtime.cli import app\n"
+        "import sys\nfrom deltadiff.cli.run import app\n"
         f"sys.argv=['dd-run','bench','--model',{model!r},'--backend','onnxruntime','--backend','torch',"
         f"'--threads','1','--warmup','0','--min-runs','2','--min-seconds','0','--no-plots','--out',{str(tmp_path)!r}]\n"
         "try:\n    app()\nexcept SystemExit as e:\n    sys.exit(e.code)\n"
@@ -714,7 +714,7 @@ def test_bench_at_an_lr_size_runs_a_dynamic_model_whole(dynamic_exported, export
     """``--lr``: the harness feeds the dynamic model (and the torch reference) an LR image of that
     size instead of the tile, so it times what ``dd-run upscale`` runs on a whole image; a static
     export or a size the graphs do not accept is one line naming the fix."""
-    from deltadiff.runtime.manifest import load_manifest
+    from deltadiff.manifest import load_manifest
 
     d = dynamic_exported(PIXEL)
     m = load_manifest(d)
@@ -748,7 +748,7 @@ def test_bench_cli_times_fresh_upscale_processes(tmp_path):
     the report names the sizes (WIDTHxHEIGHT), the command and the peak RSS, and no ISA."""
     from typer.testing import CliRunner
 
-    from deltadiff.runtime.cli import app
+    from deltadiff.cli.run import app
 
     img = tmp_path / "in.png"
     rng = np.random.default_rng(0)
@@ -782,7 +782,7 @@ def test_bench_cli_bad_input_is_one_line(tmp_path):
     from typer.testing import CliRunner
 
     from deltadiff.benchmarks.bench_upscale_cli import Variant
-    from deltadiff.runtime.cli import app
+    from deltadiff.cli.run import app
 
     assert Variant.parse("a:K=1 'L=x y' --tile 64") == Variant(
         "a", {"K": "1", "L": "x y"}, ("--tile", "64")

@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 
 from deltadiff.calibration import ranges as R
 from deltadiff.calibration.calibrate import CalibrateOptions, calibrate
+from deltadiff.cli.export import app as export_app
 from deltadiff.errors import DeltaDiffError
-from deltadiff.export.cli import app as export_app
-from deltadiff.runtime.manifest import load_manifest, save_manifest
+from deltadiff.manifest import load_manifest, save_manifest
 from deltadiff.runtime.upscaler import max_lr_pixels
 
 from .conftest import DATA, need_shared
@@ -412,7 +412,7 @@ def test_calibrate_works_on_dynamic_shape_graphs(exported, images, tmp_path):
     """Graphs whose batch / H / W are symbolic (as a dynamic-shape export writes them)."""
     import onnx
 
-    from deltadiff.runtime.manifest import sha256_file
+    from deltadiff.manifest import sha256_file
 
     d = tmp_path / "m"
     shutil.copytree(exported("deltadiff-pixel"), d)
@@ -572,7 +572,7 @@ def test_latent_vq_encoder_decoder_int8_both_targets(exported, images, tmp_path)
     assert {m.graph(g, "int8").file for g in ("encoder", "decoder")} <= sessions
     assert out.shape == (256, 256, 3) and np.isfinite(out).all()
     # dd-run bench times the INT8 latent model beside FP32 (stage by stage, VQ stages included)
-    from deltadiff.runtime.cli import app as run_app
+    from deltadiff.cli.run import app as run_app
 
     args = ["bench", "--model", str(d), "--precision", "fp32", "--precision", "int8"]
     args += ["--threads", "2", "--warmup", "0", "--min-runs", "1", "--min-seconds", "0"]
@@ -696,7 +696,7 @@ def test_calibrate_records_int8_memory_so_int8_runs_images_whole(
     the same sizes), so dd-run runs INT8 images whole instead of inside the exported tile; a
     recalibration whose gate fails drops the record of the graphs it replaced. Also: the INT8
     rows' sessions share one CPU arena (four arenas of full-size activations were kept before)."""
-    from deltadiff.runtime.memory import measure, record_key
+    from deltadiff.runtime.memory_budget import measure, record_key
     from deltadiff.runtime.upscaler import UpscaleOptions, default_precision, plan_image
 
     d = tmp_path / "m"
@@ -716,7 +716,7 @@ def test_calibrate_records_int8_memory_so_int8_runs_images_whole(
     assert plan_image(m, int8, 64, 64, max_lr_pixels(m, int8)).whole
 
     def peak(arena: str) -> int:
-        cmd = [sys.executable, "-m", "deltadiff.runtime.memory", str(d), "128", "128"]
+        cmd = [sys.executable, "-m", "deltadiff.runtime.memory_budget", str(d), "128", "128"]
         env = {**os.environ, "DELTADIFF_ORT_ARENA": arena}
         out = subprocess.run(
             [*cmd, "onnxruntime", "int8", "staged", "1"], env=env, capture_output=True, text=True
@@ -741,9 +741,9 @@ def test_default_precision_is_int8_on_onnxruntime_cpu_once_the_gate_passed(
     graphs passed the gate, on a CPU with fast 8-bit dot products (VNNI here: the CPU is
     stubbed, so the test means the same on every machine); FP32 for every other backend / mode,
     for models without INT8 graphs and on an AVX2-only CPU; an explicit --precision wins."""
+    from deltadiff.cli.run import app as run_app
     from deltadiff.cpu import parse_cpuinfo
     from deltadiff.runtime import precision as P
-    from deltadiff.runtime.cli import app as run_app
     from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler, default_precision
 
     monkeypatch.setenv("DELTADIFF_CACHE", str(tmp_path / "cache"))  # no probe records

@@ -59,7 +59,7 @@ def test_golden_subcommand_defaults_to_the_repository_golden_folder(tmp_path):
 
 
 def test_python_m_entry_points():
-    r = run(sys.executable, "-m", "deltadiff.runtime.cli", "--help")
+    r = run(sys.executable, "-m", "deltadiff.cli.run", "--help")
     assert r.returncode == 0
 
 
@@ -70,10 +70,10 @@ def test_sizes_are_width_x_height_in_both_clis(monkeypatch, tmp_path):
 
     import deltadiff.export.onnx_export as onnx_export
     import deltadiff.runtime.upscaler as upscaler
+    from deltadiff.cli import export as export_cli
+    from deltadiff.cli.run import app as run_app
     from deltadiff.errors import DeltaDiffError
-    from deltadiff.export import cli as export_cli
     from deltadiff.options import parse_size
-    from deltadiff.runtime.cli import app as run_app
 
     assert parse_size("640x480") == (480, 640) and parse_size("64") == (64, 64)  # (h, w) inside
     seen: dict = {}

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deltadiff.runtime.resize import imresize_matlab, resize_matrix
+from deltadiff.imresize import imresize_matlab, resize_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "build_corpus.py"

@@ -383,7 +383,7 @@ def test_upscale_cli_refuses_the_bomb_and_goes_on(tmp_path: Path) -> None:
 
     from typer.testing import CliRunner
 
-    from deltadiff.runtime.cli import app
+    from deltadiff.cli.run import app
 
     src = tmp_path / "in"
     src.mkdir()

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deltadiff.benchmarks.quality import bicubic_upscaler, load_dataset, psnr_y
-from deltadiff.runtime.compare import psnr
-from deltadiff.runtime.manifest import load_manifest
+from deltadiff.compare import psnr
+from deltadiff.manifest import load_manifest
+from deltadiff.metrics import bicubic_upscaler, load_dataset, psnr_y
 from deltadiff.runtime.upscaler import Upscaler, default_model_dir
 
 from .conftest import DATA, REPO, need_shared

@@ -22,14 +22,14 @@ from deltadiff.errors import DeltaDiffError
 from deltadiff.export.graphs import TileShape
 from deltadiff.export.onnx_export import ExportOptions, export_onnx, preset_source
 from deltadiff.export.verify import verify
+from deltadiff.manifest import load_manifest, save_manifest
+from deltadiff.model.bicubic_x4 import _border_index
 from deltadiff.model.pipeline import Pipeline
-from deltadiff.model.resize import _border_index
 from deltadiff.model.swin_unet import shift_mask, shift_mask_like
 from deltadiff.runtime.backends import open_backend
 from deltadiff.runtime.executor import Executor
-from deltadiff.runtime.manifest import load_manifest, save_manifest
-from deltadiff.runtime.tiling import plan_tiles, reflect_pad
 from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler
+from deltadiff.tiling import plan_tiles, reflect_pad
 
 HAVE_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 needs_rtx = pytest.mark.skipif(not HAVE_RTX, reason="tensorrt_rtx is not installed")
@@ -200,7 +200,7 @@ def test_tile_is_a_choice_on_dynamic_models_and_must_match_on_static(dynamic_exp
 def test_dd_run_info_says_what_fits(budgeted, exported):
     from typer.testing import CliRunner
 
-    from deltadiff.runtime.cli import app
+    from deltadiff.cli.run import app
 
     r = CliRunner().invoke(
         app,
@@ -220,7 +220,7 @@ def test_dd_run_info_says_what_fits(budgeted, exported):
 def test_measure_memory_records_peak_rss_per_pixel(dynamic_exported, tmp_path):
     from typer.testing import CliRunner
 
-    from deltadiff.export.cli import app
+    from deltadiff.cli.export import app
 
     d = tmp_path / "m"
     shutil.copytree(dynamic_exported("deltadiff-pixel"), d)
@@ -243,7 +243,7 @@ def test_memory_fit_bounds_a_quadratic_peak_where_a_line_would_not():
     """A latent-like peak (VQ-f4 mid attention: a score matrix over all latent pixels, 4 bytes
     each, latent = HR / 16 pixels) measured at 64/128/192 LR. The old line through the two
     largest sizes sends a budget-sized image past the budget; the fitted curve does not."""
-    from deltadiff.runtime.memory import fit, max_hr_pixels, peak_bytes
+    from deltadiff.runtime.memory_budget import fit, max_hr_pixels, peak_bytes
 
     mib = 1 << 20
 
@@ -278,7 +278,7 @@ LATENT_128 = (128, 128, 3033292800)
 def test_memory_fit_of_measured_latent_peaks_bounds_the_next_size():
     """The fit from the three smaller sizes bounds the measured 128x128 peak; the old line
     through the two largest of them falls short of it (2,708 vs 2,893 MiB)."""
-    from deltadiff.runtime.memory import fit, peak_bytes
+    from deltadiff.runtime.memory_budget import fit, peak_bytes
 
     pts = [{"lr": [h, w], "hr_px": 16 * h * w, "peak_bytes": p} for h, w, p in LATENT_PEAKS]
     h, w, measured = LATENT_128
@@ -290,7 +290,7 @@ def test_memory_fit_of_measured_latent_peaks_bounds_the_next_size():
 
 
 def test_memory_fit_of_a_linear_peak_stays_linear():
-    from deltadiff.runtime.memory import fit, max_hr_pixels
+    from deltadiff.runtime.memory_budget import fit, max_hr_pixels
 
     pts = _points(lambda px: 53 * (1 << 20) + 8000 * px, (64, 128, 192))
     pts[0]["peak_bytes"] -= 3 << 20  # noise that bends it down: the negative c is dropped
@@ -388,7 +388,7 @@ def test_latent_dynamic_equals_torch_at_odd_sizes_and_static(family, dynamic_exp
     # state (measured bit-equal). The images are not compared directly: a 2e-4 difference can
     # flip a VQ near-tie code, which the decoder's global attention spreads over the image
     # (seen: 46.7 dB, max 0.17 for deltadiff-latent, seed 5/7; "Tolerances").
-    from deltadiff.runtime.noise import noise_field
+    from deltadiff.noise import noise_field
 
     from .checks import REF_BATCH_STATE_ATOL
 
@@ -428,7 +428,7 @@ def test_rtx_builds_dynamic_profiles_latent(family, dynamic_exported, tmp_path):
 def test_mac_count_of_a_dynamic_graph_uses_the_benchmarked_size(dynamic_exported, exported):
     """The bench's FLOP floor: symbolic height / width are fixed from the LR size (in LR
     multiples), not set to the batch (which counted a 1x1 image: 0.001 GMACs per demo step)."""
-    from deltadiff.benchmarks.flops import count_macs
+    from deltadiff.export.flops import count_macs
 
     d, s = dynamic_exported("deltadiff-pixel"), exported("deltadiff-pixel")
     m = load_manifest(s)

@@ -10,11 +10,11 @@ import pytest
 
 from deltadiff.errors import ManifestError
 from deltadiff.export.verify import verify
+from deltadiff.manifest import GRAPH_NAMES, load_manifest, sha256_file
 from deltadiff.model.config import preset
 from deltadiff.model.schedule import step_table
 from deltadiff.runtime.backends.ort import OrtBackend
 from deltadiff.runtime.executor import Executor
-from deltadiff.runtime.manifest import GRAPH_NAMES, load_manifest, sha256_file
 
 from .checks import CODE_FLIP_E2E_MIN_PSNR, ORT_BATCH_ATOL, STAGE_MIN_PSNR
 from .conftest import SMALL

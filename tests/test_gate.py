@@ -18,7 +18,6 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from deltadiff.benchmarks.quality import degrade_x4
 from deltadiff.calibration import gate as G
 from deltadiff.calibration.calibrate import (
     CalibrateOptions,
@@ -26,9 +25,10 @@ from deltadiff.calibration.calibrate import (
     _runtime_gate,
     calibrate,
 )
+from deltadiff.cli.export import app as export_app
 from deltadiff.errors import DeltaDiffError
-from deltadiff.export.cli import app as export_app
-from deltadiff.runtime.manifest import load_manifest, save_manifest, sha256_file
+from deltadiff.manifest import load_manifest, save_manifest, sha256_file
+from deltadiff.metrics import degrade_x4
 
 DEMO = Path(__file__).resolve().parents[1] / "runtime" / "models" / "demo-pixel"
 N_REAL = 3  # pairs run for real (both precisions through the runtime)

@@ -11,14 +11,14 @@ import numpy as np
 import torch
 import yaml
 
+from deltadiff.imresize import imresize_matlab
+from deltadiff.model.bicubic_x4 import BicubicUp4
 from deltadiff.model.checkpoint import load_weights_into
 from deltadiff.model.config import from_upstream_yaml, unet_from_params, vq_from_params
 from deltadiff.model.golden import check_folder, main
 from deltadiff.model.pipeline import Pipeline
-from deltadiff.model.resize import BicubicUp4
 from deltadiff.model.swin_unet import SwinUNet, shift_mask
 from deltadiff.model.vq_f4 import VQModel
-from deltadiff.runtime.resize import imresize_matlab
 
 from .conftest import GOLDEN
 

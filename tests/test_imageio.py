@@ -641,7 +641,7 @@ def test_write_into_unwritable_folder_reports_writable_fix(
     def denied(*args: object, **kwargs: object) -> None:  # root ignores chmod, so simulate it
         raise PermissionError(13, "Permission denied")
 
-    import deltadiff.runtime.atomic as atomic
+    import deltadiff.atomic as atomic
 
     monkeypatch.setattr(atomic.tempfile, "mkstemp", denied)
     with pytest.raises(ImageError, match="Permission denied.*choose a writable output folder"):

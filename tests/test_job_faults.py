@@ -135,7 +135,7 @@ def test_unexpected_exception_is_recorded_per_file(up, folder, tmp_path, monkeyp
 def test_cli_reports_the_failed_file_and_exits_1(folder, tmp_path, monkeypatch) -> None:
     from typer.testing import CliRunner
 
-    from deltadiff.runtime.cli import app
+    from deltadiff.cli.run import app
 
     Inject(monkeypatch, lambda: Fail("[ONNXRuntimeError] : 1 : FAIL : bad allocation"))
     out = tmp_path / "out"

@@ -307,8 +307,8 @@ def _mini_repo(root: Path) -> Path:
         "pyproject.toml": '[tool.setuptools]\npackage-dir = { "deltadiff.runtime" = "runtime" }\n',
         "README.md": "# Project\n\n## Documentation\n",
         "docs/design.md": "# Design\n",
-        "runtime/manifest.py": "",
-        "runtime/cli.py": "",
+        "deltadiff/manifest.py": "",
+        "deltadiff/cli/run.py": "",
         "examples/astronaut_lr.png": "",
         "tests/test_links.py": "",
     }
@@ -326,10 +326,10 @@ def test_markdown_checker_flags_what_is_broken_and_only_that(tmp_path: Path) -> 
         "[ok](design.md) [ok anchor](#a-section) [up](../README.md#documentation)\n"
         "[web](https://example.com/x.md) [mail](mailto:a@b) `[not a link](nowhere.md)`\n"
         "[bad](nowhere.md) [bad anchor](#no-such) [outside](../../shared/x.md)\n"
-        "`runtime/manifest.py` `tests/test_links.py::test_x` `photos/` `DIR/int8-report.<target>.md`\n"
-        "`benchmarks/results/*.json` `runtime/nope.py` `x.md5` `--graph=runtime/cli.py`\n"
+        "`deltadiff/manifest.py` `tests/test_links.py::test_x` `photos/` `DIR/int8-report.<target>.md`\n"
+        "`benchmarks/results/*.json` `runtime/nope.py` `x.md5` `--graph=deltadiff/cli/run.py`\n"
         "```bash\ndd-run upscale examples/astronaut_lr.png -o runtime/new_out.png\n"
-        "python -m deltadiff.runtime.cli\npython -m deltadiff.runtime.nope\n```\n",
+        "python -m deltadiff.cli.run\npython -m deltadiff.runtime.nope\n```\n",
         encoding="utf-8",
     )
     found = sorted(p.what for p in markdown_problems(md, repo))

@@ -12,8 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from deltadiff.export.lowering import lower_group_norm
+from deltadiff.manifest import load_manifest
 from deltadiff.options import GroupNormForm
-from deltadiff.runtime.manifest import load_manifest
 
 from .conftest import SMALL
 

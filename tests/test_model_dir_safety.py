@@ -22,13 +22,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from deltadiff.errors import ManifestError
-from deltadiff.runtime.manifest import (
+from deltadiff.manifest import (
     load_manifest,
     update_manifest,
     verify_file,
     verify_graph,
 )
-from deltadiff.runtime.onnx_refs import OnnxParseError, external_locations
+from deltadiff.onnx_refs import OnnxParseError, external_locations
 
 DEMO = Path(__file__).resolve().parents[1] / "runtime" / "models" / "demo-pixel"
 STAGED = ("encoder", "step", "decoder")
@@ -87,7 +87,7 @@ def image(tmp_path: Path) -> Path:
 
 
 def _upscale(model: Path, image: Path, out: Path):  # noqa: ANN202 (a click Result)
-    from deltadiff.runtime.cli import app
+    from deltadiff.cli.run import app
 
     args = ["upscale", str(image), "-o", str(out), "--model", str(model), "-q", "--overwrite"]
     return CliRunner().invoke(app, args)
@@ -155,7 +155,7 @@ def test_hash_mismatch_is_refused(tmp_path, image):
     # a folder of images: the model's fault is said once, before any image runs
     shutil.copyfile(image, tmp_path / "in2.png")
     out = tmp_path / "outs"
-    from deltadiff.runtime.cli import app
+    from deltadiff.cli.run import app
 
     args = ["upscale", str(image), str(tmp_path / "in2.png"), "-o", str(out), "--model", str(d)]
     r = CliRunner().invoke(app, [*args, "-q"])
@@ -337,7 +337,7 @@ def _forge_engines(d: Path, file: str, sha256: str) -> None:
 
 
 def _triton(d: Path, repo: Path):  # noqa: ANN202 (a click Result)
-    from deltadiff.export.cli import app
+    from deltadiff.cli.export import app
 
     return CliRunner().invoke(
         app, ["triton", "--model", str(d), "-o", str(repo), "--engine", "tensorrt"]
@@ -365,7 +365,7 @@ def test_triton_refuses_a_forged_engine_record(tmp_path):
 
 
 def test_triton_copies_an_engine_the_manifest_vouches_for(tmp_path):
-    from deltadiff.export.triton import TritonRepoOptions, write_repository
+    from deltadiff.runtime.serving.triton_repo import TritonRepoOptions, write_repository
 
     d = _model(tmp_path)
     plan = b"engine bytes"
@@ -378,7 +378,11 @@ def test_triton_copies_an_engine_the_manifest_vouches_for(tmp_path):
 
 def test_triton_check_refuses_a_graph_symlinked_out_of_the_repository(tmp_path):
     pytest.importorskip("tritonclient", reason="needs the [serve] extra (config check)")
-    from deltadiff.export.triton import TritonRepoOptions, check_repository, write_repository
+    from deltadiff.runtime.serving.triton_repo import (
+        TritonRepoOptions,
+        check_repository,
+        write_repository,
+    )
 
     repo = write_repository(_model(tmp_path), tmp_path / "repo", TritonRepoOptions())
     assert check_repository(repo).ok
@@ -399,7 +403,7 @@ _WRITER = textwrap.dedent(
     from functools import partial
     from pathlib import Path
     from deltadiff.export.engine import _record_engine
-    from deltadiff.runtime.manifest import _write_manifest, load_manifest, update_manifest
+    from deltadiff.manifest import _write_manifest, load_manifest, update_manifest
 
     d, who, n, locked = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
     while not (d / "go").exists():

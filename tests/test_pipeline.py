@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from deltadiff.compare import psnr
 from deltadiff.errors import ConfigError, DeltaDiffError
 from deltadiff.model.pipeline import Pipeline
-from deltadiff.runtime.compare import psnr
 
 from .checks import CODE_FLIP_MIN_PSNR, REF_BATCH_IMAGE_ATOL, REF_BATCH_STATE_ATOL
 
@@ -108,7 +108,7 @@ def test_torch_noise_source_matches_upstream_draw_order(pipes):
 
 
 def test_numpy_noise_is_the_runtime_generator(pipes):
-    from deltadiff.runtime.noise import noise_field
+    from deltadiff.noise import noise_field
 
     p = pipes["resshift-v3-small"]
     a = p.make_noise((1, 3, 4, 4), 9)

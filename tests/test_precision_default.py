@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from deltadiff.cpu import CpuInfo, parse_cpuinfo
+from deltadiff.manifest import Manifest, load_manifest
 from deltadiff.options import Backend, Mode, Precision
 from deltadiff.runtime import precision as P
-from deltadiff.runtime.manifest import Manifest, load_manifest
+from deltadiff.runtime.probe import run_probe
 from deltadiff.runtime.upscaler import default_model_dir
 
 EPYC_AVX2 = """processor\t: 0
@@ -133,7 +134,7 @@ def test_a_corrupt_probe_cache_is_ignored(demo, no_probes):
 def test_dd_run_info_prints_the_choice_and_its_reason(no_probes):
     env = {"DELTADIFF_CACHE": str(no_probes), "PATH": str(Path(sys.executable).parent)}
     r = subprocess.run(
-        [sys.executable, "-m", "deltadiff.runtime.cli", "info"],
+        [sys.executable, "-m", "deltadiff.cli.run", "info"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -144,7 +145,7 @@ def test_dd_run_info_prints_the_choice_and_its_reason(no_probes):
     assert lines["cpu"].startswith("cpu ") and lines["precision"].split()[1] in ("fp32", "int8")
     assert "default:" in lines["precision"]
     r = subprocess.run(
-        [sys.executable, "-m", "deltadiff.runtime.cli", "info", "--precision", "fp32"],
+        [sys.executable, "-m", "deltadiff.cli.run", "info", "--precision", "fp32"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -165,7 +166,7 @@ def test_probe_times_both_precisions_and_its_record_drives_the_default(tmp_path,
         if g["precision"] == "int8":
             g.setdefault("quant", {}).update(usable=True, runtime_gate={"passed": True})
     (d / "manifest.json").write_text(json.dumps(m))
-    rec = P.run_probe(d, lr=8, runs=1, threads=1)
+    rec = run_probe(d, lr=8, runs=1, threads=1)
     assert rec.fp32_s > 0 and rec.int8_s > 0 and rec.runs == 1 and rec.threads == 1
     P.save_probe(rec)
     man = load_manifest(d, check_hashes=False)

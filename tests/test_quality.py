@@ -1,4 +1,4 @@
-"""Tests for the torch-free x4 SR quality evaluator (benchmarks/quality.py, benchmarks/lpips.py)."""
+"""Tests for the torch-free x4 SR quality evaluator (benchmarks/quality.py, deltadiff/lpips.py)."""
 
 from __future__ import annotations
 
@@ -12,22 +12,20 @@ import pytest
 from PIL import Image, ImageFilter
 from scipy import signal
 
-from deltadiff.benchmarks import lpips as lpips_mod
-from deltadiff.benchmarks.lpips import LPIPS, default_lpips_weights
-from deltadiff.benchmarks.quality import (
+from deltadiff import lpips as lpips_mod
+from deltadiff.benchmarks.quality import QualityReport, evaluate, write_report
+from deltadiff.errors import DeltaDiffError
+from deltadiff.lpips import LPIPS, default_lpips_weights
+from deltadiff.metrics import (
     Pair,
-    QualityReport,
     bicubic_upscaler,
     degrade_x4,
-    evaluate,
     load_dataset,
     psnr_y,
     rgb_to_y,
     ssim_y,
     to_uint8,
-    write_report,
 )
-from deltadiff.errors import DeltaDiffError
 
 from .conftest import SHARED  # the team's shared data folder (DD_SHARED; docs/testing.md)
 

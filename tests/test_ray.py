@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from deltadiff.errors import DeltaDiffError, MissingDependencyError
-from deltadiff.runtime.ray_job import RayJobOptions, connect, import_ray, run_ray_job
+from deltadiff.runtime.serving.ray_job import RayJobOptions, connect, import_ray, run_ray_job
 from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler, upscale_file
 
 GOOD = ["a.png", "b.jpg", "sub/c.png"]
@@ -148,7 +148,7 @@ def test_actor_holding_every_cpu_does_not_starve_the_reads(cluster, model: Path,
 def test_cli_batch_reports_failures_and_exits_1(cluster, model: Path, folder: Path, tmp_path):
     from typer.testing import CliRunner
 
-    from deltadiff.runtime.cli import app
+    from deltadiff.cli.run import app
 
     r = CliRunner().invoke(
         app, ["batch", str(folder), "-o", str(tmp_path / "o"), "--model", str(model)]

@@ -38,7 +38,7 @@ def test_every_runtime_module_imports_without_torch():
         "deltadiff.errors",
         "deltadiff.runtime",
         "deltadiff.benchmarks.quality",
-        "deltadiff.benchmarks.lpips",
+        "deltadiff.lpips",
     ]
     mods += [
         m.name for m in pkgutil.walk_packages(deltadiff.runtime.__path__, "deltadiff.runtime.")
@@ -57,7 +57,7 @@ def test_dd_run_upscale_works_without_torch(exported, tmp_path):
     img = (np.random.default_rng(0).random((20, 28, 3)) * 255).astype(np.uint8)
     Image.fromarray(img).save(tmp_path / "in.png")
     code = (
-        "import sys\nfrom deltadiff.runtime.cli import app\n"
+        "import sys\nfrom deltadiff.cli.run import app\n"
         f"sys.argv=['dd-run','upscale',{str(tmp_path / 'in.png')!r},'-o',{str(tmp_path / 'out.png')!r},"
         f"'--model',{str(model)!r},'-q']\n"
         "try:\n    app()\nexcept SystemExit as e:\n    sys.exit(e.code)\n"

@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 
 from deltadiff.errors import MissingDependencyError
-from deltadiff.runtime.serve import ServeOptions, get_json, is_loopback, upscale_http
+from deltadiff.runtime.serving.serve import ServeOptions, get_json, is_loopback, upscale_http
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_BYTES = 4 << 20  # the bomb (~1 MiB) fits, the oversized bodies do not
@@ -60,7 +60,7 @@ def cli_upscale(datas: dict[str, bytes], tmp: Path) -> dict[str, bytes]:
     src.mkdir()
     for name, data in datas.items():
         (src / f"{name}.png").write_bytes(data)
-    cmd = [sys.executable, "-m", "deltadiff.runtime.cli", "upscale", str(src), "-o", str(out)]
+    cmd = [sys.executable, "-m", "deltadiff.cli.run", "upscale", str(src), "-o", str(out)]
     subprocess.run([*cmd, "--precision", "fp32", "--threads", "1", "-q"], check=True)
     return {name: (out / f"{name}.png").read_bytes() for name in datas}
 
@@ -69,7 +69,7 @@ def cli_upscale(datas: dict[str, bytes], tmp: Path) -> dict[str, bytes]:
 def server(tmp_path_factory: pytest.TempPathFactory):
     pytest.importorskip("ray.serve", reason="needs the [serve] extra")
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [sys.executable, "-m", "deltadiff.runtime.cli", "serve", "--precision", "fp32"]
+    cmd = [sys.executable, "-m", "deltadiff.cli.run", "serve", "--precision", "fp32"]
     cmd += ["--port", "0", "--threads", "1", "--max-queue", "8", "--max-bytes", str(MAX_BYTES)]
     cmd += ["--max-pixels", str(MAX_PIXELS), "--drain-seconds", str(DRAIN_S)]
     fh = log.open("wb")
@@ -141,7 +141,7 @@ def post_raw(url: str, head: dict[str, str], parts: list[bytes]) -> tuple[int, s
 def test_tile_batcher_never_mixes_shapes_and_keeps_results(tmp_path: Path) -> None:
     """Issue 22: two sizes in one Triton batch failed with a concatenation error. Now same-shape
     tiles share calls, other shapes run alone, and each result is what dd-run upscale writes."""
-    from deltadiff.runtime.triton_service import ImageService
+    from deltadiff.runtime.serving.triton_service import ImageService
     from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler
 
     datas = {"a": _rand_png(12, 8, 1), "b": _rand_png(8, 16, 2), "c": _rand_png(12, 8, 3)}
@@ -159,9 +159,9 @@ def test_tile_batcher_never_mixes_shapes_and_keeps_results(tmp_path: Path) -> No
 
 def test_tile_batcher_merges_no_more_than_the_memory_budget_holds(tmp_path: Path) -> None:
     """A budget for one 12x8 image's call (not two): the same-shape images run one per call."""
-    from deltadiff.runtime.manifest import load_manifest
-    from deltadiff.runtime.memory import peak_bytes
-    from deltadiff.runtime.triton_service import ImageService
+    from deltadiff.manifest import load_manifest
+    from deltadiff.runtime.memory_budget import peak_bytes
+    from deltadiff.runtime.serving.triton_service import ImageService
     from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler, default_model_dir
 
     rec = load_manifest(default_model_dir()).memory["onnxruntime/fp32/staged"]
@@ -185,7 +185,7 @@ def test_loopback_detection() -> None:
 
 
 def test_non_loopback_host_warns_and_bad_model_is_one_line(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "deltadiff.runtime.cli", "serve", "--host", "0.0.0.0"]
+    cmd = [sys.executable, "-m", "deltadiff.cli.run", "serve", "--host", "0.0.0.0"]
     p = subprocess.run(
         [*cmd, "--model", str(tmp_path / "nope"), "--port", "0"],
         capture_output=True,
@@ -199,7 +199,7 @@ def test_non_loopback_host_warns_and_bad_model_is_one_line(tmp_path: Path) -> No
 
 
 def test_missing_extra_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    from deltadiff.runtime.serve import ray_cluster
+    from deltadiff.runtime.serving.serve import ray_cluster
 
     monkeypatch.setitem(sys.modules, "ray", None)
     with (

@@ -12,7 +12,7 @@ import pytest
 from deltadiff.errors import DeltaDiffError, EngineError
 from deltadiff.export.onnx_export import add_fp16
 from deltadiff.export.verify import verify
-from deltadiff.runtime.manifest import load_manifest
+from deltadiff.manifest import load_manifest
 from deltadiff.runtime.trt_compat import Device, check_engine_record
 
 from .conftest import SMALL
@@ -192,7 +192,7 @@ def test_unparsable_graph_names_the_node(tmp_path):
     from onnx import TensorProto, helper
 
     from deltadiff.export.engine import EngineOptions, build_engine
-    from deltadiff.runtime.manifest import TensorSpec
+    from deltadiff.manifest import TensorSpec
 
     node = helper.make_node("FancyOp", ["x"], ["y"], name="my_bad_node", domain="com.example")
     g = helper.make_graph(

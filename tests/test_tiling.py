@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deltadiff.runtime.compare import psnr
-from deltadiff.runtime.tiling import (
+from deltadiff.compare import psnr
+from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler
+from deltadiff.tiling import (
     axis_weights,
     pad_amounts,
     reflect_index,
     reflect_pad,
     tile_starts,
 )
-from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler
 
 
 @pytest.mark.parametrize(
@@ -87,7 +87,7 @@ class _LocalOperator:
     (padding, tile placement, blending, cropping) from the network."""
 
     def run(self, lr: np.ndarray, feeds=None) -> np.ndarray:
-        from deltadiff.runtime.resize import imresize_matlab
+        from deltadiff.imresize import imresize_matlab
 
         out = [imresize_matlab(t.transpose(1, 2, 0), 4).transpose(2, 0, 1) for t in lr]
         y = np.stack(out)

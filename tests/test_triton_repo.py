@@ -15,7 +15,11 @@ import pytest
 from PIL import Image
 
 from deltadiff.errors import DeltaDiffError
-from deltadiff.export.triton import TritonRepoOptions, check_repository, write_repository
+from deltadiff.runtime.serving.triton_repo import (
+    TritonRepoOptions,
+    check_repository,
+    write_repository,
+)
 
 from .checks import upscale_cli_bytes
 
@@ -127,7 +131,7 @@ def test_tensorrt_rtx_repository_passes_the_check(model: Path, tmp_path: Path) -
 @pytest.fixture(scope="module")
 def python_repo(model: Path, tmp_path_factory: pytest.TempPathFactory):
     pytest.importorskip("pytriton", reason="needs the [serve] extra")
-    from deltadiff.runtime.serve import TritonServer
+    from deltadiff.runtime.serving.serve import TritonServer
 
     repo = write_repository(
         model,
@@ -145,7 +149,7 @@ def python_repo(model: Path, tmp_path_factory: pytest.TempPathFactory):
 def test_python_variant_loads_and_answers_bit_for_bit(python_repo, model: Path, tmp_path: Path):
     import tritonclient.http as th
 
-    from deltadiff.runtime.serve import upscale_remote
+    from deltadiff.runtime.serving.serve import upscale_remote
 
     c = th.InferenceServerClient(python_repo.url, network_timeout=300)
     try:
@@ -167,7 +171,7 @@ def test_python_variant_batches_concurrent_requests_exactly(
 ) -> None:
     import tritonclient.http as th
 
-    from deltadiff.runtime.serve import upscale_remote
+    from deltadiff.runtime.serving.serve import upscale_remote
 
     datas = [_png(10 + i, 16 + 3 * i, 20) for i in range(4)]
     refs = [upscale_cli_bytes(model, d, tmp_path) for d in datas]

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from deltadiff.errors import BackendError, DeltaDiffError
+from deltadiff.manifest import load_manifest
 from deltadiff.runtime.backends.ort import OrtBackend
 from deltadiff.runtime.executor import Executor
-from deltadiff.runtime.manifest import load_manifest
 from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler
 
 from .sim import install
@@ -165,7 +165,7 @@ def test_tile_is_a_choice_within_the_profiles(dyn, sim):
 def test_dd_run_info_says_what_the_engines_accept(dyn, dynamic_exported):
     from typer.testing import CliRunner
 
-    from deltadiff.runtime.cli import app
+    from deltadiff.cli.run import app
 
     args = ["info", "--model", str(dyn), "--backend", "tensorrt", "--size", "27x17"]
     r = CliRunner().invoke(app, args + ["--size", "75x100", "--size", "20x12"])

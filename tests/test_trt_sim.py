@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from deltadiff.errors import BackendError, EngineError
+from deltadiff.manifest import load_manifest
 from deltadiff.runtime.backends.ort import OrtBackend
 from deltadiff.runtime.executor import Executor
-from deltadiff.runtime.manifest import load_manifest
 
 from .sim import install
 from .sim.fake_trt import DataType, DynamicShapesKernelSpecializationStrategy

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from deltadiff.benchmarks.quality import bicubic_upscaler, load_dataset, psnr_y
+from deltadiff.manifest import load_manifest, write_json_atomic
+from deltadiff.metrics import bicubic_upscaler, load_dataset, psnr_y
 from deltadiff.runtime.backends import open_backend
 from deltadiff.runtime.executor import Executor
-from deltadiff.runtime.manifest import load_manifest, write_json_atomic
 from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler
 
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from deltadiff.atomic import write_text_atomic
 from deltadiff.benchmarks.harness import BenchOptions, environment
-from deltadiff.runtime.atomic import write_text_atomic
-from deltadiff.runtime.manifest import load_manifest, write_json_atomic
+from deltadiff.manifest import load_manifest, write_json_atomic
 
 RUNTIMES = ("onnxruntime", "openvino")
 

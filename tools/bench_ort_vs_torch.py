@@ -24,7 +24,7 @@ from typing import Any
 
 from deltadiff.benchmarks.harness import BenchOptions, run_bench
 from deltadiff.errors import DeltaDiffError, ManifestError
-from deltadiff.runtime.manifest import load_manifest
+from deltadiff.manifest import load_manifest
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from deltadiff.runtime.memory import cpu_name
+from deltadiff.runtime.memory_budget import cpu_name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     from deltadiff.runtime.imageio import find_images
-    from deltadiff.runtime.ray_job import RayJobOptions, connect, import_ray, run_ray_job
+    from deltadiff.runtime.serving.ray_job import RayJobOptions, connect, import_ray, run_ray_job
 
     work = Path(tempfile.mkdtemp(prefix="dd-bench-ray-"))
     try:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in files:
             shutil.copyfile(p, src / p.name)
         rows = []
-        cmd = [sys.executable, "-m", "deltadiff.runtime.cli", "upscale", str(src), "-o"]
+        cmd = [sys.executable, "-m", "deltadiff.cli.run", "upscale", str(src), "-o"]
         cmd += [str(work / "single"), "--threads", str(a.cpus), "-q"]
         if a.model:
             cmd += ["--model", str(a.model)]

@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from deltadiff.errors import DeltaDiffError
-from deltadiff.runtime.resize import resize_matrix
+from deltadiff.imresize import resize_matrix
 
 HERE = Path(__file__).resolve().parent
 REVIEW_PATH = HERE / "corpus" / "review.json"
@@ -580,6 +580,8 @@ def cut_photo(photo: Photo, out: Path) -> list[Crop]:
     if photo.scale < 1.0:
         img = downscale_u8(img, photo.scale)
     photo.work_hw = (int(img.shape[0]), int(img.shape[1]))
+    if photo.split == "train":  # whole photos too: a trainer crops them at random
+        save_png(out / "train" / "photos" / f"{photo.id}.png", img)
     crops = []
     for k, (box, tex) in enumerate(place_crops(img, PLANS[photo.split], rng_for(photo.id))):
         y, x, h, w = box
@@ -632,6 +634,7 @@ def build(out: Path, debs: Path, shared: Path | None) -> dict:
         for split in SPLITS:
             for sub in ("gt", "lq"):
                 (tmp / split / sub).mkdir(parents=True)
+        (tmp / "train" / "photos").mkdir()
         for i, ph in enumerate(sorted(photos, key=lambda p: p.id)):
             crops += cut_photo(ph, tmp)
             if (i + 1) % 20 == 0:

@@ -42,6 +42,7 @@ from deltadiff.calibration.search import UNITS
 from deltadiff.export.graphs import TileShape
 from deltadiff.export.onnx_export import ExportOptions, add_fp16, export_onnx
 from deltadiff.export.verify import verify
+from deltadiff.manifest import sha256_file, update_manifest
 from deltadiff.model.checkpoint import (
     canonicalize,
     read_weights,
@@ -50,8 +51,7 @@ from deltadiff.model.checkpoint import (
 )
 from deltadiff.model.config import from_upstream_yaml, to_upstream_yaml_dict
 from deltadiff.model.pipeline import Pipeline
-from deltadiff.runtime.manifest import sha256_file, update_manifest
-from deltadiff.runtime.memory import measure, record_key
+from deltadiff.runtime.memory_budget import measure, record_key
 
 REPO = Path(__file__).resolve().parents[1]
 

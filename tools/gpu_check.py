@@ -125,7 +125,7 @@ def probe(work: Path, flavour: str | None = None, *, dry_run: bool = False) -> d
             return res
         res["gpu"] = dev.label()
         from deltadiff.export.engine import EngineOptions, build_engine
-        from deltadiff.runtime.manifest import TensorSpec
+        from deltadiff.manifest import TensorSpec
 
         res["step"] = "build"
         plan, _ = build_engine(
@@ -315,7 +315,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_model(args: argparse.Namespace) -> int:
     from deltadiff.benchmarks.harness import BenchOptions, plan_cases, run_bench
-    from deltadiff.runtime.manifest import load_manifest
+    from deltadiff.manifest import load_manifest
 
     model = args.model
     m = load_manifest(model)
@@ -408,7 +408,7 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def _write(out: Path, name: str, text: str) -> None:
-    from deltadiff.runtime.atomic import write_text_atomic
+    from deltadiff.atomic import write_text_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / name, text)

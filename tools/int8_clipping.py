@@ -25,7 +25,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 from PIL import Image
 
-from deltadiff.runtime.manifest import load_manifest
+from deltadiff.manifest import load_manifest
 
 
 def q_ranges(path: Path) -> dict[str, tuple[float, float]]:

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-from deltadiff.runtime.manifest import load_manifest
+from deltadiff.manifest import load_manifest
 
 
 class _Feeds(CalibrationDataReader):

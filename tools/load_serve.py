@@ -43,9 +43,9 @@ from typing import Any
 
 import numpy as np
 
-from deltadiff.runtime.atomic import write_text_atomic
-from deltadiff.runtime.memory import cpu_name
-from deltadiff.runtime.serve import get_json, is_loopback, upscale_http
+from deltadiff.atomic import write_text_atomic
+from deltadiff.runtime.memory_budget import cpu_name
+from deltadiff.runtime.serving.serve import get_json, is_loopback, upscale_http
 
 BAD_KINDS = ("not_an_image", "negative_seed", "unknown_parameter", "too_large")
 
@@ -115,7 +115,7 @@ def references(
         src.mkdir()
         for name, data in images:
             (src / name).write_bytes(data)
-        cmd = [sys.executable, "-m", "deltadiff.runtime.cli", "upscale", str(src), "-o", str(out)]
+        cmd = [sys.executable, "-m", "deltadiff.cli.run", "upscale", str(src), "-o", str(out)]
         cmd += ["--precision", precision, "--threads", str(threads), "--quiet"]
         if model:
             cmd += ["--model", str(model)]
@@ -184,7 +184,7 @@ class Server:
 
 
 def start_server(args: argparse.Namespace, log: Path) -> Server:
-    cmd = [sys.executable, "-m", "deltadiff.runtime.cli", "serve", "--port", "0"]
+    cmd = [sys.executable, "-m", "deltadiff.cli.run", "serve", "--port", "0"]
     cmd += ["--precision", args.precision, "--threads", str(args.threads)]
     cmd += ["--max-bytes", str(args.max_bytes)]
     if args.model:

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deltadiff.compare import psnr
 from deltadiff.model.pipeline import Pipeline
-from deltadiff.runtime.compare import psnr
 
 SMALL = ("deltadiff-pixel-small", "deltadiff-latent-small", "resshift-v3-small")
 
@@ -66,9 +66,9 @@ def reference(outputs: dict[str, np.ndarray]) -> dict[str, float]:
 def onnxruntime(outputs: dict[str, np.ndarray]) -> dict[str, float]:
     from deltadiff.export.graphs import TileShape
     from deltadiff.export.onnx_export import ExportOptions, export_onnx, preset_source
+    from deltadiff.manifest import load_manifest
     from deltadiff.runtime.backends.ort import OrtBackend
     from deltadiff.runtime.executor import Executor
-    from deltadiff.runtime.manifest import load_manifest
 
     res: dict[str, float] = {}
     name = "deltadiff-pixel-small"

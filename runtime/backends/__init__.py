@@ -13,8 +13,8 @@ from typing import Protocol
 import numpy as np
 
 from deltadiff.errors import BackendError
+from deltadiff.manifest import Manifest, TensorSpec
 from deltadiff.options import RUNTIME_BACKENDS, Backend, Precision, parse
-from deltadiff.runtime.manifest import Manifest, TensorSpec
 
 
 class RuntimeBackend(Protocol):

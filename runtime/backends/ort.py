@@ -11,8 +11,8 @@ import numpy as np
 
 from deltadiff._deps import require
 from deltadiff.errors import BackendError
+from deltadiff.manifest import Manifest, verify_graph
 from deltadiff.runtime.backends import check_feeds
-from deltadiff.runtime.manifest import Manifest, verify_graph
 
 log = logging.getLogger(__name__)
 _logged = False

@@ -40,9 +40,8 @@ from typing import Any
 import numpy as np
 
 from deltadiff.errors import BackendError, EngineError
+from deltadiff.manifest import Manifest, verify_file
 from deltadiff.runtime.backends import check_feeds
-from deltadiff.runtime.manifest import Manifest, verify_file
-from deltadiff.runtime.steps import PRIOR_NOISE, noise_name
 from deltadiff.runtime.trt_compat import (
     check_engine_record,
     cudart,
@@ -51,6 +50,7 @@ from deltadiff.runtime.trt_compat import (
     runtime_config,
     trt_logger,
 )
+from deltadiff.steps import PRIOR_NOISE, noise_name
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Rendering for ``dd-run bench``: run the harness, print progress, the summary and the comparison.
 
-``runtime/cli.py`` parses the options into ``BenchOptions`` and calls ``bench_main``; everything
+``deltadiff/cli/run.py`` parses the options into ``BenchOptions`` and calls ``bench_main``; everything
 else (measuring, comparing, writing) is library code in ``harness.py`` / ``report.py``.
 """
 

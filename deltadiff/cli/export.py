@@ -35,7 +35,7 @@ NOISY_LOGGERS = (
 
 
 def setup_logging(verbose: bool) -> None:
-    from deltadiff.runtime.cli import setup_logging as base
+    from deltadiff.cli.run import setup_logging as base
 
     base(verbose)
     if not verbose:
@@ -45,7 +45,7 @@ def setup_logging(verbose: bool) -> None:
 
 
 def fail(exc: BaseException) -> None:
-    from deltadiff.runtime.cli import fail as base
+    from deltadiff.cli.run import fail as base
 
     base(exc)
 
@@ -62,9 +62,9 @@ def build_reference(
     ema: bool,
 ) -> tuple[Any, dict[str, Any]]:
     """The reference pipeline + the manifest ``source`` record that lets verify rebuild it."""
+    from deltadiff.manifest import sha256_file
     from deltadiff.model import config as mc
     from deltadiff.model.pipeline import Pipeline
-    from deltadiff.runtime.manifest import sha256_file
 
     if (preset is None) == (config is None):
         raise DeltaDiffError("pass exactly one of --preset NAME or --config UPSTREAM.yaml")
@@ -408,8 +408,8 @@ def measure_memory(
     try:
         from dataclasses import replace
 
-        from deltadiff.runtime.manifest import update_manifest
-        from deltadiff.runtime.memory import measure, memory_text, record_key
+        from deltadiff.manifest import update_manifest
+        from deltadiff.runtime.memory_budget import measure, memory_text, record_key
 
         rec = measure(
             model,
@@ -472,7 +472,7 @@ def build_engine(
     setup_logging(verbose)
     try:
         from deltadiff.export.engine import EngineOptions, build_engines
-        from deltadiff.runtime.manifest import load_manifest
+        from deltadiff.manifest import load_manifest
 
         precision = parse(Precision, precision, "--precision")
         if precision is Precision.INT8 and graphs == "encoder,step,decoder,unrolled":
@@ -537,7 +537,11 @@ def triton(
     """Write a Triton model repository (stage models + the 'deltadiff' BLS model) and check it."""
     setup_logging(verbose)
     try:
-        from deltadiff.export.triton import TritonRepoOptions, check_repository, write_repository
+        from deltadiff.runtime.serving.triton_repo import (
+            TritonRepoOptions,
+            check_repository,
+            write_repository,
+        )
 
         repo = write_repository(
             model,
@@ -572,7 +576,7 @@ def triton_check(
     """Check a Triton repository: every model's inputs/outputs/dims agree with the manifest."""
     setup_logging(False)
     try:
-        from deltadiff.export.triton import check_repository
+        from deltadiff.runtime.serving.triton_repo import check_repository
 
         rep = check_repository(repo)
     except DeltaDiffError as exc:
@@ -585,7 +589,9 @@ def triton_check(
 
 @app.command()
 def train(
-    data: Annotated[Path, typer.Option(help="Folder of HR training images.")],
+    data: Annotated[
+        list[Path], typer.Option(help="Folder of HR training images (repeat for several).")
+    ],
     out: Annotated[
         Path, typer.Option("-o", "--out", help="Run directory (checkpoints, log, config).")
     ],
@@ -624,16 +630,26 @@ def train(
             "weights, as calibrate writes for onnxruntime) in every Conv/Linear; use with --init."
         ),
     ] = False,
+    lpips_weight: Annotated[
+        float,
+        typer.Option(help="Add this weight x LPIPS(x0, gt) to the MSE (the official recipe: 1.0)."),
+    ] = 0.0,
+    lpips_weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="LPIPS AlexNet weights (lpips_alex_v0.1.npz); default: DD_LPIPS_WEIGHTS."
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
-    """Train a deltadiff-pixel model with the DeltaDiff recipe (MSE on x0, EMA, resumable)."""
+    """Train a deltadiff-pixel model with the DeltaDiff recipe (MSE [+ LPIPS] on x0, EMA, resumable)."""
     setup_logging(verbose)
     try:
         from deltadiff.model.train import TrainOptions
         from deltadiff.model.train import train as run_train
 
         opts = TrainOptions(
-            data=data,
+            data=tuple(data),
             out=out,
             preset=preset,
             iters=iters,
@@ -651,6 +667,8 @@ def train(
             stop_at=stop_at,
             init=init,
             qat=qat,
+            lpips_weight=lpips_weight,
+            lpips_weights=lpips_weights,
         )
         final = run_train(opts, resume=resume, progress=True)
         typer.echo(f"EMA weights: {final}")
@@ -850,7 +868,7 @@ def golden(
 
 
 def main() -> None:
-    from deltadiff.runtime.cli import run_app
+    from deltadiff.cli.run import run_app
 
     run_app(app)
 

@@ -1,7 +1,7 @@
 """Triton Python-backend model ``deltadiff``: one encoded image in, the x4 PNG out.
 
 Written by ``dd-run serve`` and ``dd-export triton`` as ``deltadiff/1/model.py``. The work is done
-by ``deltadiff.runtime.serve`` (install ``deltadiff-trt`` in the server's Python): the lean
+by ``deltadiff.runtime.serving.serve`` (install ``deltadiff-trt`` in the server's Python): the lean
 runtime's ``Upscaler`` pads, tiles, draws the seeded noise and blends; its executor runs the
 step table either on a local backend (``stages=local``) or on the repository's stage models
 through BLS requests (``stages=bls``). Requests of one dynamic batch are upscaled together, their
@@ -15,7 +15,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from deltadiff.errors import BackendError
-from deltadiff.runtime.serve import INPUT, OUTPUT, SEED, RequestError, build_service
+from deltadiff.runtime.serving.serve import INPUT, OUTPUT, SEED, RequestError, build_service
 
 
 def _bls(model: str, feeds: dict, outputs: list) -> dict:

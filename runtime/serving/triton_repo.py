@@ -4,7 +4,7 @@ Layout (``--mode staged``; ``--mode unrolled`` has one ``deltadiff_unrolled`` st
 
     REPO/README.md                       how to start NVIDIA's server on it; engine versions
     REPO/deltadiff/config.pbtxt          the model clients call (Python backend, BLS)
-    REPO/deltadiff/1/model.py            runtime/triton_models/deltadiff.py
+    REPO/deltadiff/1/model.py            runtime/serving/triton_models/deltadiff.py
     REPO/deltadiff/1/manifest.json       the step table, tile, noise names, I/O specs
     REPO/deltadiff_encoder/...           stage models: onnxruntime_onnx (model.onnx),
     REPO/deltadiff_step/...              tensorrt_plan (model.plan from the engine cache) or
@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from deltadiff._deps import require
+from deltadiff.atomic import write_text_atomic
 from deltadiff.errors import DeltaDiffError, ManifestError
-from deltadiff.runtime.atomic import write_text_atomic
-from deltadiff.runtime.manifest import (
+from deltadiff.manifest import (
     MANIFEST,
     GraphRecord,
     Manifest,
@@ -44,7 +44,7 @@ from deltadiff.runtime.manifest import (
     verify_file,
     verify_graph,
 )
-from deltadiff.runtime.serve import INPUT, OUTPUT, SEED, model_config, model_source
+from deltadiff.runtime.serving.serve import INPUT, OUTPUT, SEED, model_config, model_source
 
 ENGINES = ("tensorrt", "onnxruntime", "python")
 PLATFORM = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deltadiff.runtime.resize import cubic
+from deltadiff.imresize import cubic
 
 KERNEL_A = {"matlab": -0.5, "torch": -0.75}
 BORDER = {"matlab": "symmetric", "torch": "replicate"}

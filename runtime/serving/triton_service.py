@@ -1,6 +1,6 @@
 """The Triton side: the Python-backend model of ``dd-export triton`` repositories, and a test harness.
 
-``runtime/triton_models/deltadiff.py`` (written into repositories as ``deltadiff/1/model.py``)
+``runtime/serving/triton_models/deltadiff.py`` (written into repositories as ``deltadiff/1/model.py``)
 builds an ``ImageService`` with ``build_service``: one ``Upscaler`` per model instance whose
 executor calls the repository's stage models through BLS (``stages=bls``) or a local backend
 (``stages=local``). Triton's dynamic batcher hands the model several requests at once; their
@@ -11,7 +11,7 @@ holds.
 ``TritonServer`` runs the Triton server bundled in ``nvidia-pytriton`` on a repository. It is a
 test harness for the python variant of ``dd-export triton`` (tests/test_triton_repo.py; CI
 installs ``nvidia-pytriton`` for it), not the product server: ``dd-run serve`` runs on Ray Serve
-(``runtime/serve.py``, docs/serving.md).
+(``runtime/serving/serve.py``, docs/serving.md).
 
 What a request is: input ``image`` (BYTES, one encoded image file), optional ``seed`` (INT64);
 output ``upscaled`` (BYTES, a PNG exactly as ``dd-run upscale`` writes it).
@@ -42,15 +42,15 @@ import numpy as np
 
 from deltadiff._deps import require
 from deltadiff.errors import DeltaDiffError, MissingDependencyError
+from deltadiff.manifest import Manifest
 from deltadiff.runtime.executor import Executor
-from deltadiff.runtime.image_request import (
+from deltadiff.runtime.memory_budget import default_budget, peak_bytes
+from deltadiff.runtime.serving.image_request import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
     RequestError,
     upscale_request,
 )
-from deltadiff.runtime.manifest import Manifest
-from deltadiff.runtime.memory import default_budget, peak_bytes
 
 INPUT, SEED, OUTPUT = "image", "seed", "upscaled"
 
@@ -349,10 +349,10 @@ def build_service(params: dict[str, str], version_dir: Path, infer: InferFn | No
 
 
 def model_source(name: str) -> str:
-    """Text of a Triton Python-backend model shipped in ``runtime/triton_models``."""
-    return (resources.files("deltadiff.runtime") / "triton_models" / f"{name}.py").read_text(
-        encoding="utf-8"
-    )
+    """Text of a Triton Python-backend model shipped in ``runtime/serving/triton_models``."""
+    return (
+        resources.files("deltadiff.runtime.serving") / "triton_models" / f"{name}.py"
+    ).read_text(encoding="utf-8")
 
 
 def model_config(

@@ -33,7 +33,7 @@ How it runs:
   up to ``--drain-seconds``, then stop Ray Serve and the local Ray cluster; exit code 0.
 
 The Triton pieces that lived here (the ``deltadiff`` Python model of ``dd-export triton``
-repositories, ``TileBatcher``, the PyTriton test harness) are in ``runtime/triton_service.py`` and
+repositories, ``TileBatcher``, the PyTriton test harness) are in ``runtime/serving/triton_service.py`` and
 re-exported below for the modules that import them from here.
 """
 
@@ -64,15 +64,15 @@ from typing import Any
 
 from deltadiff._deps import require
 from deltadiff.errors import DeltaDiffError
-from deltadiff.runtime.image_request import (
+from deltadiff.runtime.serving.image_request import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
     RequestError,
     upscale_bytes,
     upscale_request,
 )
-from deltadiff.runtime.ray_job import import_ray, start_local_cluster
-from deltadiff.runtime.triton_service import (
+from deltadiff.runtime.serving.ray_cluster import import_ray, start_local_cluster
+from deltadiff.runtime.serving.triton_service import (
     INPUT,
     OUTPUT,
     SEED,
@@ -89,7 +89,7 @@ from deltadiff.runtime.triton_service import (
     upscale_remote,
 )
 
-__all__ = [  # the Triton names are re-exported for export/triton.py, triton_models, ray_job.py
+__all__ = [  # the Triton names are re-exported for runtime/serving/triton_repo.py, triton_models, ray_job.py
     "INPUT",
     "OUTPUT",
     "SEED",
@@ -220,7 +220,7 @@ class UpscaleReplica:
     def __init__(self, cfg: ReplicaConfig) -> None:
         import ray
 
-        from deltadiff.runtime.memory import default_budget
+        from deltadiff.runtime.memory_budget import default_budget
         from deltadiff.runtime.upscaler import Upscaler
 
         o = cfg.opts

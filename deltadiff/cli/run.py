@@ -210,8 +210,8 @@ def info(
     verification) and what fits: which image sizes run whole and which tile larger ones use."""
     setup_logging(False)
     from deltadiff.cpu import cpu_info
-    from deltadiff.runtime.manifest import load_manifest
-    from deltadiff.runtime.memory import memory_text
+    from deltadiff.manifest import load_manifest
+    from deltadiff.runtime.memory_budget import memory_text
     from deltadiff.runtime.precision import choose_precision
     from deltadiff.runtime.upscaler import UpscaleOptions, default_model_dir
 
@@ -274,7 +274,7 @@ def info(
 
 def fit_lines(m, opts, sizes: list[tuple[int, int]]) -> list[str]:  # noqa: ANN001
     """What fits: the whole-image limit for these options and the plan for given sizes."""
-    from deltadiff.runtime.memory import default_budget
+    from deltadiff.runtime.memory_budget import default_budget
     from deltadiff.runtime.upscaler import engine_boxes, fixed_tile, max_lr_pixels, plan_image
 
     where = f"{opts.backend}/{opts.precision}/{opts.mode}"
@@ -340,8 +340,9 @@ def probe(
     """Measure FP32 vs INT8 on this CPU (interleaved, after a warm-up) and cache the result:
     the default precision then follows the measurement instead of the CPU's ISA."""
     setup_logging(False)
-    from deltadiff.runtime.manifest import load_manifest
-    from deltadiff.runtime.precision import MIN_SPEEDUP, run_probe, save_probe
+    from deltadiff.manifest import load_manifest
+    from deltadiff.runtime.precision import MIN_SPEEDUP, save_probe
+    from deltadiff.runtime.probe import run_probe
     from deltadiff.runtime.upscaler import default_model_dir
 
     try:
@@ -444,8 +445,8 @@ def bench(
     Per stage and end to end: min/mean/median/p90/p95/p99/max, CoV, img/s, MP/s, peak RSS, GPU memory, time to first result, GMACs and achieved/peak, PSNR vs the PyTorch reference. A backend that cannot run here is skipped with its reason; the report is still written.
     """
     setup_logging(verbose)
-    from deltadiff.benchmarks.cli import bench_main
     from deltadiff.benchmarks.harness import BenchOptions
+    from deltadiff.cli.bench import bench_main
     from deltadiff.runtime.upscaler import default_model_dir
 
     try:
@@ -584,7 +585,7 @@ def batch(
     setup_logging(verbose)
     from rich.markup import escape
 
-    from deltadiff.runtime.ray_job import RayJobOptions, run_ray_job
+    from deltadiff.runtime.serving.ray_job import RayJobOptions, run_ray_job
     from deltadiff.runtime.upscaler import UpscaleOptions
 
     if suffix is not None and not suffix.startswith("."):
@@ -677,7 +678,7 @@ def serve(
     SIGTERM or Ctrl-C drains requests in flight (--drain-seconds), then exits 0.
     """
     setup_logging(verbose)
-    from deltadiff.runtime.serve import ServeOptions, is_loopback, serve_forever
+    from deltadiff.runtime.serving.serve import ServeOptions, is_loopback, serve_forever
 
     opts = ServeOptions(
         model=model,

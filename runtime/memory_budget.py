@@ -1,7 +1,7 @@
 """Peak memory of a real run, per output pixel, and the budget that sizes whole images and tiles.
 
 ``measure`` runs the model once per LR size, each in a fresh process (``python -m
-deltadiff.runtime.memory``), reads that process's peak RSS (VmHWM) and fits, per image of a
+deltadiff.runtime.memory_budget``), reads that process's peak RSS (VmHWM) and fits, per image of a
 batch, ``peak = base_bytes + bytes_per_hr_px * px + bytes_per_hr_px2 * px**2`` (px: HR pixels):
 with three or more sizes the curve through the three largest, with two the line through them
 (``bytes_per_hr_px2`` = 0); the base is then raised until the curve is at or above every measured
@@ -95,10 +95,10 @@ def probe(
     model_dir: str, h: int, w: int, backend: str, precision: str, mode: str, threads: int
 ) -> dict[str, Any]:
     """One real run at LR (h, w), batch 1, in this process; returns the peak RSS."""
+    from deltadiff.manifest import load_manifest
+    from deltadiff.noise import noise_field
     from deltadiff.runtime.backends import open_backend
     from deltadiff.runtime.executor import Executor
-    from deltadiff.runtime.manifest import load_manifest
-    from deltadiff.runtime.noise import noise_field
 
     m = load_manifest(model_dir)
     if not m.accepts(h, w):
@@ -132,7 +132,14 @@ def measure(
         raise DeltaDiffError("measure memory at two LR sizes at least, e.g. --sizes 64,128")
     points = []
     for h, w in sizes:
-        cmd = [sys.executable, "-m", "deltadiff.runtime.memory", str(model_dir), str(h), str(w)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deltadiff.runtime.memory_budget",
+            str(model_dir),
+            str(h),
+            str(w),
+        ]
         cmd += [backend, precision, mode, str(threads)]
         p = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if p.returncode != 0:

@@ -108,6 +108,42 @@ def _maxpool3s2_hwc(x: np.ndarray) -> np.ndarray:
     return win.max(axis=(-2, -1))
 
 
+def load_weights(path: Path) -> dict[str, np.ndarray]:
+    """The LPIPS AlexNet arrays of ``path`` (npz, no pickle), checked for names, shapes and finite
+    values; the numpy metric here and the torch training loss (``model/lpips_loss.py``) share it."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(
+            f"LPIPS weights not found: {path}; point {ENV_WEIGHTS} or --lpips-weights at "
+            f"{WEIGHTS_FILE} (shared/weights/)"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: np.asarray(npz[k]) for k in npz.files}
+    except Exception as exc:  # noqa: BLE001 - any read failure is a bad weight file
+        raise CheckpointError(
+            f"cannot read LPIPS weights {path}: {type(exc).__name__}: {exc}; "
+            f"re-copy {WEIGHTS_FILE} from shared/weights/"
+        ) from None
+    for key, shape in _expected_shapes().items():
+        if key not in arrays:
+            raise CheckpointError(
+                f"LPIPS weights {path.name} lack array {key!r} (has {len(arrays)} arrays); "
+                f"use {WEIGHTS_FILE} from shared/weights/"
+            )
+        if arrays[key].shape != shape:
+            raise CheckpointError(
+                f"LPIPS weights {path.name}: {key} has shape {arrays[key].shape}, expected "
+                f"{shape}; use {WEIGHTS_FILE} from shared/weights/"
+            )
+        if not np.all(np.isfinite(arrays[key])):
+            raise CheckpointError(
+                f"LPIPS weights {path.name}: {key} has non-finite values; "
+                f"re-copy {WEIGHTS_FILE} from shared/weights/"
+            )
+    return arrays
+
+
 class LPIPS:
     """LPIPS v0.1 (AlexNet) distance between two RGB images; lower = more similar.
 
@@ -125,35 +161,7 @@ class LPIPS:
             raise DeltaDiffError(
                 f"LPIPS dtype must be float32 or float64, got {self.dtype}; pass np.float32"
             )
-        if not path.is_file():
-            raise CheckpointError(
-                f"LPIPS weights not found: {path}; point {ENV_WEIGHTS} or --lpips-weights at "
-                f"{WEIGHTS_FILE} (shared/weights/)"
-            )
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: np.asarray(npz[k]) for k in npz.files}
-        except Exception as exc:  # noqa: BLE001 - any read failure is a bad weight file
-            raise CheckpointError(
-                f"cannot read LPIPS weights {path}: {type(exc).__name__}: {exc}; "
-                f"re-copy {WEIGHTS_FILE} from shared/weights/"
-            ) from None
-        for key, shape in _expected_shapes().items():
-            if key not in arrays:
-                raise CheckpointError(
-                    f"LPIPS weights {path.name} lack array {key!r} (has {len(arrays)} arrays); "
-                    f"use {WEIGHTS_FILE} from shared/weights/"
-                )
-            if arrays[key].shape != shape:
-                raise CheckpointError(
-                    f"LPIPS weights {path.name}: {key} has shape {arrays[key].shape}, expected "
-                    f"{shape}; use {WEIGHTS_FILE} from shared/weights/"
-                )
-            if not np.all(np.isfinite(arrays[key])):
-                raise CheckpointError(
-                    f"LPIPS weights {path.name}: {key} has non-finite values; "
-                    f"re-copy {WEIGHTS_FILE} from shared/weights/"
-                )
+        arrays = load_weights(path)
         dt = self.dtype
         self._convs: tuple[_Conv, ...] = tuple(
             _Conv(

@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from deltadiff.atomic import file_lock, write_text_atomic
 from deltadiff.errors import ManifestError
+from deltadiff.onnx_refs import OnnxParseError, graph_external_locations
 from deltadiff.options import Precision
-from deltadiff.runtime.atomic import file_lock, write_text_atomic
-from deltadiff.runtime.onnx_refs import OnnxParseError, graph_external_locations
-from deltadiff.runtime.steps import StepTable
+from deltadiff.steps import StepTable
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

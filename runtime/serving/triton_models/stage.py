@@ -10,8 +10,8 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
+from deltadiff.manifest import load_manifest
 from deltadiff.runtime.backends import open_backend
-from deltadiff.runtime.manifest import load_manifest
 
 
 class TritonPythonModel:

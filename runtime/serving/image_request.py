@@ -1,7 +1,7 @@
 """One encoded image file held in memory -> the PNG ``dd-run upscale`` would write for it.
 
-Shared by ``dd-run serve`` (``runtime/serve.py``), the Python model of ``dd-export triton``
-repositories (``runtime/triton_service.py``) and ``dd-run batch`` (``runtime/ray_job.py``): every
+Shared by ``dd-run serve`` (``runtime/serving/serve.py``), the Python model of ``dd-export triton``
+repositories (``runtime/serving/triton_service.py``) and ``dd-run batch`` (``runtime/serving/ray_job.py``): every
 one of them writes the bytes to a private temporary file and runs ``upscale_file`` on it, so the
 decoder, its limits (``read_image``: pixel limit, bounded inflating) and the writer are exactly
 those of ``dd-run upscale``.
