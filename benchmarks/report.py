@@ -337,8 +337,22 @@ def _env_section(d: dict[str, Any]) -> list[str]:
     ]
 
 
-def to_markdown(d: dict[str, Any], *, plots: dict[str, str] | None = None) -> str:
-    """The Markdown report: environment, method, peaks, one table per model, comparison, plots."""
+@dataclass(frozen=True)
+class ModelCases:
+    """One model's section of the report: the model entry, its cases and the stage columns."""
+
+    model: dict[str, Any]
+    cases: list[dict[str, Any]]
+    cols: list[str]
+
+    @classmethod
+    def of(cls, model: dict[str, Any], all_cases: list[dict[str, Any]]) -> ModelCases:
+        mine = [c for c in all_cases if c["model"] == model["key"]]
+        return cls(model, mine, stage_columns(model, mine))
+
+
+def _header_section(d: dict[str, Any]) -> list[str]:
+    """Title, how to read the tables, the machine table and the measuring method."""
     opts = d.get("options") or {}
     env = d.get("environment") or {}
     lines = [
@@ -359,117 +373,158 @@ def to_markdown(d: dict[str, Any], *, plots: dict[str, str] | None = None) -> st
     for k, v in (d.get("method") or {}).items():
         if k not in ("warmup", "stop_rule"):  # said above with the numbers
             lines.append(f"- {k}: {v}")
+    return lines
+
+
+def _peaks_section(d: dict[str, Any]) -> list[str]:
+    """The measured peak FLOP/s table (what achieved/peak divides by)."""
     peaks = d.get("peaks") or {}
-    lines += ["", "## Measured peak", ""]
-    if peaks:
-        lines += [
-            "| key | TFLOP/s (best) | TFLOP/s (median) | threads | probe |",
-            "|---|---:|---:|---:|---|",
-        ]
-        for p in peaks.values():
-            lines.append(
-                f"| {p['key']} | {p['tflops']:.4f} | {p['median_tflops']:.4f} | {p['threads']} | {p['what']} |"
-            )
+    lines = ["", "## Measured peak", ""]
+    if not peaks:
+        return [*lines, "not measured"]
+    lines += [
+        "| key | TFLOP/s (best) | TFLOP/s (median) | threads | probe |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for p in peaks.values():
+        lines.append(
+            f"| {p['key']} | {p['tflops']:.4f} | {p['median_tflops']:.4f} | {p['threads']} | {p['what']} |"
+        )
+    return lines
+
+
+def _model_intro(model: dict[str, Any]) -> list[str]:
+    """A model's heading: tile, folder, batch range, graphs, MACs and the reference."""
+    h, w = model["tile"]
+    oh, ow = model["output_hw"]
+    lines = [
+        "",
+        f"## {model['key']}: {model['family']}, LR tile {h}×{w} → {oh}×{ow}",
+        "",
+        f"Model dir `{model['dir']}`; batch range {model['batch_range'][0]}..{model['batch_range'][1]}; "
+        f"graphs {', '.join(model.get('precisions') or [])}.",
+    ]
+    macs = model.get("macs") or {}
+    if macs.get("graphs"):
+        parts = [f"{g['graph']} {g['gmacs']:.3f} (b{g['batch']})" for g in macs["graphs"]]
+        lines.append(f"GMACs per call: {', '.join(parts)}.")
+    elif macs.get("reason"):
+        lines.append(f"MACs not counted: {macs['reason']}.")
+    ref = model.get("reference") or {}
+    if ref.get("status") == "ok":
+        lines.append(
+            f"Reference: FP32 PyTorch on the CPU, {ref.get('inputs')} ({ref.get('seconds', 0):.2f} s)."
+        )
     else:
-        lines.append("not measured")
-    cases = d.get("cases") or []
-    for model in d.get("models") or []:
-        mine = [c for c in cases if c["model"] == model["key"]]
-        cols = stage_columns(model, mine)
-        h, w = model["tile"]
-        oh, ow = model["output_hw"]
+        lines.append(f"Reference: not computed ({ref.get('reason')}).")
+    return lines
+
+
+def _case_table(mc: ModelCases) -> list[str]:
+    """One row per case: per-stage medians, then the metrics; reasons for skipped / noisy cases."""
+    lines = [
+        "",
+        "| backend | precision | mode | batch | "
+        + " | ".join(mc.cols)
+        + " | "
+        + " | ".join(METRIC_HEADERS)
+        + " |",
+        "|---|---|---|---:|" + "---:|" * (len(mc.cols) + len(METRIC_HEADERS)),
+    ]
+    lines += [_case_row(c, mc.cols) for c in mc.cases]
+    bad = [c for c in mc.cases if c["status"] != "ok"]
+    noisy = [c for c in mc.cases if c["status"] == "ok" and c.get("noisy_stages")]
+    if bad or noisy:
+        lines.append("")
+    for c in bad:
+        lines.append(
+            f"- {c['backend']} / {c['precision']} / {c['mode']} / b{c['batch']}: {c['status']}: {c['reason']}"
+        )
+    for c in noisy:
+        lines.append(
+            f"- {c['backend']} / {c['precision']} / {c['mode']} / b{c['batch']}: CoV above "
+            f"{c['cov_threshold']:.0%} in {', '.join(c['noisy_stages'])}"
+        )
+    return lines
+
+
+def _quality_section(model: dict[str, Any], opts: dict[str, Any]) -> list[str]:
+    """PSNR-Y / SSIM-Y / LPIPS per upscaler on the dataset, and the upscalers not evaluated."""
+    lines: list[str] = []
+    q = model.get("quality")
+    if q or model.get("quality_skipped"):
+        lines += ["", f"### Quality on {q['dataset'] if q else opts.get('dataset')}", ""]
+    if q:
         lines += [
+            f"{q['n_images']} images, border {q['border']}, tiled through the runtime Upscaler ({q.get('mode')} "
+            f"mode); LPIPS: {q.get('lpips_weights') or 'not computed'}.",
             "",
-            f"## {model['key']}: {model['family']}, LR tile {h}×{w} → {oh}×{ow}",
-            "",
-            f"Model dir `{model['dir']}`; batch range {model['batch_range'][0]}..{model['batch_range'][1]}; "
-            f"graphs {', '.join(model.get('precisions') or [])}.",
+            "| upscaler | PSNR-Y (dB) | SSIM-Y | LPIPS | Δ PSNR-Y vs bicubic | s/image |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
-        macs = model.get("macs") or {}
-        if macs.get("graphs"):
-            parts = [f"{g['graph']} {g['gmacs']:.3f} (b{g['batch']})" for g in macs["graphs"]]
-            lines.append(f"GMACs per call: {', '.join(parts)}.")
-        elif macs.get("reason"):
-            lines.append(f"MACs not counted: {macs['reason']}.")
-        ref = model.get("reference") or {}
-        if ref.get("status") == "ok":
+        for s in q["upscalers"]:
+            psnr = "inf" if s.get("psnr_y_inf") else _num(s.get("psnr_y"), ".3f")
             lines.append(
-                f"Reference: FP32 PyTorch on the CPU, {ref.get('inputs')} ({ref.get('seconds', 0):.2f} s)."
+                f"| {s['upscaler']} | {psnr} | {_num(s.get('ssim_y'), '.4f')} | {_num(s.get('lpips'), '.4f')} | "
+                f"{_num(s.get('delta_psnr_y_vs_bicubic'), '+.3f')} | {_num(s.get('seconds_per_image'), '.3f')} |"
             )
-        else:
-            lines.append(f"Reference: not computed ({ref.get('reason')}).")
-        lines += [
-            "",
-            "| backend | precision | mode | batch | "
-            + " | ".join(cols)
-            + " | "
-            + " | ".join(METRIC_HEADERS)
-            + " |",
-            "|---|---|---|---:|" + "---:|" * (len(cols) + len(METRIC_HEADERS)),
-        ]
-        lines += [_case_row(c, cols) for c in mine]
-        bad = [c for c in mine if c["status"] != "ok"]
-        noisy = [c for c in mine if c["status"] == "ok" and c.get("noisy_stages")]
-        if bad or noisy:
-            lines.append("")
-        for c in bad:
-            lines.append(
-                f"- {c['backend']} / {c['precision']} / {c['mode']} / b{c['batch']}: {c['status']}: {c['reason']}"
-            )
-        for c in noisy:
-            lines.append(
-                f"- {c['backend']} / {c['precision']} / {c['mode']} / b{c['batch']}: CoV above "
-                f"{c['cov_threshold']:.0%} in {', '.join(c['noisy_stages'])}"
-            )
-        q = model.get("quality")
-        if q or model.get("quality_skipped"):
-            lines += ["", f"### Quality on {q['dataset'] if q else opts.get('dataset')}", ""]
-        if q:
-            lines += [
-                f"{q['n_images']} images, border {q['border']}, tiled through the runtime Upscaler ({q.get('mode')} "
-                f"mode); LPIPS: {q.get('lpips_weights') or 'not computed'}.",
-                "",
-                "| upscaler | PSNR-Y (dB) | SSIM-Y | LPIPS | Δ PSNR-Y vs bicubic | s/image |",
-                "|---|---:|---:|---:|---:|---:|",
-            ]
-            for s in q["upscalers"]:
-                psnr = "inf" if s.get("psnr_y_inf") else _num(s.get("psnr_y"), ".3f")
-                lines.append(
-                    f"| {s['upscaler']} | {psnr} | {_num(s.get('ssim_y'), '.4f')} | {_num(s.get('lpips'), '.4f')} | "
-                    f"{_num(s.get('delta_psnr_y_vs_bicubic'), '+.3f')} | {_num(s.get('seconds_per_image'), '.3f')} |"
-                )
-        for s in model.get("quality_skipped") or []:
-            lines.append(f"- {s['upscaler']}: not evaluated: {s['reason']}")
-    cmp = d.get("comparison")
-    if cmp:
-        lines += [
-            "",
-            "## Comparison with an earlier report",
-            "",
-            f"Old: `{cmp.get('old_path')}` ({cmp.get('old_label') or cmp.get('old_host')}, {cmp.get('old_date')}). "
-            f"Rule: regression when {cmp['rule']}, floor {cmp['floor']:.0%}, k {cmp['k']:g}. "
-            f"**{cmp['n_regressions']} regression(s)** in {cmp['n_cells']} cells.",
-            "",
-            "| case | stage | old (ms) | new (ms) | new/old | limit | flag |",
-            "|---|---|---:|---:|---:|---:|---|",
-        ]
-        for c in cmp["cells"]:
-            flag = "**REGRESSION**" if c["regression"] else ("faster" if c["faster"] else "ok")
-            lines.append(
-                f"| {c['case']} | {c['stage']} | {_ms(c['old_median'])} | {_ms(c['new_median'])} | "
-                f"{c['ratio']:.3f} | {c['threshold']:.3f} | {flag} |"
-            )
-        for c in cmp.get("only_new") or []:
-            lines.append(f"| {c} | — | — | — | — | — | only in the new report |")
-        for c in cmp.get("only_old") or []:
-            lines.append(f"| {c} | — | — | — | — | — | only in the old report |")
+    for s in model.get("quality_skipped") or []:
+        lines.append(f"- {s['upscaler']}: not evaluated: {s['reason']}")
+    return lines
+
+
+def _model_section(mc: ModelCases, opts: dict[str, Any]) -> list[str]:
+    return [*_model_intro(mc.model), *_case_table(mc), *_quality_section(mc.model, opts)]
+
+
+def _comparison_section(cmp: dict[str, Any] | None) -> list[str]:
+    """The new/old ratio per cell against an earlier report (``compare_reports``), if any."""
+    if not cmp:
+        return []
+    lines = [
+        "",
+        "## Comparison with an earlier report",
+        "",
+        f"Old: `{cmp.get('old_path')}` ({cmp.get('old_label') or cmp.get('old_host')}, {cmp.get('old_date')}). "
+        f"Rule: regression when {cmp['rule']}, floor {cmp['floor']:.0%}, k {cmp['k']:g}. "
+        f"**{cmp['n_regressions']} regression(s)** in {cmp['n_cells']} cells.",
+        "",
+        "| case | stage | old (ms) | new (ms) | new/old | limit | flag |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for c in cmp["cells"]:
+        flag = "**REGRESSION**" if c["regression"] else ("faster" if c["faster"] else "ok")
+        lines.append(
+            f"| {c['case']} | {c['stage']} | {_ms(c['old_median'])} | {_ms(c['new_median'])} | "
+            f"{c['ratio']:.3f} | {c['threshold']:.3f} | {flag} |"
+        )
+    for c in cmp.get("only_new") or []:
+        lines.append(f"| {c} | — | — | — | — | — | only in the new report |")
+    for c in cmp.get("only_old") or []:
+        lines.append(f"| {c} | — | — | — | — | — | only in the old report |")
+    return lines
+
+
+def _plots_and_notes(plots: dict[str, str] | None, notes: list[str]) -> list[str]:
+    lines: list[str] = []
     if plots:
         lines += ["", "## Plots", ""]
         for title, name in plots.items():
             lines += [f"![{title}]({name})", ""]
-    notes = d.get("notes") or []
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return lines
+
+
+def to_markdown(d: dict[str, Any], *, plots: dict[str, str] | None = None) -> str:
+    """The Markdown report: environment, method, peaks, one table per model, comparison, plots."""
+    opts = d.get("options") or {}
+    cases = d.get("cases") or []
+    lines = [*_header_section(d), *_peaks_section(d)]
+    for model in d.get("models") or []:
+        lines += _model_section(ModelCases.of(model, cases), opts)
+    lines += _comparison_section(d.get("comparison"))
+    lines += _plots_and_notes(plots, d.get("notes") or [])
     return "\n".join(lines).rstrip() + "\n"
 
 

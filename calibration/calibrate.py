@@ -30,8 +30,10 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +50,12 @@ from deltadiff.calibration.data import (
 )
 from deltadiff.calibration.evaluate import MAX_HR_DROP_DB, MIN_E2E_DB, Evaluator, Score
 from deltadiff.calibration.gate import GateOptions, GateResult, load_pairs, record_gate, run_gate
-from deltadiff.calibration.qdq import TARGETS, quantizable_nodes, quantized_nodes, stage_candidates
+from deltadiff.calibration.qdq import quantizable_nodes, quantized_nodes, stage_candidates
 from deltadiff.calibration.search import (
-    RANKS,
-    UNITS,
     Key,
     PlanBuilder,
     Stage,
+    Unit,
     greedy,
     node_blocks,
     sensitivity,
@@ -62,7 +63,7 @@ from deltadiff.calibration.search import (
 from deltadiff.calibration.trt_check import culprits, rtx_available, rtx_builds
 from deltadiff.errors import DeltaDiffError, ManifestError
 from deltadiff.manifest import (
-    INT8_TARGETS,
+    DEFAULT_INT8_TARGET,
     GraphRecord,
     Manifest,
     graph_key,
@@ -70,28 +71,34 @@ from deltadiff.manifest import (
     update_manifest,
     verify_graph,
 )
+from deltadiff.options import Int8Target, RangeMethod, SearchRank, SearchUnit, parse
 from deltadiff.runtime.memory_budget import measure as measure_memory
 from deltadiff.runtime.memory_budget import memory_text, record_key
 
 log = logging.getLogger(__name__)
 
 STAGED = ("encoder", "step", "decoder")
-METHOD_CHOICES = ("auto", *R.METHODS)
+# --method: a range method, or auto (measure each on held-out images and keep the best)
+MethodChoice = StrEnum(
+    "MethodChoice", [("AUTO", "auto"), *((m.name, m.value) for m in RangeMethod)]
+)
 
 
 @dataclass(frozen=True)
 class CalibrateOptions:
     model: Path
     data: Path
-    target: str = "onnxruntime"
-    method: str = "auto"
+    target: str = Int8Target.ONNXRUNTIME
+    method: str = MethodChoice.AUTO  # or a RangeMethod
     samples: int = 4
     cache: Path | None = None
     threads: int = 0
     search: bool = True
     coarse: bool = False  # search units are whole graphs (rows, encoder, decoder), not blocks
-    rank: str = "per-mac"  # search order: cost per MAC moved to INT8, or cost alone ("cost")
-    units: str = "block"  # search unit inside a row: a UNet block, or one layer ("layer")
+    rank: str = (
+        SearchRank.PER_MAC
+    )  # search order: cost per MAC moved to INT8, or cost alone ("cost")
+    units: str = SearchUnit.BLOCK  # search unit inside a row: a UNet block, or one layer ("layer")
     # reuse another target's search (its report): its method, cost order and kept units are the
     # starting point; only the gate (and, if it fails, a bisection over more kept units) runs
     search_from: Path | None = None
@@ -191,7 +198,7 @@ def compare_methods(
 ) -> list[dict[str, Any]]:
     """Teacher-forced PSNR of each method's fully quantized graphs (step rows, VQ stages)."""
     out = []
-    for meth in R.METHODS:
+    for meth in RangeMethod:
         pb = builder(meth)
         per = {}
         for t in keys:
@@ -218,310 +225,592 @@ def calibrate(
     on_feed: Callable[[], None] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> CalibrationResult:
-    import onnx
-
+    """The procedure of the module docstring, one named step each."""
     say = progress or log.info
-    if opts.target not in TARGETS:
-        raise DeltaDiffError(f"--target {opts.target!r}: choose one of {', '.join(TARGETS)}")
-    if opts.rank not in RANKS:
-        raise DeltaDiffError(f"--rank {opts.rank!r}: choose one of {', '.join(RANKS)}")
-    if opts.units not in UNITS:
-        raise DeltaDiffError(f"--units {opts.units!r}: choose one of {', '.join(UNITS)}")
-    if opts.method not in METHOD_CHOICES:
-        raise DeltaDiffError(f"--method {opts.method!r}: choose one of {', '.join(METHOD_CHOICES)}")
-    if opts.gate_data is not None and opts.target != "onnxruntime":
+    opts = _checked(opts)
+    inp = _load_inputs(opts)
+    times: dict[str, float] = {}
+    with _timed(times, "data"):
+        act = _collect_activations(opts, inp, say, on_feed)
+    if opts.gate_data is not None:
+        _check_gate_data(Path(opts.gate_data), set(act.calib_hashes))
+    with _timed(times, "fp32_reference"):
+        bench = _fp32_reference(opts, inp, act.images)
+    factory = PlanFactory(opts.target, inp, act)
+    with _timed(times, "methods"):
+        pick = _choose_method(opts, inp, bench, factory, say)
+    fixed = set(opts.tensorrt_fp32) if opts.target == Int8Target.TENSORRT else set()
+    pb = factory(pick.method, fixed)
+    with _timed(times, "search"):
+        found = _search(opts, inp, bench, pb, say)
+    with _timed(times, "gate"):
+        plan = _gate(opts, inp, bench, pb, fixed, found, say)
+    if opts.target == Int8Target.TENSORRT and opts.rtx_check and plan.passed and rtx_available():
+        with _timed(times, "rtx_check"):
+            _rtx_check(opts, inp, bench, factory, pick.method, plan, say)
+    share = _int8_share(inp, plan, say)
+    fidelity = _fidelity(bench, act.images, plan, say)
+    records = _write(opts, inp, act, pick.method, plan, fidelity)
+    report = _report(opts, inp, act, pick, found, plan, share, fidelity, records, times)
+    passed, gate = _after_write(opts, inp.model_dir, plan.passed, report, times, say)
+    rpath = _write_report(inp.model_dir, opts.target, report)
+    return CalibrationResult(
+        passed,
+        plan.score,
+        pick.method,
+        opts.target,
+        records,
+        report,
+        rpath,
+        act.data_pass,
+        times,
+        gate,
+    )
+
+
+@contextmanager
+def _timed(times: dict[str, float], key: str) -> Iterator[None]:
+    """Record the seconds the block took as ``times[key]`` (the report's ``seconds``)."""
+    t0 = time.perf_counter()
+    yield
+    times[key] = time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------
+# 0. inputs
+
+
+def _checked(opts: CalibrateOptions) -> CalibrateOptions:
+    """``opts`` with its choices parsed (a bad one is one line), before any data pass."""
+    opts = replace(
+        opts,
+        target=parse(Int8Target, opts.target, "--target"),
+        rank=parse(SearchRank, opts.rank, "--rank"),
+        units=parse(SearchUnit, opts.units, "--units"),
+        method=parse(MethodChoice, opts.method, "--method"),
+    )
+    if opts.gate_data is not None and opts.target != Int8Target.ONNXRUNTIME:
         raise DeltaDiffError(
             f"--gate-data runs the INT8 graphs through onnxruntime; use it with --target "
             f"onnxruntime (got --target {opts.target})"
         )
+    return opts
+
+
+@dataclass
+class Inputs:
+    """What the run quantizes: the FP32 graphs, their search units, and a search to reuse."""
+
+    model_dir: Path
+    m: Manifest
+    step: Any  # the FP32 step graph (onnx.ModelProto)
+    rows: list[int]  # the step table's rows (t)
+    keys: list[Key]  # every graph the plan writes: encoder, the rows, decoder
+    units: str  # the search unit (SearchUnit; --search-from: the other report's)
+    blocks: dict[str, list[str]]  # the step graph's search units -> their nodes
+    stages: dict[str, Any]  # the VQ-f4 encoder / decoder with candidates (latent families)
+    stage_blocks: dict[str, dict[str, list[str]]]
+    stage_kept: dict[str, list[dict[str, Any]]]  # their nodes always kept FP32, with why
+    prior: dict[str, Any] | None  # --search-from: the other target's report
+
+
+def _load_inputs(opts: CalibrateOptions) -> Inputs:
+    """The FP32 graphs the manifest vouches for, their candidates and search units."""
+    import onnx
+
     model_dir = Path(opts.model)
     m = _check_fp32(model_dir)
-    step_rec = m.graph("step")
-    model = onnx.load(str(verify_graph(model_dir, step_rec, what="graph step")))
-    names = [i.name for i in model.graph.input]
+    step = onnx.load(str(verify_graph(model_dir, m.graph("step"), what="graph step")))
     rows = [r.t for r in m.step_table.rows]
-    times: dict[str, float] = {}
     # the VQ-f4 encoder / decoder of the latent families (the pixel family has no candidates)
-    smodels: dict[str, Any] = {}
-    scand: dict[str, tuple[list[str], list[dict[str, Any]]]] = {}
+    stages: dict[str, Any] = {}
+    cand: dict[str, tuple[list[str], list[dict[str, Any]]]] = {}
     for g in ("encoder", "decoder"):
         sm = onnx.load(str(verify_graph(model_dir, m.graph(g), what=f"graph {g}")))
         nodes, kept = stage_candidates(sm, g)
         if nodes:
-            smodels[g], scand[g] = sm, (nodes, kept)
+            stages[g], cand[g] = sm, (nodes, kept)
     prior = _prior_search(Path(opts.search_from), m) if opts.search_from is not None else None
     # another target's search is reused unit for unit: its unit names are its granularity's
-    units = prior.get("units", "block") if prior is not None else opts.units
-    sblocks = {g: node_blocks(smodels[g], set(scand[g][0]), units) for g in smodels}
-    keys: list[Key] = [*(["encoder"] if "encoder" in smodels else []), *rows]
-    keys += ["decoder"] if "decoder" in smodels else []
+    units = prior.get("units", SearchUnit.BLOCK) if prior is not None else opts.units
+    keys: list[Key] = [*(["encoder"] if "encoder" in stages else []), *rows]
+    keys += ["decoder"] if "decoder" in stages else []
+    return Inputs(
+        model_dir=model_dir,
+        m=m,
+        step=step,
+        rows=rows,
+        keys=keys,
+        units=units,
+        blocks=node_blocks(step, units=units),
+        stages=stages,
+        stage_blocks={g: node_blocks(stages[g], set(cand[g][0]), units) for g in stages},
+        stage_kept={g: cand[g][1] for g in cand},
+        prior=prior,
+    )
 
-    # ---- data: cache or a pass over the calibration images
-    t0 = time.perf_counter()
+
+# ---------------------------------------------------------------------------------------------
+# 1. data: activation statistics per row, from the cache or a pass over the calibration images
+
+
+@dataclass
+class Activations:
+    """The activation statistics the ranges are computed from, and the images behind them."""
+
+    step: dict[str, dict[int, R.TensorStats]]  # step graph: tensor -> row t -> statistics
+    stages: dict[str, dict[str, dict[int, R.TensorStats]]]  # encoder / decoder (row 0)
+    images: ImageSet  # held_out: the images the search and the gate may use
+    calib_hashes: list[str]  # sha256 of the calibration images
+    data_pass: bool  # False when the statistics came from the cache
+
+    @property
+    def images_sha(self) -> str:
+        return hashlib.sha256("".join(self.calib_hashes).encode()).hexdigest()
+
+
+def _collect_activations(
+    opts: CalibrateOptions,
+    inp: Inputs,
+    say: Callable[[str], None],
+    on_feed: Callable[[], None] | None,
+) -> Activations:
+    """Per-row statistics: from the ranges cache if there is one, else a data pass."""
     images = load_images(opts.data, opts.samples)
-    calib_hashes = sorted(im.sha256 for im in images.calib)
-    data_pass = True
     if opts.cache is not None and Path(opts.cache).exists():
-        stats, meta = R.load_cache(Path(opts.cache), step_rec.sha256)
-        sstats = {g: R.stage_stats(Path(opts.cache), meta, g, m.graph(g).sha256) for g in smodels}
-        data_pass = False
-        calib_hashes = list(meta.get("calibration_images", []))
-        # the gate must never see a calibration image: hold out what the cache did not use
-        every = images.calib + images.held_out
-        held = [im for im in every if im.sha256 not in set(calib_hashes)]
-        if len(held) < 2:
-            raise CalibrationDataError(
-                f"--data {opts.data} has fewer than 2 images the cached calibration did not use; "
-                "add held-out images or delete the cache"
-            )
-        images = ImageSet(images.folder, [], held, images.paired)
-        say(
-            f"ranges from cache {opts.cache} (no data pass; {len(calib_hashes)} calibration images)"
+        return _cached_activations(opts, inp, images, Path(opts.cache), say)
+    return _data_pass(opts, inp, images, say, on_feed)
+
+
+def _cached_activations(
+    opts: CalibrateOptions,
+    inp: Inputs,
+    images: ImageSet,
+    cache: Path,
+    say: Callable[[str], None],
+) -> Activations:
+    """The statistics of the ranges cache; the held-out images are those it did not use."""
+    stats, meta = R.load_cache(cache, inp.m.graph("step").sha256)
+    sstats = {g: R.stage_stats(cache, meta, g, inp.m.graph(g).sha256) for g in inp.stages}
+    calib_hashes = list(meta.get("calibration_images", []))
+    # the gate must never see a calibration image: hold out what the cache did not use
+    every = images.calib + images.held_out
+    held = [im for im in every if im.sha256 not in set(calib_hashes)]
+    if len(held) < 2:
+        raise CalibrationDataError(
+            f"--data {opts.data} has fewer than 2 images the cached calibration did not use; "
+            "add held-out images or delete the cache"
         )
-    else:
-        say(f"data pass: {len(images.calib)} images x {len(rows)} rows through the FP32 graphs")
-        ins = {g: [i.name for i in smodels[g].graph.input] for g in smodels}
-        feeds, sfeeds = _feeds(model_dir, m, images, opts.threads, names, ins)
-        stats = R.collect(model, feeds, threads=opts.threads, on_feed=on_feed)
-        sstats = {
-            g: R.collect(smodels[g], {0: sfeeds[g]}, threads=opts.threads, on_feed=on_feed)
-            for g in smodels
-        }
-        del feeds, sfeeds
-        if opts.cache is not None:
-            R.save_cache(
-                Path(opts.cache),
-                step_rec.sha256,
-                stats,
-                stages={g: (m.graph(g).sha256, sstats[g]) for g in smodels},
-                model=m.name,
-                calibration_images=calib_hashes,
-                created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            )
-    times["data"] = time.perf_counter() - t0
-    if opts.gate_data is not None:
-        _check_gate_data(Path(opts.gate_data), set(calib_hashes))
-    images_sha = hashlib.sha256("".join(calib_hashes).encode()).hexdigest()
+    say(f"ranges from cache {opts.cache} (no data pass; {len(calib_hashes)} calibration images)")
+    held_out = ImageSet(images.folder, [], held, images.paired)
+    return Activations(stats, sstats, held_out, calib_hashes, data_pass=False)
 
-    # ---- held-out FP32 trajectories
-    t0 = time.perf_counter()
-    ev = Evaluator(model_dir, m, images.held_out, threads=opts.threads)
-    times["fp32_reference"] = time.perf_counter() - t0
-    blocks = node_blocks(model, units=units)
-    sens_n = max(1, min(opts.sens_images, len(images.held_out), m.batch[1]))
-    search_n = max(1, min(opts.search_images, len(images.held_out)))
 
-    # ---- range method
-    t0 = time.perf_counter()
+def _data_pass(
+    opts: CalibrateOptions,
+    inp: Inputs,
+    images: ImageSet,
+    say: Callable[[str], None],
+    on_feed: Callable[[], None] | None,
+) -> Activations:
+    """The calibration images through the FP32 graphs; the statistics go to the cache."""
+    calib_hashes = sorted(im.sha256 for im in images.calib)
+    say(f"data pass: {len(images.calib)} images x {len(inp.rows)} rows through the FP32 graphs")
+    names = [i.name for i in inp.step.graph.input]
+    ins = {g: [i.name for i in inp.stages[g].graph.input] for g in inp.stages}
+    feeds, sfeeds = _feeds(inp.model_dir, inp.m, images, opts.threads, names, ins)
+    stats = R.collect(inp.step, feeds, threads=opts.threads, on_feed=on_feed)
+    sstats = {
+        g: R.collect(inp.stages[g], {0: sfeeds[g]}, threads=opts.threads, on_feed=on_feed)
+        for g in inp.stages
+    }
+    del feeds, sfeeds
+    if opts.cache is not None:
+        R.save_cache(
+            Path(opts.cache),
+            inp.m.graph("step").sha256,
+            stats,
+            stages={g: (inp.m.graph(g).sha256, sstats[g]) for g in inp.stages},
+            model=inp.m.name,
+            calibration_images=calib_hashes,
+            created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        )
+    return Activations(stats, sstats, images, calib_hashes, data_pass=True)
 
-    def builder(meth: str, fixed: set[str] | None = None) -> PlanBuilder:
+
+# ---------------------------------------------------------------------------------------------
+# 2. ranges: the held-out FP32 reference, and the range method
+
+
+@dataclass
+class Bench:
+    """What the method choice, the search and the gate measure with."""
+
+    ev: Evaluator  # the held-out images' FP32 trajectories
+    sens_n: int  # images for the per-unit costs (and the method comparison)
+    search_n: int  # images the greedy search checks (the gate uses all)
+
+
+def _fp32_reference(opts: CalibrateOptions, inp: Inputs, images: ImageSet) -> Bench:
+    """The held-out images run through the FP32 graphs once (every later score's reference)."""
+    ev = Evaluator(inp.model_dir, inp.m, images.held_out, threads=opts.threads)
+    return Bench(
+        ev,
+        sens_n=max(1, min(opts.sens_images, len(images.held_out), inp.m.batch[1])),
+        search_n=max(1, min(opts.search_images, len(images.held_out))),
+    )
+
+
+@dataclass
+class PlanFactory:
+    """The ``PlanBuilder`` of a range method: per-row ranges for the step graph, one set for
+    each stage graph, and the nodes kept FP32 for TensorRT (``fixed``)."""
+
+    target: str
+    inp: Inputs
+    act: Activations
+
+    def __call__(self, method: str, fixed: set[str] | None = None) -> PlanBuilder:
+        inp, act = self.inp, self.act
         return PlanBuilder(
-            opts.target,
-            model,
-            {t: R.row_ranges(stats, meth, t) for t in rows},
-            blocks,
+            self.target,
+            inp.step,
+            {t: R.row_ranges(act.step, method, t) for t in inp.rows},
+            inp.blocks,
             fixed_exclude=fixed,
             stages={
-                g: Stage(smodels[g], R.row_ranges(sstats[g], meth, 0), sblocks[g]) for g in smodels
+                g: Stage(inp.stages[g], R.row_ranges(act.stages[g], method, 0), inp.stage_blocks[g])
+                for g in inp.stages
             },
-            lr_units=(m.tile[0] // m.lr_multiple, m.tile[1] // m.lr_multiple),
+            lr_units=(inp.m.tile[0] // inp.m.lr_multiple, inp.m.tile[1] // inp.m.lr_multiple),
         )
 
-    methods_table: list[dict[str, Any]] = []
+
+@dataclass
+class MethodPick:
+    """The range method, and how the methods compared when it was chosen (``auto``)."""
+
+    method: str  # the RangeMethod the graphs are written with
+    table: list[dict[str, Any]]  # auto: each method's teacher-forced PSNR; else empty
+
+
+def _choose_method(
+    opts: CalibrateOptions,
+    inp: Inputs,
+    bench: Bench,
+    factory: PlanFactory,
+    say: Callable[[str], None],
+) -> MethodPick:
+    """--method as given; auto: the other report's method (--search-from), else the method
+    whose fully quantized graphs score best on held-out images."""
     method = opts.method
-    if prior is not None and method == "auto":
-        method = prior["method"]
+    if inp.prior is not None and method == MethodChoice.AUTO:
+        method = inp.prior["method"]
         say(f"range method: {method} (from {opts.search_from})")
-    if method == "auto":
-        methods_table = compare_methods(ev, builder, keys, sens_n)
-        method = max(methods_table, key=lambda r: r["mean_db"])["method"]
-        say(f"range method: {method} (best mean PSNR over the graphs of {', '.join(R.METHODS)})")
-    times["methods"] = time.perf_counter() - t0
-    fixed = set(opts.tensorrt_fp32) if opts.target == "tensorrt" else set()
-    pb = builder(method, fixed)
+    if method != MethodChoice.AUTO:
+        return MethodPick(parse(RangeMethod, method, "--method"), [])
+    table = compare_methods(bench.ev, factory, inp.keys, bench.sens_n)
+    best = max(table, key=lambda r: r["mean_db"])["method"]
+    say(f"range method: {best} (best mean PSNR over the graphs of {', '.join(RangeMethod)})")
+    return MethodPick(best, table)
 
-    # ---- sensitivity search
-    t0 = time.perf_counter()
-    table, row_table, trail = [], [], []
-    order: list[tuple[int, str]] = []
-    keep = 0
 
-    def ok_search(s: Score) -> bool:
+# ---------------------------------------------------------------------------------------------
+# 3. sensitivity search
+
+
+@dataclass
+class SearchResult:
+    """The search's cost order and how many of it it keeps FP32 (all empty: no search)."""
+
+    table: list[dict[str, Any]] = field(default_factory=list)  # unit costs, in search order
+    rows: list[dict[str, Any]] = field(default_factory=list)  # each row quantized alone
+    order: list[Unit] = field(default_factory=list)  # the units, most costly first
+    keep: int = 0  # the first ``keep`` of ``order`` stay FP32
+    trail: list[dict[str, Any]] = field(default_factory=list)  # every score measured
+
+
+def _search(
+    opts: CalibrateOptions, inp: Inputs, bench: Bench, pb: PlanBuilder, say: Callable[[str], None]
+) -> SearchResult:
+    """The units to keep FP32: another target's search reused, a sensitivity search, or none."""
+
+    def ok(s: Score) -> bool:  # the gate, with a margin
         return s.passes(opts.min_e2e_db, opts.max_drop_db - opts.margin_db)
 
-    def ok_gate(s: Score) -> bool:
-        return s.passes(opts.min_e2e_db, opts.max_drop_db)
+    if inp.prior is not None:
+        return _search_from_prior(opts, inp.prior, inp.keys, bench, pb, ok, say)
+    if opts.search:
+        return _search_by_sensitivity(opts, inp, bench, pb, ok, say)
+    return SearchResult()
 
-    if prior is not None:
-        # another target's cost order: start from its kept count, bisect upwards if needed
-        table, row_table = prior["sensitivity"], prior["rows"]
-        order = [(r["row"], r["block"]) for r in table]
-        k0 = min(len(prior["kept_fp32"]), len(order))
-        say(f"search from {opts.search_from}: {len(order)} units, {k0} kept FP32 there")
-        k, _ = greedy(
-            ev, pb, keys, order[k0:], ok_search, limit=search_n, trail=trail, fixed=order[:k0]
-        )
-        keep = k0 + k
-    elif opts.search:
-        # ranked by cost alone, a row that alone keeps the gate with 4x margin stays one unit;
-        # ranked per MAC every row is split, so a cheap-to-quantize row is not all or nothing
-        # (--coarse: no row / stage is split)
-        table, row_table = sensitivity(
-            ev,
-            pb,
-            keys,
-            images=sens_n,
-            refine=lambda sc: (
-                not opts.coarse
-                and (opts.rank == "per-mac" or not sc.passes(opts.min_e2e_db, opts.max_drop_db / 4))
-            ),
-            rank=opts.rank,
-        )
-        for r in table:
-            say(
-                f"  cost  t={r['row']}  {r['block']:<16} est. end to end {r['est_e2e_db']:7.2f} dB"
-                f"  ({100 * r['mac_share']:5.1f} % of the graph's MACs)"
+
+def _search_from_prior(
+    opts: CalibrateOptions,
+    prior: dict[str, Any],
+    keys: list[Key],
+    bench: Bench,
+    pb: PlanBuilder,
+    ok: Callable[[Score], bool],
+    say: Callable[[str], None],
+) -> SearchResult:
+    """Another target's cost order: start from its kept count, bisect upwards if needed."""
+    found = SearchResult(prior["sensitivity"], prior["rows"])
+    found.order = [(r["row"], r["block"]) for r in found.table]
+    k0 = min(len(prior["kept_fp32"]), len(found.order))
+    say(f"search from {opts.search_from}: {len(found.order)} units, {k0} kept FP32 there")
+    k, _ = greedy(
+        bench.ev,
+        pb,
+        keys,
+        found.order[k0:],
+        ok,
+        limit=bench.search_n,
+        trail=found.trail,
+        fixed=found.order[:k0],
+    )
+    found.keep = k0 + k
+    return found
+
+
+def _search_by_sensitivity(
+    opts: CalibrateOptions,
+    inp: Inputs,
+    bench: Bench,
+    pb: PlanBuilder,
+    ok: Callable[[Score], bool],
+    say: Callable[[str], None],
+) -> SearchResult:
+    """Each unit's cost when it alone is INT8, then the fewest most costly kept FP32."""
+    # ranked by cost alone, a row that alone keeps the gate with 4x margin stays one unit;
+    # ranked per MAC every row is split, so a cheap-to-quantize row is not all or nothing
+    # (--coarse: no row / stage is split)
+    table, rows = sensitivity(
+        bench.ev,
+        pb,
+        inp.keys,
+        images=bench.sens_n,
+        refine=lambda sc: (
+            not opts.coarse
+            and (
+                opts.rank == SearchRank.PER_MAC
+                or not sc.passes(opts.min_e2e_db, opts.max_drop_db / 4)
             )
-        order = [(r["row"], r["block"]) for r in table]
-        keep, _ = greedy(ev, pb, keys, order, ok_search, limit=search_n, trail=trail)
-    times["search"] = time.perf_counter() - t0
+        ),
+        rank=opts.rank,
+    )
+    for r in table:
+        say(
+            f"  cost  t={r['row']}  {r['block']:<16} est. end to end {r['est_e2e_db']:7.2f} dB"
+            f"  ({100 * r['mac_share']:5.1f} % of the graph's MACs)"
+        )
+    found = SearchResult(table, rows, [(r["row"], r["block"]) for r in table])
+    found.keep, _ = greedy(
+        bench.ev, pb, inp.keys, found.order, ok, limit=bench.search_n, trail=found.trail
+    )
+    return found
 
-    # ---- the gate, on every held-out image
-    t0 = time.perf_counter()
+
+# ---------------------------------------------------------------------------------------------
+# 4. the gate, on every held-out image
+
+
+@dataclass
+class Plan:
+    """The graphs to write: the units kept FP32, the graphs, and their gate score."""
+
+    pb: PlanBuilder
+    fixed: set[str]  # nodes kept FP32 for TensorRT ("stage:node" in the encoder / decoder)
+    excluded: list[Unit]  # the units kept FP32
+    graphs: dict[Key, bytes | None]  # None: the graph stays FP32
+    score: Score
+    passed: bool
+    rtx: dict[str, Any] = field(default_factory=dict)  # TensorRT-RTX build check per graph
+
+
+def _passes_gate(opts: CalibrateOptions, s: Score) -> bool:
+    return s.passes(opts.min_e2e_db, opts.max_drop_db)
+
+
+def _gate(
+    opts: CalibrateOptions,
+    inp: Inputs,
+    bench: Bench,
+    pb: PlanBuilder,
+    fixed: set[str],
+    found: SearchResult,
+    say: Callable[[str], None],
+) -> Plan:
+    """The search's plan on all held-out images; one more unit FP32 until the gate holds."""
+    keep = found.keep
     while True:
-        plan = pb.plan(keys, set(order[:keep]))
-        score = ev.score(plan)
-        trail.append(
+        graphs = pb.plan(inp.keys, set(found.order[:keep]))
+        score = bench.ev.score(graphs)
+        found.trail.append(
             {"keep_fp32": keep, "images": len(score.per_image_db), "gate": True, **score.to_dict()}
         )
         say(f"gate ({len(score.per_image_db)} held-out images, {keep} units FP32): {score.line()}")
-        if ok_gate(score) or keep >= len(order):
+        if _passes_gate(opts, score) or keep >= len(found.order):
             break
         keep += 1
-    times["gate"] = time.perf_counter() - t0
-    passed = ok_gate(score)
-    excluded = order[:keep]
-    rtx: dict[str, Any] = {}
-    if opts.target == "tensorrt" and opts.rtx_check and passed and rtx_available():
-        t0 = time.perf_counter()
-        bad: set[str] = set()
-        for t, blob in plan.items():
-            if blob is None:
-                continue
-            ins = m.graph(t).inputs if isinstance(t, str) else step_rec.inputs
-            if rtx_builds(blob, ins, m):
-                rtx[str(t)] = "builds"
-                continue
-            nodes = pb.nodes(t, set(excluded))
-            found = culprits(
-                nodes, lambda ns, t=t, ins=ins: rtx_builds(pb.graph(t, ns) or b"", ins, m)
-            )
-            rtx[str(t)] = {"kept_fp32": found}
-            bad |= {f"{t}:{n}" if isinstance(t, str) else n for n in found}
-        if bad:  # keep them FP32 for this target and gate again
-            fixed |= bad
-            pb = builder(method, fixed)
-            plan = pb.plan(keys, set(excluded))
-            score = ev.score(plan)
-            passed = ok_gate(score)
-            say(f"gate after keeping {len(bad)} TensorRT-rejected nodes FP32: {score.line()}")
-        say(f"TensorRT-RTX build check of the row graphs: {rtx}")
-        times["rtx_check"] = time.perf_counter() - t0
+    return Plan(pb, fixed, found.order[:keep], graphs, score, _passes_gate(opts, score))
 
-    # ---- how much of each graph's compute the plan runs in INT8 (MACs at the tile size)
-    int8_share = {
-        str(t): round(pb.mac_share(t, pb.nodes(t, set(excluded))), 4)
-        for t in keys
+
+def _rtx_check(
+    opts: CalibrateOptions,
+    inp: Inputs,
+    bench: Bench,
+    factory: PlanFactory,
+    method: str,
+    plan: Plan,
+    say: Callable[[str], None],
+) -> None:
+    """TensorRT target: TensorRT-RTX builds each graph; the nodes it rejects (found by
+    bisection) are kept FP32 and the gate runs again. Updates ``plan``."""
+    m, pb = inp.m, plan.pb
+    bad: set[str] = set()
+    for t, blob in plan.graphs.items():
+        if blob is None:
+            continue
+        ins = m.graph(t).inputs if isinstance(t, str) else m.graph("step").inputs
+        if rtx_builds(blob, ins, m):
+            plan.rtx[str(t)] = "builds"
+            continue
+        found = culprits(
+            pb.nodes(t, set(plan.excluded)),
+            lambda ns, t=t, ins=ins: rtx_builds(pb.graph(t, ns) or b"", ins, m),
+        )
+        plan.rtx[str(t)] = {"kept_fp32": found}
+        bad |= {f"{t}:{n}" if isinstance(t, str) else n for n in found}
+    if bad:  # keep them FP32 for this target and gate again
+        plan.fixed |= bad
+        plan.pb = factory(method, plan.fixed)
+        plan.graphs = plan.pb.plan(inp.keys, set(plan.excluded))
+        plan.score = bench.ev.score(plan.graphs)
+        plan.passed = _passes_gate(opts, plan.score)
+        say(f"gate after keeping {len(bad)} TensorRT-rejected nodes FP32: {plan.score.line()}")
+    say(f"TensorRT-RTX build check of the row graphs: {plan.rtx}")
+
+
+def _int8_share(inp: Inputs, plan: Plan, say: Callable[[str], None]) -> dict[str, float]:
+    """How much of each graph's compute the plan runs in INT8 (MACs at the tile size)."""
+    pb = plan.pb
+    share = {
+        str(t): round(pb.mac_share(t, pb.nodes(t, set(plan.excluded))), 4)
+        for t in inp.keys
         if any(pb.node_macs(t).values())
     }
     say(
         "INT8 share of each graph's MACs: "
-        + ", ".join(f"{k} {100 * v:.1f} %" for k, v in int8_share.items())
+        + ", ".join(f"{k} {100 * v:.1f} %" for k, v in share.items())
     )
+    return share
 
-    # ---- per-graph fidelity of the final plan (teacher-forced on FP32 inputs, held-out images)
-    fidelity: dict[str, Any] = {}
+
+def _fidelity(
+    bench: Bench, images: ImageSet, plan: Plan, say: Callable[[str], None]
+) -> dict[str, float | None]:
+    """Per-graph PSNR of the plan vs FP32 (teacher-forced on FP32 inputs, held-out images)."""
+    ev = bench.ev
+    fidelity: dict[str, float | None] = {}
     n0 = len(images.held_out) if not ev.batches else ev.batches[0][0].stop
-    for t, blob in plan.items():
+    for t, blob in plan.graphs.items():
         if blob is not None:
             mse = ev.stage_mse(t, blob, n0)
             fidelity[str(t)] = round(10 * math.log10(1 / mse), 2) if mse > 0 else None
     if fidelity:
         say(f"per-graph PSNR vs FP32 (teacher-forced, dB): {fidelity}")
+    return fidelity
 
-    # ---- write graphs + manifest (atomically) and the report
-    rel = _write(
-        model_dir,
-        m,
-        opts,
-        plan=plan,
-        method=method,
-        excluded=excluded,
-        table=table,
-        score=score,
-        passed=passed,
-        images=(len(calib_hashes), images_sha, len(images.held_out)),
-        blocks=blocks,
-        fixed=fixed,
-        stage_kept={g: scand[g][1] for g in scand},
-        fidelity=fidelity,
-    )
-    report = {
+
+# ---------------------------------------------------------------------------------------------
+# 5. reports (the graphs and manifest records: _write below)
+
+
+def _report(
+    opts: CalibrateOptions,
+    inp: Inputs,
+    act: Activations,
+    pick: MethodPick,
+    found: SearchResult,
+    plan: Plan,
+    share: dict[str, float],
+    fidelity: dict[str, float | None],
+    records: dict[str, GraphRecord],
+    times: dict[str, float],
+) -> dict[str, Any]:
+    """The calibration report (int8-report.<target>.json) as the tile gate left it."""
+    return {
         "kind": "deltadiff-int8-calibration",
-        "model": m.name,
-        "step_sha256": step_rec.sha256,
+        "model": inp.m.name,
+        "step_sha256": inp.m.graph("step").sha256,
         "target": opts.target,
-        "passed": passed,
-        "tile_gate_passed": passed,  # the search's check; "passed" is the runtime gate's if run
+        "passed": plan.passed,
+        "tile_gate_passed": plan.passed,  # the search's check; "passed" is the runtime gate's if run
         "gate": {
             "min_e2e_db": opts.min_e2e_db,
             "max_psnr_y_drop_db": opts.max_drop_db,
-            "held_out_images": len(images.held_out),
-            **score.to_dict(),
+            "held_out_images": len(act.images.held_out),
+            **plan.score.to_dict(),
         },
-        "method": method,
-        "methods": methods_table,
+        "method": pick.method,
+        "methods": pick.table,
         "calibration_images": {
-            "count": len(calib_hashes),
-            "sha256": images_sha,
-            "files": calib_hashes,
+            "count": len(act.calib_hashes),
+            "sha256": act.images_sha,
+            "files": act.calib_hashes,
         },
-        "data_pass": data_pass,
-        "rows": row_table,
-        "sensitivity": table,
+        "data_pass": act.data_pass,
+        "rows": found.rows,
+        "sensitivity": found.table,
         "kept_fp32": [
-            {"row": t, "block": b, "nodes": pb.blocks_of(t).get(b, "all")} for t, b in excluded
+            {"row": t, "block": b, "nodes": plan.pb.blocks_of(t).get(b, "all")}
+            for t, b in plan.excluded
         ],
-        "stage_fp32_islands": {g: scand[g][1] for g in scand},
+        "stage_fp32_islands": inp.stage_kept,
         "graph_psnr_db": fidelity,
-        "rank": opts.rank if opts.search and prior is None else None,
-        "units": units,
-        "int8_mac_share": int8_share,
-        "tensorrt_fp32_nodes": sorted(fixed),
-        "tensorrt_rtx_check": rtx or None,
-        "search_trail": trail,
-        "spread": R.spread_table(stats),
+        "rank": opts.rank if opts.search and inp.prior is None else None,
+        "units": inp.units,
+        "int8_mac_share": share,
+        "tensorrt_fp32_nodes": sorted(plan.fixed),
+        "tensorrt_rtx_check": plan.rtx or None,
+        "search_trail": found.trail,
+        "spread": R.spread_table(act.step),
         "seconds": {k: round(v, 1) for k, v in times.items()},
-        "graphs": {k: g.file for k, g in rel.items()},
+        "graphs": {k: g.file for k, g in records.items()},
     }
-    if passed and opts.target == "onnxruntime":
+
+
+def _after_write(
+    opts: CalibrateOptions,
+    model_dir: Path,
+    passed: bool,
+    report: dict[str, Any],
+    times: dict[str, float],
+    say: Callable[[str], None],
+) -> tuple[bool, GateResult | None]:
+    """Once the graphs are the model's: their INT8 memory record (onnxruntime) and the runtime
+    gate (--gate-data), which then decides ``passed``. Both are added to ``report``."""
+    if passed and opts.target == Int8Target.ONNXRUNTIME:
         t0 = time.perf_counter()
         mem = record_int8_memory(model_dir, say)
         if mem is not None:
             times["memory"] = time.perf_counter() - t0
             report["memory"] = {MEMORY_KEY: memory_text(mem)}
-    gate = None
-    if opts.gate_data is not None:
-        t0 = time.perf_counter()
+    if opts.gate_data is None:
+        return passed, None
+    with _timed(times, "runtime_gate"):
         passed, report["runtime_gate"], gate = _runtime_gate(opts, model_dir, passed, say)
         report["passed"] = passed
-        times["runtime_gate"] = time.perf_counter() - t0
-    rpath = model_dir / f"int8-report.{opts.target}.json"
+    return passed, gate
+
+
+def _write_report(model_dir: Path, target: str, report: dict[str, Any]) -> Path:
+    """int8-report.<target>.json and its Markdown beside it."""
+    rpath = model_dir / f"int8-report.{target}.json"
     write_text_atomic(rpath, json.dumps(report, indent=1) + "\n")
     write_text_atomic(rpath.with_suffix(".md"), report_markdown(report))
-    return CalibrationResult(
-        passed, score, method, opts.target, rel, report, rpath, data_pass, times, gate
-    )
+    return rpath
 
 
 def _check_gate_data(folder: Path, calib_hashes: set[str]) -> None:
@@ -600,139 +889,157 @@ def record_int8_memory(model_dir: Path, say: Callable[[str], None]) -> dict[str,
 
 
 def _write(
-    model_dir: Path,
-    m: Manifest,
     opts: CalibrateOptions,
-    *,
-    plan: dict[Key, bytes | None],
+    inp: Inputs,
+    act: Activations,
     method: str,
-    excluded: list[tuple[int, str]],
-    table: list[dict[str, Any]],
-    score: Score,
-    passed: bool,
-    images: tuple[int, str, int],
-    blocks: dict[str, list[str]],
-    fixed: set[str],
-    stage_kept: dict[str, list[dict[str, Any]]],
-    fidelity: dict[str, Any],
+    plan: Plan,
+    fidelity: dict[str, float | None],
 ) -> dict[str, GraphRecord]:
-    import onnx
-
+    """The INT8 records of every graph: graph files first, then the manifest swap."""
     target = opts.target
-    n_img, sha_img, n_held = images
-    common = {
+    common = _quant_common(target, method, act, plan)
+    new: dict[str, GraphRecord] = {}
+    for g in ("encoder", "decoder"):
+        new[graph_key(g, "int8", target)] = _stage_record(target, inp, g, plan, common, fidelity)
+    new.update(_row_records(target, inp, plan, common, fidelity))
+    _swap(inp.model_dir, new, target)
+    return new
+
+
+def _quant_common(target: str, method: str, act: Activations, plan: Plan) -> dict[str, Any]:
+    """What every INT8 record's ``quant`` starts with."""
+    return {
         "method": method,
-        "calibration_images": {"count": n_img, "sha256": sha_img},
-        "held_out_images": n_held,
-        "usable": passed,
-        "gate": score.to_dict() | {"passed": passed},
+        "calibration_images": {"count": len(act.calib_hashes), "sha256": act.images_sha},
+        "held_out_images": len(act.images.held_out),
+        "usable": plan.passed,
+        "gate": plan.score.to_dict() | {"passed": plan.passed},
         "report": f"int8-report.{target}.json",
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
-    new: dict[str, GraphRecord] = {}
-    written: list[str] = []
-    for g in ("encoder", "decoder"):
-        src = m.graph(g)
-        blob = plan.get(g)
-        if g not in stage_kept:
-            q = {**common, "int8_nodes": 0, "why": "no Conv/MatMul worth quantizing: FP32"}
-            new[graph_key(g, "int8", target)] = replace(
-                src, precision="int8", target=target, quant=q
-            )
-            continue
-        kept = [
-            {"block": b, "why": f"sensitivity: costs most when the {g} alone is INT8"}
-            for (r, b) in excluded
-            if r == g
-        ] + stage_kept[g]
-        tfixed = sorted(n.split(":", 1)[1] for n in fixed if n.startswith(f"{g}:"))
-        if tfixed:
-            kept.append({"nodes": tfixed, "why": "TensorRT-RTX Myelin rejects these Q/DQ patterns"})
-        if blob is None:
-            q = {
-                **common,
-                "int8_nodes": 0,
-                "kept_fp32": kept,
-                "why": f"{g} kept FP32 by the search",
-            }
-            new[graph_key(g, "int8", target)] = replace(
-                src, precision="int8", target=target, quant=q
-            )
-            continue
-        digest = hashlib.sha256(blob).hexdigest()
-        file = f"{g}.int8.{target}.{digest[:10]}.onnx"
-        if not (model_dir / file).exists():
-            write_bytes_atomic(model_dir / file, blob)
-        q = {
-            **common,
-            "int8_nodes": len(quantized_nodes(onnx.load_from_string(blob))),
-            "candidates": len(
-                stage_candidates(onnx.load(str(verify_graph(model_dir, src, what=g))), g)[0]
-            ),
-            "kept_fp32": kept,
-            "psnr_vs_fp32_db": fidelity.get(g),
-        }
-        new[graph_key(g, "int8", target)] = replace(
-            src, file=file, sha256=digest, bytes=len(blob), precision="int8", target=target, quant=q
-        )
-    step = m.graph("step")
-    cand = quantizable_nodes(onnx.load(str(verify_graph(model_dir, step, what="graph step"))))
-    for t, blob in plan.items():
+
+
+def _trt_kept(fixed: set[str], stage: str | None) -> list[dict[str, Any]]:
+    """The ``kept_fp32`` entry of the nodes TensorRT-RTX rejected in a stage (None: the step)."""
+    if stage is None:
+        nodes = sorted(n for n in fixed if ":" not in n)
+    else:
+        nodes = sorted(n.split(":", 1)[1] for n in fixed if n.startswith(f"{stage}:"))
+    why = "TensorRT-RTX Myelin rejects these Q/DQ patterns"
+    return [{"nodes": nodes, "why": why}] if nodes else []
+
+
+def _store(model_dir: Path, name: str, target: str, blob: bytes) -> tuple[str, str]:
+    """Write a graph under its content-hashed name (once); (file, sha256)."""
+    digest = hashlib.sha256(blob).hexdigest()
+    file = f"{name}.int8.{target}.{digest[:10]}.onnx"
+    if not (model_dir / file).exists():
+        write_bytes_atomic(model_dir / file, blob)
+    return file, digest
+
+
+def _stage_record(
+    target: str,
+    inp: Inputs,
+    g: str,
+    plan: Plan,
+    common: dict[str, Any],
+    fidelity: dict[str, float | None],
+) -> GraphRecord:
+    """The INT8 record of the encoder or decoder (the FP32 file where nothing is quantized)."""
+    import onnx
+
+    src = inp.m.graph(g)
+    if g not in inp.stage_kept:
+        q = {**common, "int8_nodes": 0, "why": "no Conv/MatMul worth quantizing: FP32"}
+        return replace(src, precision="int8", target=target, quant=q)
+    kept = [
+        {"block": b, "why": f"sensitivity: costs most when the {g} alone is INT8"}
+        for (r, b) in plan.excluded
+        if r == g
+    ]
+    kept += inp.stage_kept[g] + _trt_kept(plan.fixed, g)
+    blob = plan.graphs.get(g)
+    if blob is None:
+        q = {**common, "int8_nodes": 0, "kept_fp32": kept, "why": f"{g} kept FP32 by the search"}
+        return replace(src, precision="int8", target=target, quant=q)
+    file, digest = _store(inp.model_dir, g, target, blob)
+    fp32 = onnx.load(str(verify_graph(inp.model_dir, src, what=g)))
+    q = {
+        **common,
+        "int8_nodes": len(quantized_nodes(onnx.load_from_string(blob))),
+        "candidates": len(stage_candidates(fp32, g)[0]),
+        "kept_fp32": kept,
+        "psnr_vs_fp32_db": fidelity.get(g),
+    }
+    return replace(
+        src, file=file, sha256=digest, bytes=len(blob), precision="int8", target=target, quant=q
+    )
+
+
+def _row_records(
+    target: str,
+    inp: Inputs,
+    plan: Plan,
+    common: dict[str, Any],
+    fidelity: dict[str, float | None],
+) -> dict[str, GraphRecord]:
+    """The INT8 record of each row's step graph (the FP32 file for a row kept FP32)."""
+    import onnx
+
+    step = inp.m.graph("step")
+    fp32 = onnx.load(str(verify_graph(inp.model_dir, step, what="graph step")))
+    candidates = len(quantizable_nodes(fp32))
+    out: dict[str, GraphRecord] = {}
+    for t, blob in plan.graphs.items():
         if isinstance(t, str):
             continue
-        key = graph_key(f"step@{t}", "int8", target)
         kept = [
             {"block": b, "why": f"sensitivity: costs most when quantized at t={t}"}
-            for (r, b) in excluded
+            for (r, b) in plan.excluded
             if r == t
-        ]
-        sfixed = sorted(n for n in fixed if ":" not in n)
-        if sfixed:
-            kept.append({"nodes": sfixed, "why": "TensorRT-RTX Myelin rejects these Q/DQ patterns"})
+        ] + _trt_kept(plan.fixed, None)
+        row = {**common, "row": t}
+        key = graph_key(f"step@{t}", "int8", target)
         if blob is None:
-            new[key] = replace(
-                step,
-                precision="int8",
-                target=target,
-                quant={
-                    **common,
-                    "row": t,
-                    "int8_nodes": 0,
-                    "kept_fp32": kept or "all",
-                    "why": "row kept FP32 by the search",
-                },
-            )
+            q = {
+                **row,
+                "int8_nodes": 0,
+                "kept_fp32": kept or "all",
+                "why": "row kept FP32 by the search",
+            }
+            out[key] = replace(step, precision="int8", target=target, quant=q)
             continue
-        digest = hashlib.sha256(blob).hexdigest()
-        file = f"step@{t}.int8.{target}.{digest[:10]}.onnx"
-        if not (model_dir / file).exists():
-            write_bytes_atomic(model_dir / file, blob)
-        written.append(file)
-        n_int8 = len(quantized_nodes(onnx.load_from_string(blob)))
-        new[key] = replace(
+        file, digest = _store(inp.model_dir, f"step@{t}", target, blob)
+        q = {
+            **row,
+            "int8_nodes": len(quantized_nodes(onnx.load_from_string(blob))),
+            "candidates": candidates,
+            "kept_fp32": kept,
+            "psnr_vs_fp32_db": fidelity.get(str(t)),
+        }
+        out[key] = replace(
             step,
             file=file,
             sha256=digest,
             bytes=len(blob),
             precision="int8",
             target=target,
-            quant={
-                **common,
-                "row": t,
-                "int8_nodes": n_int8,
-                "candidates": len(cand),
-                "kept_fp32": kept,
-                "psnr_vs_fp32_db": fidelity.get(str(t)),
-            },
+            quant=q,
         )
-    # the swap: from here on the new graphs are the model's (read-modify-write under the lock)
+    return out
+
+
+def _swap(model_dir: Path, new: dict[str, GraphRecord], target: str) -> None:
+    """From here on the new graphs are the model's (read-modify-write under the lock); the
+    target's INT8 files no record references any more are removed."""
     m2 = update_manifest(model_dir, lambda cur: _swap_int8(cur, new, target))
     referenced = {g.file for g in m2.graphs.values()}
     for pat in ("step@*", "encoder", "decoder"):
         for p in model_dir.glob(f"{pat}.int8.{target}.*.onnx"):
             if p.name not in referenced:
                 p.unlink(missing_ok=True)
-    return new
 
 
 def _swap_int8(m: Manifest, new: dict[str, GraphRecord], target: str) -> Manifest:
@@ -740,44 +1047,66 @@ def _swap_int8(m: Manifest, new: dict[str, GraphRecord], target: str) -> Manifes
     graphs = {
         k: g
         for k, g in m.graphs.items()
-        if not (g.precision == "int8" and (g.target or INT8_TARGETS[0]) == target)
+        if not (g.precision == "int8" and (g.target or DEFAULT_INT8_TARGET) == target)
     }
     graphs.update(new)
     stale_engines = [
         e
         for e in m.engines
-        if not (e.get("precision") == "int8" and e.get("flavour") and target == "tensorrt")
+        if not (e.get("precision") == "int8" and e.get("flavour") and target == Int8Target.TENSORRT)
     ]
     # an INT8 memory record measured the graphs this run replaces
     memory = {
-        k: v for k, v in m.memory.items() if not (target == "onnxruntime" and k == MEMORY_KEY)
+        k: v
+        for k, v in m.memory.items()
+        if not (target == Int8Target.ONNXRUNTIME and k == MEMORY_KEY)
     }
     return replace(m, graphs=graphs, engines=stale_engines, memory=memory)
 
 
 def report_markdown(rep: dict[str, Any]) -> str:
-    g = rep["gate"]
-    rt = rep.get("runtime_gate")
     lines = [
         f"# INT8 calibration: {rep['model']} ({rep['target']})",
         "",
     ]
-    if rt:
-        lines += [
-            f"**Runtime gate {'PASSED' if rt.get('passed') else 'FAILED'}**"
-            + (
-                f" on {rt['images']} images run through the runtime ({rt['data']}): "
-                + ", ".join(
-                    f"{c['name']} {c['value_db']:+.3f} dB (limit {c['limit_db']:+.2f})"
-                    for c in rt["criteria"]
-                )
-                + f"; report {rt['report']}. It decides whether the graphs are usable."
-                if rt.get("ran")
-                else f": not run ({rt.get('why')})."
-            ),
-            "",
-        ]
-    lines += [
+    for section in (
+        _md_runtime_gate,
+        _md_gate,
+        _md_methods,
+        _md_fidelity,
+        _md_rows,
+        _md_mac_share,
+        _md_sensitivity,
+        _md_trail,
+    ):
+        lines += section(rep)
+    return "\n".join(lines) + "\n"
+
+
+def _md_runtime_gate(rep: dict[str, Any]) -> list[str]:
+    rt = rep.get("runtime_gate")
+    if not rt:
+        return []
+    return [
+        f"**Runtime gate {'PASSED' if rt.get('passed') else 'FAILED'}**"
+        + (
+            f" on {rt['images']} images run through the runtime ({rt['data']}): "
+            + ", ".join(
+                f"{c['name']} {c['value_db']:+.3f} dB (limit {c['limit_db']:+.2f})"
+                for c in rt["criteria"]
+            )
+            + f"; report {rt['report']}. It decides whether the graphs are usable."
+            if rt.get("ran")
+            else f": not run ({rt.get('why')})."
+        ),
+        "",
+    ]
+
+
+def _md_gate(rep: dict[str, Any]) -> list[str]:
+    g = rep["gate"]
+    rt = rep.get("runtime_gate")
+    return [
         f"**{'Tile gate' if rt else 'Gate'} "
         f"{'PASSED' if rep.get('tile_gate_passed', rep['passed']) else 'FAILED'}** on {g['held_out_images']} held-out images "
         f"(never used for calibration): end to end vs FP32 worst {g['e2e_vs_fp32_min_db']} dB "
@@ -793,70 +1122,94 @@ def report_markdown(rep: dict[str, Any]) -> str:
         f"(sha256 {rep['calibration_images']['sha256'][:12]}…); data pass: {rep['data_pass']}.",
         "",
     ]
-    if rep["methods"]:
-        lines += [
-            f"| method | PSNR per graph ({', '.join(rep['methods'][0]['step_db'])}), dB | worst | mean |",
-            "|---|---|---:|---:|",
-        ]
-        for r in rep["methods"]:
-            lines.append(
-                f"| {r['method']} | {' / '.join(str(v) for v in r['step_db'].values())} | {r['min_db']} | {r['mean_db']} |"
-            )
-        lines.append("")
-    if rep.get("graph_psnr_db"):
-        lines += [
-            "Per-graph fidelity of the written graphs (teacher-forced on FP32 inputs, PSNR vs FP32 "
-            "output): "
-            + ", ".join(f"{k} {v} dB" for k, v in rep["graph_psnr_db"].items())
-            + (
-                f"; VQ codes flipped end to end: {100 * g['vq_codes_flipped']:.3f} %"
-                if g.get("vq_codes_flipped") is not None
-                else ""
-            ),
-            "",
-        ]
-    if rep["rows"]:
-        lines += [
-            "| row quantized alone | step PSNR | end to end vs FP32 | PSNR-Y delta |",
-            "|---|---:|---:|---:|",
-        ]
-        for r in rep["rows"]:
-            lines.append(
-                f"| t={r['row']} | {r['step_db']} dB | {r['e2e_db']} dB | {r.get('psnr_y_hr_delta_db', '')} |"
-            )
-        lines.append("")
-    if rep.get("int8_mac_share"):
-        lines += [
-            "INT8 share of each graph's MACs: "
-            + ", ".join(f"{k} {100 * v:.1f} %" for k, v in rep["int8_mac_share"].items())
-            + (
-                f" (search order: {rep['rank']}, units: {rep.get('units', 'block')})"
-                if rep.get("rank")
-                else ""
-            ),
-            "",
-        ]
-    if rep["sensitivity"]:
-        kept = {(k["row"], k["block"]) for k in rep["kept_fp32"]}
-        lines += [
-            "| row | block | nodes | MAC share | est. end to end when alone INT8 | kept FP32 |",
-            "|---|---|---:|---:|---:|---|",
-        ]
-        for r in rep["sensitivity"]:
-            blk = "whole row" if r["block"] == "*" else r["block"]
-            share = f"{100 * r['mac_share']:.1f} %" if "mac_share" in r else ""
-            lines.append(
-                f"| t={r['row']} | {blk} | {r['nodes']} | {share} | {r['est_e2e_db']} dB | {'yes' if (r['row'], r['block']) in kept else ''} |"
-            )
-        lines.append("")
-    if rep["search_trail"]:
-        lines += [
-            "| units kept FP32 | images | e2e worst | PSNR-Y delta |",
-            "|---:|---:|---:|---:|",
-        ]
-        for r in rep["search_trail"]:
-            lines.append(
-                f"| {r['keep_fp32']} | {r['images']} | {r['e2e_vs_fp32_min_db']} | {r.get('psnr_y_hr_delta_db')} |"
-            )
-        lines.append("")
-    return "\n".join(lines) + "\n"
+
+
+def _md_methods(rep: dict[str, Any]) -> list[str]:
+    if not rep["methods"]:
+        return []
+    lines = [
+        f"| method | PSNR per graph ({', '.join(rep['methods'][0]['step_db'])}), dB | worst | mean |",
+        "|---|---|---:|---:|",
+    ]
+    for r in rep["methods"]:
+        lines.append(
+            f"| {r['method']} | {' / '.join(str(v) for v in r['step_db'].values())} | {r['min_db']} | {r['mean_db']} |"
+        )
+    return [*lines, ""]
+
+
+def _md_fidelity(rep: dict[str, Any]) -> list[str]:
+    if not rep.get("graph_psnr_db"):
+        return []
+    g = rep["gate"]
+    return [
+        "Per-graph fidelity of the written graphs (teacher-forced on FP32 inputs, PSNR vs FP32 "
+        "output): "
+        + ", ".join(f"{k} {v} dB" for k, v in rep["graph_psnr_db"].items())
+        + (
+            f"; VQ codes flipped end to end: {100 * g['vq_codes_flipped']:.3f} %"
+            if g.get("vq_codes_flipped") is not None
+            else ""
+        ),
+        "",
+    ]
+
+
+def _md_rows(rep: dict[str, Any]) -> list[str]:
+    if not rep["rows"]:
+        return []
+    lines = [
+        "| row quantized alone | step PSNR | end to end vs FP32 | PSNR-Y delta |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in rep["rows"]:
+        lines.append(
+            f"| t={r['row']} | {r['step_db']} dB | {r['e2e_db']} dB | {r.get('psnr_y_hr_delta_db', '')} |"
+        )
+    return [*lines, ""]
+
+
+def _md_mac_share(rep: dict[str, Any]) -> list[str]:
+    if not rep.get("int8_mac_share"):
+        return []
+    return [
+        "INT8 share of each graph's MACs: "
+        + ", ".join(f"{k} {100 * v:.1f} %" for k, v in rep["int8_mac_share"].items())
+        + (
+            f" (search order: {rep['rank']}, units: {rep.get('units', 'block')})"
+            if rep.get("rank")
+            else ""
+        ),
+        "",
+    ]
+
+
+def _md_sensitivity(rep: dict[str, Any]) -> list[str]:
+    if not rep["sensitivity"]:
+        return []
+    kept = {(k["row"], k["block"]) for k in rep["kept_fp32"]}
+    lines = [
+        "| row | block | nodes | MAC share | est. end to end when alone INT8 | kept FP32 |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for r in rep["sensitivity"]:
+        blk = "whole row" if r["block"] == "*" else r["block"]
+        share = f"{100 * r['mac_share']:.1f} %" if "mac_share" in r else ""
+        lines.append(
+            f"| t={r['row']} | {blk} | {r['nodes']} | {share} | {r['est_e2e_db']} dB | {'yes' if (r['row'], r['block']) in kept else ''} |"
+        )
+    return [*lines, ""]
+
+
+def _md_trail(rep: dict[str, Any]) -> list[str]:
+    if not rep["search_trail"]:
+        return []
+    lines = [
+        "| units kept FP32 | images | e2e worst | PSNR-Y delta |",
+        "|---:|---:|---:|---:|",
+    ]
+    for r in rep["search_trail"]:
+        lines.append(
+            f"| {r['keep_fp32']} | {r['images']} | {r['e2e_vs_fp32_min_db']} | {r.get('psnr_y_hr_delta_db')} |"
+        )
+    return [*lines, ""]

@@ -4,7 +4,7 @@ Every LR image of a ``gt/`` + ``lq/`` folder is read as ``dd-run upscale`` reads
 (``read_image``), run **whole through the runtime** (``Upscaler``, onnxruntime, staged, the
 tiling ``dd-run upscale`` would choose) once at FP32 and once at the candidate precision, and
 quantised to 8 bits as ``write_image`` saves it. Both outputs are scored against HR with the
-project's PSNR-Y (``benchmarks/quality.py``: BT.601 Y, 4 px shaved per side).
+project's PSNR-Y (``deltadiff/metrics.py``: BT.601 Y, 4 px shaved per side).
 
 Criteria (``delta`` = candidate PSNR-Y - FP32 PSNR-Y, dB):
 
@@ -43,13 +43,12 @@ import numpy as np
 from deltadiff.atomic import atomic_path, write_text_atomic
 from deltadiff.errors import DeltaDiffError, ManifestError
 from deltadiff.manifest import (
-    INT8_TARGETS,
     Manifest,
     load_manifest,
     sha256_file,
     update_manifest,
 )
-from deltadiff.options import Backend, Mode, Precision, parse
+from deltadiff.options import Backend, Int8Target, Mode, Precision, parse
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ MAX_MEAN_DROP_DB = 0.10
 MAX_WORST_DROP_DB = 0.30
 MAX_BORDER_DROP_DB = 0.30
 STRIP_PX = 8  # HR pixels per edge strip
-SHAVE_PX = 4  # the whole-image PSNR-Y shave (benchmarks/quality.py's convention for x4)
+SHAVE_PX = 4  # the whole-image PSNR-Y shave (deltadiff/metrics.py's convention for x4)
 EDGES = ("top", "bottom", "left", "right")
 REGIONS = (*EDGES, "interior")
 STRIP_IMAGES = 5
@@ -72,7 +71,7 @@ class GateOptions:
     model: Path
     data: Path  # a folder with gt/ + lq/ (paired by file stem)
     precision: str = "int8"
-    target: str = "onnxruntime"  # INT8 graphs' target; the gate runs them on onnxruntime
+    target: str = Int8Target.ONNXRUNTIME  # INT8 graphs' target; the gate runs them on onnxruntime
     out: Path | None = None  # report folder (default: the model directory)
     cache: Path | None = None  # FP32 output cache (default: <deltadiff cache>/gate-fp32)
     threads: int = 0
@@ -193,7 +192,7 @@ class GatePair:
 
 
 def load_pairs(data: Path, limit: int | None = None) -> list[GatePair]:
-    """The ``gt/`` + ``lq/`` pairs of ``data`` (benchmarks/quality.py's loader checks the
+    """The ``gt/`` + ``lq/`` pairs of ``data`` (deltadiff/metrics.py's loader checks the
     pairing and the x4 sizes), with each LR image's file for the runtime's reader."""
     from deltadiff.metrics import IMAGE_EXTS, load_dataset
 
@@ -464,15 +463,15 @@ def per_source(images: list[ImageResult]) -> dict[str, dict[str, Any]]:
 # ------------------------------------------------------------------------------- the run
 
 
-def _check(opts: GateOptions) -> tuple[Manifest, str]:
+def _check(opts: GateOptions) -> tuple[GateOptions, Manifest, str]:
+    """``opts`` with its target parsed, the manifest, and the precision gated."""
     prec = str(parse(Precision, opts.precision, "--precision"))
     if prec == Precision.FP32:
         raise DeltaDiffError(
             "--precision fp32: the gate compares another precision with FP32; pass int8 or fp16"
         )
-    if opts.target not in INT8_TARGETS:
-        raise DeltaDiffError(f"--target {opts.target!r}: choose one of {', '.join(INT8_TARGETS)}")
-    if opts.target != "onnxruntime":
+    opts = replace(opts, target=parse(Int8Target, opts.target, "--target"))
+    if opts.target != Int8Target.ONNXRUNTIME:
         raise DeltaDiffError(
             f"--target {opts.target}: the gate runs graphs through onnxruntime, which runs the "
             "onnxruntime target's INT8 graphs only; gate --target onnxruntime"
@@ -486,7 +485,7 @@ def _check(opts: GateOptions) -> tuple[Manifest, str]:
     if not have:
         hint = "dd-export calibrate" if prec == "int8" else "dd-export fp16"
         raise ManifestError(f"{opts.model} has no {prec} graphs to gate; make them with {hint}")
-    return m, prec
+    return opts, m, prec
 
 
 def run_gate(opts: GateOptions, *, progress: Say | None = None) -> GateResult:
@@ -495,7 +494,7 @@ def run_gate(opts: GateOptions, *, progress: Say | None = None) -> GateResult:
 
     say = progress or log.info
     t0 = time.perf_counter()
-    m, prec = _check(opts)
+    opts, m, prec = _check(opts)
     model_dir = Path(opts.model)
     pairs = load_pairs(Path(opts.data), opts.limit)
     sources = find_sources(Path(opts.data), opts.sources)
@@ -596,7 +595,7 @@ def report_dict(res: GateResult) -> dict[str, Any]:
             "run": "each LR image through the runtime as dd-run upscale runs it (Upscaler, "
             "onnxruntime, staged; whole where the model allows, see each image's 'ran'), "
             "outputs quantised to 8 bits as dd-run upscale saves them",
-            "psnr_y": f"BT.601 Y vs HR, {SHAVE_PX} px shaved per side (benchmarks/quality.py)",
+            "psnr_y": f"BT.601 Y vs HR, {SHAVE_PX} px shaved per side (deltadiff/metrics.py)",
             "border": f"{STRIP_PX} px HR strip per edge (no shave) vs interior; squared errors "
             "pooled over images per edge; value = delta(strip) - delta(interior)",
         },

@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from deltadiff.options import Int8Target, parse
+
 log = logging.getLogger(__name__)
 
-TARGETS = ("onnxruntime", "tensorrt")
 OP_TYPES = ("Conv", "MatMul")  # Gemm is the timestep/FiLM path: tiny and sensitive; never quantized
 
 
@@ -86,7 +87,7 @@ def write(
     nodes: list[str],
 ) -> Any:
     """A copy of ``model`` with ``nodes`` quantized for ``target`` (others stay FP32)."""
-    if target == "onnxruntime":
+    if parse(Int8Target, target, "--target") is Int8Target.ONNXRUNTIME:
         return write_ort(model, ranges, nodes)
     return write_trt(model, ranges, nodes)
 

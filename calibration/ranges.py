@@ -25,10 +25,10 @@ import numpy as np
 
 from deltadiff.atomic import write_text_atomic
 from deltadiff.errors import DeltaDiffError
+from deltadiff.options import RangeMethod, parse
 
 log = logging.getLogger(__name__)
 
-METHODS = ("minmax", "percentile", "entropy", "mse")
 BINS = 2048
 PERCENTILE = 99.99
 CACHE_VERSION = 1
@@ -178,18 +178,19 @@ def _threshold_mse(s: TensorStats, levels: int = 127) -> float:
     return float(ts[int(np.argmin(clip + rnd))])
 
 
+THRESHOLDS: dict[RangeMethod, Callable[[TensorStats], float]] = {
+    RangeMethod.PERCENTILE: _threshold_percentile,
+    RangeMethod.ENTROPY: _threshold_entropy,
+    RangeMethod.MSE: _threshold_mse,
+}  # |x| clip of each clipped method (minmax: none)
+
+
 def tensor_range(s: TensorStats, method: str) -> tuple[float, float]:
     """(lo, hi) for one tensor at one row; clipped methods clip |x| symmetrically."""
-    if method == "minmax":
+    method = parse(RangeMethod, method, "--method")
+    if method is RangeMethod.MINMAX:
         return min(s.lo, 0.0), max(s.hi, 0.0)
-    fn = {
-        "percentile": _threshold_percentile,
-        "entropy": _threshold_entropy,
-        "mse": _threshold_mse,
-    }.get(method)
-    if fn is None:
-        raise DeltaDiffError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
-    t = fn(s)
+    t = THRESHOLDS[method](s)
     return max(min(s.lo, 0.0), -t), min(max(s.hi, 0.0), t)
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 from deltadiff.calibration.evaluate import Evaluator, Score
 from deltadiff.calibration.qdq import quantizable_nodes, write
+from deltadiff.options import SearchRank, SearchUnit, parse
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,8 @@ def _layer_of(weight: str) -> str:
     return ".".join(parts[:-1]) or weight
 
 
-UNITS = ("block", "layer")
-
-
 def node_blocks(
-    model: Any, wanted: set[str] | None = None, units: str = "block"
+    model: Any, wanted: set[str] | None = None, units: str = SearchUnit.BLOCK
 ) -> dict[str, list[str]]:
     """unit -> its quantizable nodes (``wanted``, default every Conv / MatMul), in graph order.
     ``units="block"``: a UNet block (``input_blocks.1``); ``"layer"``: the module owning the
@@ -80,9 +78,8 @@ def node_blocks(
     layer (a ResBlock's 1x1 skip conv adds unnormalised features straight to its output) is not
     kept FP32 whole. The unit is read from a node's weight name; a node without a named weight
     joins the unit of the previous named node (the attention MatMuls of a Swin block)."""
-    if units not in UNITS:
-        raise ValueError(f"units {units!r}: choose one of {', '.join(UNITS)}")
-    unit_of = _layer_of if units == "layer" else _block_of
+    by_layer = parse(SearchUnit, units, "--units") is SearchUnit.LAYER
+    unit_of = _layer_of if by_layer else _block_of
     wanted = set(quantizable_nodes(model)) if wanted is None else wanted
     inits = {i.name for i in model.graph.initializer}
     out: dict[str, list[str]] = {}
@@ -193,9 +190,6 @@ def _db(mse: float) -> float:
     return math.inf if mse <= 0 else 10 * math.log10(1.0 / mse)
 
 
-RANKS = ("per-mac", "cost")
-
-
 def _unit(pb: PlanBuilder, t: Key, block: str, nodes: list[str], mse: float) -> dict[str, Any]:
     return {
         "row": t,
@@ -215,13 +209,14 @@ def sensitivity(
     *,
     images: int = 2,
     refine: Callable[[Score], bool] | None = None,
-    rank: str = "per-mac",
+    rank: str = SearchRank.PER_MAC,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(unit table sorted by ``rank``, most costly first; per-row table). Coarse to fine: each
     row is first measured whole (end to end, quantized alone); a row for which
     ``refine(score)`` is true is split into its blocks (cost of each block alone), the others
     stay one unit (block ``*``). Each unit records its MACs and share of the graph's MACs.
-    ``rank`` is one of ``RANKS`` (``calibrate`` checks the option before its data pass)."""
+    ``rank`` is a ``SearchRank`` (``calibrate`` checks the option before its data pass)."""
+    rank = parse(SearchRank, rank, "--rank")
     row_table, table = [], []
     for t in rows:
         full = pb.graph(t, pb.nodes(t, set()))
@@ -259,7 +254,7 @@ def sensitivity(
             mse = ev.stage_mse(t, blob, images) * gain
             table.append(_unit(pb, t, b, pb.blocks_of(t)[b], mse))
             log.info("  t=%s %-18s alone: est. end to end %.2f dB", t, b, _db(mse))
-    if rank == "cost":
+    if rank is SearchRank.COST:
         table.sort(key=lambda r: -r["_mse"])
     else:  # a unit without counted MACs saves no time in INT8: it goes first (kept FP32)
         table.sort(key=lambda r: (-r["_mse"] / r["_macs"]) if r["_macs"] else -math.inf)

@@ -1,6 +1,7 @@
 """LPIPS v0.1 (AlexNet trunk) in plain numpy: no torch, runs in the lean runtime install.
 
-Weights: ``shared/weights/lpips_alex_v0.1.npz`` (see its README for provenance). The network and
+Weights: ``lpips_alex_v0.1.npz`` (the LPIPS v0.1 AlexNet release as npz; ``DD_LPIPS_WEIGHTS`` or
+``--lpips-weights`` points at it). The network and
 formula follow Zhang et al. 2018 / richzhang/PerceptualSimilarity, ``net='alex'``, ``version='0.1'``:
 
 1. inputs RGB in [-1, 1]; scaling layer ``x = (x - shift) / scale`` per channel;
@@ -115,31 +116,29 @@ def load_weights(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise CheckpointError(
             f"LPIPS weights not found: {path}; point {ENV_WEIGHTS} or --lpips-weights at "
-            f"{WEIGHTS_FILE} (shared/weights/)"
+            f"{WEIGHTS_FILE}"
         )
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: np.asarray(npz[k]) for k in npz.files}
     except Exception as exc:  # noqa: BLE001 - any read failure is a bad weight file
         raise CheckpointError(
-            f"cannot read LPIPS weights {path}: {type(exc).__name__}: {exc}; "
-            f"re-copy {WEIGHTS_FILE} from shared/weights/"
+            f"cannot read LPIPS weights {path}: {type(exc).__name__}: {exc}; re-copy {WEIGHTS_FILE}"
         ) from None
     for key, shape in _expected_shapes().items():
         if key not in arrays:
             raise CheckpointError(
                 f"LPIPS weights {path.name} lack array {key!r} (has {len(arrays)} arrays); "
-                f"use {WEIGHTS_FILE} from shared/weights/"
+                f"use the LPIPS v0.1 AlexNet {WEIGHTS_FILE}"
             )
         if arrays[key].shape != shape:
             raise CheckpointError(
                 f"LPIPS weights {path.name}: {key} has shape {arrays[key].shape}, expected "
-                f"{shape}; use {WEIGHTS_FILE} from shared/weights/"
+                f"{shape}; use the LPIPS v0.1 AlexNet {WEIGHTS_FILE}"
             )
         if not np.all(np.isfinite(arrays[key])):
             raise CheckpointError(
-                f"LPIPS weights {path.name}: {key} has non-finite values; "
-                f"re-copy {WEIGHTS_FILE} from shared/weights/"
+                f"LPIPS weights {path.name}: {key} has non-finite values; re-copy {WEIGHTS_FILE}"
             )
     return arrays
 

@@ -22,7 +22,7 @@ from typing import Any
 from deltadiff.atomic import file_lock, write_text_atomic
 from deltadiff.errors import ManifestError
 from deltadiff.onnx_refs import OnnxParseError, graph_external_locations
-from deltadiff.options import Precision
+from deltadiff.options import Int8Target, Precision
 from deltadiff.steps import StepTable
 
 SCHEMA_VERSION = 1
@@ -42,7 +42,8 @@ class TensorSpec:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
 
-INT8_TARGETS = ("onnxruntime", "tensorrt")  # Q/DQ layouts: ORT CPU (U8/S8) | TensorRT (S8 sym.)
+# the Q/DQ layout of an INT8 record that names no target (records from before the TensorRT one)
+DEFAULT_INT8_TARGET = Int8Target.ONNXRUNTIME
 
 
 def graph_key(name: str, precision: str = "fp32", target: str | None = None) -> str:
@@ -51,7 +52,7 @@ def graph_key(name: str, precision: str = "fp32", target: str | None = None) -> 
     if precision == "fp32":
         return name
     if precision == "int8":
-        return f"{name}.int8.{target or INT8_TARGETS[0]}"
+        return f"{name}.int8.{target or DEFAULT_INT8_TARGET}"
     return f"{name}.{precision}"
 
 
@@ -120,7 +121,7 @@ class Manifest:
     lr_max: tuple[int, int] | None = None
     # Peak-RSS model of a real run, per "<backend>/<precision>/<mode>" (dd-export measure-memory):
     # {"base_bytes", "bytes_per_hr_px", "bytes_per_hr_px2", "points", ...}: a + b*px + c*px^2 per
-    # image (runtime.memory.fit); the runtime sizes whole images / tiles with it.
+    # image (runtime.memory_budget.fit); the runtime sizes whole images / tiles with it.
     memory: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ derived
@@ -188,7 +189,7 @@ class Manifest:
         recs = [
             g
             for g in self.graphs.values()
-            if g.precision == "int8" and g.target == (target or INT8_TARGETS[0])
+            if g.precision == "int8" and g.target == (target or DEFAULT_INT8_TARGET)
         ]
         if not recs:
             return "this model has no INT8 graphs; make them with dd-export calibrate"

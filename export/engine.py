@@ -219,6 +219,42 @@ def build_engine(
     return bytes(plan), cache_bytes
 
 
+@dataclass
+class _BuildRun:
+    """What every engine of one ``build_engines`` call shares, checked before any build."""
+
+    model_dir: Path
+    flavour: str
+    version: str
+    dev: Any  # current_device(): None without a visible CUDA GPU
+    build_targets: list[str]  # as handed to TensorRT-RTX ("current" kept)
+    targets: list[str]  # as recorded: "current" becomes this GPU's sm
+    batch_max: int
+    timing_cache_path: Path
+    timing_cache: bytes | None  # updated after each build that returns one
+    profiles: list[Profile]
+    int8_target: str | None  # "tensorrt" for INT8 (the TensorRT-style Q/DQ graphs), else None
+    engines: list[dict[str, Any]]  # the manifest's engine records when the call started
+
+
+@dataclass(frozen=True)
+class _EngineJob:
+    """One engine to build or reuse: its graph, what its cache key hashes, its file."""
+
+    graph: str
+    rec: Any  # the manifest's record of the graph
+    info: dict[str, Any]  # the cache key's contents, and the start of the engine record
+    key: str
+    file: str
+    old: dict[str, Any] | None  # the manifest's engine record of this (graph, precision, flavour)
+
+
+@dataclass(frozen=True)
+class _BuiltEngine:
+    plan: bytes
+    record: dict[str, Any]  # the engine record for the manifest
+
+
 def build_engines(
     model_dir: str | Path, opts: EngineOptions
 ) -> tuple[Manifest, list[dict[str, Any]]]:
@@ -229,6 +265,30 @@ def build_engines(
     """
     model_dir = Path(model_dir)
     m = load_manifest(model_dir)
+    run = _start_build(model_dir, m, opts)
+    built: list[dict[str, Any]] = []
+    for g in _graph_names(m, opts, run.int8_target):
+        job = _engine_job(m, opts, run, g)
+        old = job.old
+        if not opts.force and old and old.get("cache_key") == job.key and _intact(model_dir, old):
+            log.info("%s is up to date (cache key %s…)", job.file, job.key[:12])
+            built.append({**old, "reused": True})
+            continue
+        new = _build_job(m, opts, run, job)
+        # after each engine: the manifest always vouches for the files. The engine file and its
+        # record change together under the manifest lock, so a concurrent build-engine (or any
+        # other manifest writer) neither loses this record nor records another run's file.
+        path = model_dir / job.file
+        m = update_manifest(
+            model_dir, partial(_record_engine, path=path, plan=new.plan, new=new.record)
+        )
+        built.append(new.record)
+    return m, built
+
+
+def _start_build(model_dir: Path, m: Manifest, opts: EngineOptions) -> _BuildRun:
+    """Toolchain, GPU, targets, batch range, timing cache, profiles and INT8 graphs: everything
+    checked (and refused) before the first engine is built."""
     trt, flavour = import_trt(opts.flavour)
     version = str(trt.__version__)
     dev = current_device()
@@ -240,18 +300,45 @@ def build_engines(
     build_targets = list(opts.targets) or (
         list(RTX_DEFAULT_TARGETS) if flavour == "tensorrt_rtx" else []
     )
-    targets = list(build_targets)  # as recorded: "current" becomes this GPU's sm
+    targets = _recorded_targets(build_targets, dev)
+    hi = opts.batch_max or m.batch[1]
+    if not 1 <= opts.batch_opt <= hi <= m.batch[1]:
+        raise EngineError(
+            f"--batch {opts.batch_opt}..{hi} outside the graphs' range 1..{m.batch[1]}; re-export with --max-batch"
+        )
+    tc_path = _timing_cache_path(model_dir, opts, flavour)
+    tc = tc_path.read_bytes() if tc_path.exists() else None
+    profiles = engine_profiles(m, opts)
+    engines = [e for e in m.engines]
+    return _BuildRun(
+        model_dir=model_dir,
+        flavour=flavour,
+        version=version,
+        dev=dev,
+        build_targets=build_targets,
+        targets=targets,
+        batch_max=hi,
+        timing_cache_path=tc_path,
+        timing_cache=tc,
+        profiles=profiles,
+        int8_target=_int8_target(m, opts),
+        engines=engines,
+    )
+
+
+def _recorded_targets(build_targets: list[str], dev: Any) -> list[str]:
+    """The targets as recorded: "current" becomes this GPU's sm."""
+    targets = list(build_targets)
     if "current" in [t.lower() for t in targets]:
         if dev is None:
             raise EngineError(
                 "--target current needs a visible CUDA GPU; name targets like sm86 to build without one"
             )
         targets = [dev.sm if t.lower() == "current" else t for t in targets]
-    hi = opts.batch_max or m.batch[1]
-    if not 1 <= opts.batch_opt <= hi <= m.batch[1]:
-        raise EngineError(
-            f"--batch {opts.batch_opt}..{hi} outside the graphs' range 1..{m.batch[1]}; re-export with --max-batch"
-        )
+    return targets
+
+
+def _timing_cache_path(model_dir: Path, opts: EngineOptions, flavour: str) -> Path:
     tc_path = (
         Path(opts.timing_cache) if opts.timing_cache else model_dir / f"timing.{flavour}.cache"
     )
@@ -259,17 +346,23 @@ def build_engines(
         log.warning(
             "TensorRT-RTX has no timing cache (it compiles kernels on the device); --timing-cache ignored"
         )
-    tc = tc_path.read_bytes() if tc_path.exists() else None
-    profiles = engine_profiles(m, opts)
-    engines = [e for e in m.engines]
-    built: list[dict[str, Any]] = []
-    target = "tensorrt" if opts.precision == "int8" else None  # the TensorRT-style Q/DQ graphs
+    return tc_path
+
+
+def _int8_target(m: Manifest, opts: EngineOptions) -> str | None:
+    """INT8 engines build from the TensorRT-style Q/DQ graphs, which must be calibrated."""
+    target = "tensorrt" if opts.precision == "int8" else None
     if target:
         msg = m.int8_status(target)
         if msg:
             raise EngineError(
                 msg.replace("dd-export calibrate", "dd-export calibrate --target tensorrt")
             )
+    return target
+
+
+def _graph_names(m: Manifest, opts: EngineOptions, target: str | None) -> list[str]:
+    """The manifest graphs to build, in order, each once."""
     graphs: list[str] = []
     for g in opts.graphs:
         rows = [f"{g}@{r.t}" for r in m.step_table.rows] if g == "step" else [g]
@@ -277,74 +370,73 @@ def build_engines(
             name = m.resolve(name, opts.precision, target)
             if name not in graphs:
                 graphs.append(name)
-    for g in graphs:
-        rec = m.graph(g, opts.precision, target)
-        info = {
-            "graph": g,
-            "graph_sha256": rec.sha256,
-            "precision": opts.precision,
-            "flavour": flavour,
-            "version": version,
-            "batch": [1, opts.batch_opt, hi],
-            "inputs": [s.to_dict() for s in rec.inputs],
-            "gpu": {"name": dev.name, "sm": dev.sm} if (dev and flavour == "tensorrt") else None,
-            "targets": targets,
-            "options": {
-                "opt_level": opts.opt_level,
-                "workspace_gb": opts.workspace_gb,
-                "tf32": opts.tf32,
-            },
-        }
-        if profiles:  # dynamic models only, so static engines keep their cache keys
-            info["profiles"] = [[list(x) for x in p] for p in profiles]  # LR min/opt/max
-        key = cache_key(info)
-        file = f"{g}.{opts.precision}.{flavour}.engine"
-        old = next(
-            (
-                e
-                for e in engines
-                if e.get("graph") == g
-                and e.get("precision") == opts.precision
-                and e.get("flavour") == flavour
-            ),
-            None,
-        )
-        path = model_dir / file
-        if not opts.force and old and old.get("cache_key") == key and _intact(model_dir, old):
-            log.info("%s is up to date (cache key %s…)", file, key[:12])
-            built.append({**old, "reused": True})
-            continue
-        log.info("building %s from %s (%s %s)", file, rec.file, flavour, version)
-        t0 = _dt.datetime.now()
-        plan, tc_new = build_engine(
-            verify_graph(model_dir, rec, what=f"graph {g}"),  # inside the folder, sha256
-            inputs=rec.inputs,
-            opts=replace(opts, targets=tuple(build_targets)),
-            batch=(1, opts.batch_opt, hi),
-            flavour=flavour,
-            timing_cache=tc,
-            profiles=profiles,
-            multiple=m.lr_multiple,
-        )
-        seconds = (_dt.datetime.now() - t0).total_seconds()
-        if tc_new:
-            tc = tc_new
-            write_bytes_atomic(tc_path, tc_new)
-        new = {
-            **info,
-            "file": file,
-            "sha256": hashlib.sha256(plan).hexdigest(),
-            "bytes": len(plan),
-            "cache_key": key,
-            "build_seconds": round(seconds, 1),
-            "built": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        }
-        # after each engine: the manifest always vouches for the files. The engine file and its
-        # record change together under the manifest lock, so a concurrent build-engine (or any
-        # other manifest writer) neither loses this record nor records another run's file.
-        m = update_manifest(model_dir, partial(_record_engine, path=path, plan=plan, new=new))
-        built.append(new)
-    return m, built
+    return graphs
+
+
+def _engine_job(m: Manifest, opts: EngineOptions, run: _BuildRun, g: str) -> _EngineJob:
+    """The cache key of graph ``g``'s engine and the existing record of its slot."""
+    rec = m.graph(g, opts.precision, run.int8_target)
+    dev, flavour = run.dev, run.flavour
+    info = {
+        "graph": g,
+        "graph_sha256": rec.sha256,
+        "precision": opts.precision,
+        "flavour": flavour,
+        "version": run.version,
+        "batch": [1, opts.batch_opt, run.batch_max],
+        "inputs": [s.to_dict() for s in rec.inputs],
+        "gpu": {"name": dev.name, "sm": dev.sm} if (dev and flavour == "tensorrt") else None,
+        "targets": run.targets,
+        "options": {
+            "opt_level": opts.opt_level,
+            "workspace_gb": opts.workspace_gb,
+            "tf32": opts.tf32,
+        },
+    }
+    if run.profiles:  # dynamic models only, so static engines keep their cache keys
+        info["profiles"] = [[list(x) for x in p] for p in run.profiles]  # LR min/opt/max
+    old = next(
+        (
+            e
+            for e in run.engines
+            if e.get("graph") == g
+            and e.get("precision") == opts.precision
+            and e.get("flavour") == flavour
+        ),
+        None,
+    )
+    file = f"{g}.{opts.precision}.{flavour}.engine"
+    return _EngineJob(graph=g, rec=rec, info=info, key=cache_key(info), file=file, old=old)
+
+
+def _build_job(m: Manifest, opts: EngineOptions, run: _BuildRun, job: _EngineJob) -> _BuiltEngine:
+    """Build one engine; keep (and save) the timing cache TensorRT hands back."""
+    log.info("building %s from %s (%s %s)", job.file, job.rec.file, run.flavour, run.version)
+    t0 = _dt.datetime.now()
+    plan, tc_new = build_engine(
+        verify_graph(run.model_dir, job.rec, what=f"graph {job.graph}"),  # inside, sha256
+        inputs=job.rec.inputs,
+        opts=replace(opts, targets=tuple(run.build_targets)),
+        batch=(1, opts.batch_opt, run.batch_max),
+        flavour=run.flavour,
+        timing_cache=run.timing_cache,
+        profiles=run.profiles,
+        multiple=m.lr_multiple,
+    )
+    seconds = (_dt.datetime.now() - t0).total_seconds()
+    if tc_new:
+        run.timing_cache = tc_new
+        write_bytes_atomic(run.timing_cache_path, tc_new)
+    record = {
+        **job.info,
+        "file": job.file,
+        "sha256": hashlib.sha256(plan).hexdigest(),
+        "bytes": len(plan),
+        "cache_key": job.key,
+        "build_seconds": round(seconds, 1),
+        "built": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    return _BuiltEngine(plan=plan, record=record)
 
 
 def _record_engine(cur: Manifest, path: Path, plan: bytes, new: dict[str, Any]) -> Manifest:

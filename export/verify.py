@@ -79,6 +79,35 @@ def image_tiles(m: Manifest, images: list[Path]) -> np.ndarray:
     return np.ascontiguousarray(np.stack(out), dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """What verify feeds the reference and the backend."""
+
+    lr: np.ndarray  # (B, 3, h, w), contiguous
+    noise: dict[str, np.ndarray]
+    what: str  # how the report describes them
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """The PyTorch pipeline's tensors for the inputs: what each backend graph is compared to."""
+
+    tensors: dict[str, np.ndarray]  # x, y, cond, and x_{t-1} after each step row
+    rows: list[tuple[StepRow, np.ndarray]]  # each step row with its input state
+    image: np.ndarray
+
+
+@dataclass(frozen=True)
+class _BackendGraphs:
+    """An open backend and which graph kinds the manifest has for the precision verified."""
+
+    be: Any
+    manifest: Manifest
+    precision: Precision
+    target: str  # INT8 graph target ("tensorrt" / "onnxruntime"); "" for FP32 and FP16
+    kinds: set[str]  # encoder, step, decoder, unrolled
+
+
 def verify(
     model_dir: str | Path,
     *,
@@ -105,6 +134,34 @@ def verify(
     pipe = Pipeline.from_manifest(
         m, unet_weights=unet_weights, vq_weights=vq_weights, model_dir=model_dir
     )
+    inputs = _verify_inputs(m, images=images, seed=seed, batch=batch, lr_hw=lr_hw)
+    report = VerifyReport(
+        backend,
+        precision,
+        min_psnr=MIN_PSNR[precision] if min_psnr is None else min_psnr,
+        inputs=inputs.what,
+    )
+    ref = _reference(pipe, inputs)
+    with open_backend(backend, model_dir, m, precision=precision, threads=threads) as be:
+        graphs = _backend_graphs(be, m, backend, precision)
+        _verify_stages(graphs, inputs, ref, report)
+        _verify_end_to_end(graphs, inputs, ref, modes, report)
+    if not report.end_to_end:
+        raise VerificationError(f"no {precision} graphs to verify in {model_dir}")
+    if record:
+        _record_verification(model_dir, backend, precision, report)
+    return report
+
+
+def _verify_inputs(
+    m: Manifest,
+    *,
+    images: list[Path] | None,
+    seed: int,
+    batch: int,
+    lr_hw: tuple[int, int] | None,
+) -> _Inputs:
+    """LR tiles (random, padded to ``lr_hw``, or crops of ``images``) and the noise fields."""
     if lr_hw is not None and tuple(lr_hw) != tuple(m.tile):
         from deltadiff.tiling import pad_amounts, reflect_pad
 
@@ -130,15 +187,12 @@ def verify(
     B = lr.shape[0]
     sh, sw = m.state_hw(lr.shape[2:])
     noise = noise_field(m.noise_names, (B, 3, sh, sw), seed + 1)
-    report = VerifyReport(
-        backend,
-        precision,
-        min_psnr=MIN_PSNR[precision] if min_psnr is None else min_psnr,
-        inputs=what,
-    )
+    return _Inputs(lr=lr, noise=noise, what=what)
 
-    # reference, stage by stage
-    tn = {k: torch.from_numpy(v) for k, v in noise.items()}
+
+def _reference(pipe: Pipeline, inputs: _Inputs) -> _Reference:
+    """The PyTorch reference, stage by stage: encoder outputs, each row's state, the image."""
+    tn = {k: torch.from_numpy(v) for k, v in inputs.noise.items()}
     ref: dict[str, np.ndarray] = {}
     xs: list[tuple[StepRow, np.ndarray]] = []  # (row, its input state)
 
@@ -147,61 +201,81 @@ def verify(
         ref[f"x_{r.t - 1}"] = x_next.numpy()
 
     with torch.no_grad():
-        y, cond = pipe.encode(torch.from_numpy(lr))
+        y, cond = pipe.encode(torch.from_numpy(inputs.lr))
         ref.update(x=pipe.prior(y, tn).numpy(), y=y.numpy(), cond=cond.numpy())
         image = pipe.decode(pipe.run_steps(y, cond, tn, hook=keep)).numpy()
+    return _Reference(tensors=ref, rows=xs, image=image)
 
-    with open_backend(backend, model_dir, m, precision=precision, threads=threads) as be:
-        target = (
-            ("tensorrt" if backend == "tensorrt" else "onnxruntime") if precision == "int8" else ""
-        )
-        graphs = {
-            k.split(".")[0].split("@")[0]  # step@3.int8.onnxruntime -> step
-            for k, g in m.graphs.items()
-            if g.precision == precision and g.target == target
-        }
-        if "encoder" in graphs:
-            enc = be.run("encoder", {"lr": lr, **noise})
-            for k in ("x", "y", "cond"):
-                report.stages.append(compare(ref[k], enc[k], name=f"encoder.{k}"))
-        if "step" in graphs:
-            for r, x_in in xs:
-                feeds = {
-                    "x": x_in,
-                    "y": ref["y"],
-                    "cond": ref["cond"],
-                    "t": r.t_input(),
-                    "coef": r.coef(),
-                }
-                step_name = m.resolve(f"step@{r.t}", precision, target or None)
-                if "noise" in be.input_names(step_name):
-                    feeds["noise"] = noise[r.noise] if r.noise in noise else np.zeros_like(x_in)
-                out = be.run(step_name, feeds)["x_next"]  # the row's own graph (INT8)
-                report.stages.append(compare(ref[f"x_{r.t - 1}"], out, name=f"step t={r.t}"))
-        if "decoder" in graphs:
-            out = be.run("decoder", {"x": ref["x_-1"]})["image"]
-            report.stages.append(compare(image, out, name="decoder.image", data_range=1.0))
-        for mode in modes:
-            if mode is Mode.UNROLLED and "unrolled" not in graphs:
-                continue
-            if mode is Mode.STAGED and not {"encoder", "step", "decoder"} <= graphs:
-                continue
-            ex = Executor(m, be, mode=mode)
-            out = ex.run(lr, noise)
-            report.end_to_end.append(
-                compare(
-                    image, out, name=f"end-to-end {mode}", data_range=1.0, min_psnr=report.min_psnr
-                )
+
+def _backend_graphs(be: Any, m: Manifest, backend: Backend, precision: Precision) -> _BackendGraphs:
+    target = ("tensorrt" if backend == "tensorrt" else "onnxruntime") if precision == "int8" else ""
+    kinds = {
+        k.split(".")[0].split("@")[0]  # step@3.int8.onnxruntime -> step
+        for k, g in m.graphs.items()
+        if g.precision == precision and g.target == target
+    }
+    return _BackendGraphs(be=be, manifest=m, precision=precision, target=target, kinds=kinds)
+
+
+def _verify_stages(
+    b: _BackendGraphs, inputs: _Inputs, ref: _Reference, report: VerifyReport
+) -> None:
+    """Each backend graph on the reference's own inputs: encoder, every step row, decoder."""
+    be, noise, tensors = b.be, inputs.noise, ref.tensors
+    if "encoder" in b.kinds:
+        enc = be.run("encoder", {"lr": inputs.lr, **noise})
+        for k in ("x", "y", "cond"):
+            report.stages.append(compare(tensors[k], enc[k], name=f"encoder.{k}"))
+    if "step" in b.kinds:
+        for r, x_in in ref.rows:
+            feeds = {
+                "x": x_in,
+                "y": tensors["y"],
+                "cond": tensors["cond"],
+                "t": r.t_input(),
+                "coef": r.coef(),
+            }
+            step_name = b.manifest.resolve(f"step@{r.t}", b.precision, b.target or None)
+            if "noise" in be.input_names(step_name):
+                feeds["noise"] = noise[r.noise] if r.noise in noise else np.zeros_like(x_in)
+            out = be.run(step_name, feeds)["x_next"]  # the row's own graph (INT8)
+            report.stages.append(compare(tensors[f"x_{r.t - 1}"], out, name=f"step t={r.t}"))
+    if "decoder" in b.kinds:
+        out = be.run("decoder", {"x": tensors["x_-1"]})["image"]
+        report.stages.append(compare(ref.image, out, name="decoder.image", data_range=1.0))
+
+
+def _verify_end_to_end(
+    b: _BackendGraphs,
+    inputs: _Inputs,
+    ref: _Reference,
+    modes: tuple[Mode, ...],
+    report: VerifyReport,
+) -> None:
+    """The whole chain per mode (staged, unrolled) whose graphs the backend has."""
+    for mode in modes:
+        if mode is Mode.UNROLLED and "unrolled" not in b.kinds:
+            continue
+        if mode is Mode.STAGED and not {"encoder", "step", "decoder"} <= b.kinds:
+            continue
+        ex = Executor(b.manifest, b.be, mode=mode)
+        out = ex.run(inputs.lr, inputs.noise)
+        report.end_to_end.append(
+            compare(
+                ref.image, out, name=f"end-to-end {mode}", data_range=1.0, min_psnr=report.min_psnr
             )
-    if not report.end_to_end:
-        raise VerificationError(f"no {precision} graphs to verify in {model_dir}")
-    if record:
-        rec = report.to_record()
+        )
 
-        def add_record(cur: Manifest) -> Manifest:  # the manifest on disk now, under its lock
-            verifs = dict(cur.verification.get("by_backend", {})) if cur.verification else {}
-            verifs[f"{backend}/{precision}"] = rec
-            return replace(cur, verification={**rec, "by_backend": verifs})
 
-        update_manifest(model_dir, add_record)
-    return report
+def _record_verification(
+    model_dir: Path, backend: Backend, precision: Precision, report: VerifyReport
+) -> None:
+    """The report into the manifest (latest, and by backend/precision)."""
+    rec = report.to_record()
+
+    def add_record(cur: Manifest) -> Manifest:  # the manifest on disk now, under its lock
+        verifs = dict(cur.verification.get("by_backend", {})) if cur.verification else {}
+        verifs[f"{backend}/{precision}"] = rec
+        return replace(cur, verification={**rec, "by_backend": verifs})
+
+    update_manifest(model_dir, add_record)

@@ -191,8 +191,13 @@ def test_cache_from_another_model_is_refused_in_one_line(calibrated, images, exp
         ("too_few", "needs at least"),
         ("unreadable", "unreadable"),
         ("no_fp32", "no FP32"),
-        ("bad_rank", "--rank 'fastest': choose one of per-mac, cost"),
-        ("bad_units", "--units 'node': choose one of block, layer"),
+        ("bad_rank", "unknown --rank 'fastest'; choose one of per-mac, cost"),
+        ("bad_units", "unknown --units 'node'; choose one of block, layer"),
+        (
+            "bad_method",
+            "unknown --method 'best'; choose one of auto, minmax, percentile, entropy, mse",
+        ),
+        ("bad_target", "unknown --target 'cuda'; choose one of onnxruntime, tensorrt"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_fix(case, match, exported, images, tmp_path):
@@ -218,6 +223,10 @@ def test_bad_input_is_one_line_naming_the_fix(case, match, exported, images, tmp
         data, extra = images, ["--rank", "fastest"]
     if case == "bad_units":
         data, extra = images, ["--units", "node"]
+    if case == "bad_method":
+        data, extra = images, ["--method", "best"]
+    if case == "bad_target":
+        data, extra = images, ["--target", "cuda"]
     r = CliRunner().invoke(
         export_app, ["calibrate", "--model", str(d), "--data", str(data), "--samples", "2", *extra]
     )

@@ -269,7 +269,7 @@ def test_memory_fit_bounds_a_quadratic_peak_where_a_line_would_not():
 
 
 # Measured: deltadiff-latent-small, dynamic export, ONNX Runtime CPU FP32 staged, 2 threads, one
-# fresh process per size (runtime.memory.measure), Xeon AVX-512 VNNI shared with other jobs:
+# fresh process per size (runtime.memory_budget.measure), Xeon AVX-512 VNNI shared with other jobs:
 # peak RSS 432 / 990 / 1,849 / 2,893 MiB at 64x64 / 64x128 / 64x192 / 128x128 LR.
 LATENT_PEAKS = [(64, 64, 453038080), (64, 128, 1038458880), (64, 192, 1939189760)]
 LATENT_128 = (128, 128, 3033292800)

@@ -270,6 +270,10 @@ def test_bad_input_is_one_line(model, pairs, tmp_path):
         G.run_gate(_opts(model, tmp_path, tmp_path, tmp_path))
     with pytest.raises(DeltaDiffError, match="--target tensorrt"):
         G.run_gate(_opts(model, pairs, tmp_path, tmp_path, target="tensorrt"))
+    with pytest.raises(
+        DeltaDiffError, match="unknown --target 'cuda'; choose one of onnxruntime, "
+    ):
+        G.run_gate(_opts(model, pairs, tmp_path, tmp_path, target="cuda"))
     with pytest.raises(DeltaDiffError, match="compares another precision"):
         G.run_gate(_opts(model, pairs, tmp_path, tmp_path, precision="fp32"))
     with pytest.raises(DeltaDiffError, match="no fp16 graphs"):

@@ -304,11 +304,15 @@ def test_readme_stays_short() -> None:
 def _mini_repo(root: Path) -> Path:
     """A tiny repository: pyproject's package-dir, a README with one section, a few files."""
     files = {
-        "pyproject.toml": '[tool.setuptools]\npackage-dir = { "deltadiff.runtime" = "runtime" }\n',
+        "pyproject.toml": (
+            "[tool.setuptools]\n"
+            'package-dir = { "deltadiff" = "deltadiff", "deltadiff.runtime" = "runtime" }\n'
+        ),
         "README.md": "# Project\n\n## Documentation\n",
         "docs/design.md": "# Design\n",
         "deltadiff/manifest.py": "",
         "deltadiff/cli/run.py": "",
+        "runtime/__init__.py": "",
         "examples/astronaut_lr.png": "",
         "tests/test_links.py": "",
     }

@@ -1,4 +1,5 @@
-"""Tests for the torch-free x4 SR quality evaluator (benchmarks/quality.py, deltadiff/lpips.py)."""
+"""Tests for the torch-free x4 SR metrics and evaluator (deltadiff/metrics.py, deltadiff/lpips.py,
+benchmarks/quality.py)."""
 
 from __future__ import annotations
 

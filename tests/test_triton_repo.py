@@ -93,6 +93,24 @@ def test_tensorrt_repository_needs_engines(model: Path, tmp_path: Path) -> None:
         write_repository(model, tmp_path / "r", TritonRepoOptions(engine="tensorrt"))
 
 
+def test_engine_is_parsed_and_files_land_atomically(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deltadiff.runtime.serving import triton_repo
+
+    with pytest.raises(DeltaDiffError, match=r"^unknown --engine 'onnx'; choose one of ") as exc:
+        write_repository(model, tmp_path / "bad", TritonRepoOptions(engine="onnx"))
+    assert "\n" not in str(exc.value) and not (tmp_path / "bad").exists()
+    repo = write_repository(model, tmp_path / "repo", TritonRepoOptions(engine=" Python "))
+    assert check_repository(repo).ok
+    assert not [p for p in repo.rglob("*") if p.name.endswith(".tmp")]  # no temp left behind
+    # a copy whose sha256 differs (the source changed meanwhile) never lands, nor does its temp
+    monkeypatch.setattr(triton_repo, "sha256_file", lambda _p: "0" * 64)
+    with pytest.raises(DeltaDiffError, match="changed while it was copied"):
+        write_repository(model, tmp_path / "r2", TritonRepoOptions(engine="onnxruntime"))
+    assert not [p for p in (tmp_path / "r2").rglob("*") if p.is_file()]
+
+
 @pytest.mark.trt
 @pytest.mark.skipif(not HAVE_RTX, reason="tensorrt_rtx is not installed ([trt] extra)")
 def test_tensorrt_rtx_repository_passes_the_check(model: Path, tmp_path: Path) -> None:

@@ -231,7 +231,7 @@ def _taps(in_len: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
 
 def resize_f64(img: np.ndarray, scale: float) -> np.ndarray:
     """MATLAB ``imresize(img, scale, 'bicubic')`` of an (H, W, C) array in float64: the weights of
-    ``runtime.resize.resize_matrix``, applied tap by tap (no BLAS, so bit-identical on every
+    ``deltadiff.imresize.resize_matrix``, applied tap by tap (no BLAS, so bit-identical on every
     machine), height first, then width."""
     x = np.asarray(img, dtype=np.float64)
     idx, w = _taps(x.shape[0], scale)

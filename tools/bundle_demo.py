@@ -38,7 +38,6 @@ from pathlib import Path
 import yaml
 
 from deltadiff.calibration.calibrate import CalibrateOptions, calibrate
-from deltadiff.calibration.search import UNITS
 from deltadiff.export.graphs import TileShape
 from deltadiff.export.onnx_export import ExportOptions, add_fp16, export_onnx
 from deltadiff.export.verify import verify
@@ -51,6 +50,7 @@ from deltadiff.model.checkpoint import (
 )
 from deltadiff.model.config import from_upstream_yaml, to_upstream_yaml_dict
 from deltadiff.model.pipeline import Pipeline
+from deltadiff.options import SearchUnit
 from deltadiff.runtime.memory_budget import measure, record_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--int8-units",
-        choices=UNITS,
+        choices=[u.value for u in SearchUnit],
         default="layer",
         help="search unit inside a row (dd-export calibrate --units)",
     )

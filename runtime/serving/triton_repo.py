@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from deltadiff._deps import require
-from deltadiff.atomic import write_text_atomic
+from deltadiff.atomic import atomic_path, write_text_atomic
 from deltadiff.errors import DeltaDiffError, ManifestError
 from deltadiff.manifest import (
     MANIFEST,
@@ -44,11 +44,15 @@ from deltadiff.manifest import (
     verify_file,
     verify_graph,
 )
+from deltadiff.options import TritonEngine, parse
 from deltadiff.runtime.serving.serve import INPUT, OUTPUT, SEED, model_config, model_source
 
-ENGINES = ("tensorrt", "onnxruntime", "python")
-PLATFORM = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}
-MODEL_FILE = {"tensorrt": "model.plan", "onnxruntime": "model.onnx", "python": "model.py"}
+PLATFORM = {TritonEngine.TENSORRT: "tensorrt_plan", TritonEngine.ONNXRUNTIME: "onnxruntime_onnx"}
+MODEL_FILE = {
+    TritonEngine.TENSORRT: "model.plan",
+    TritonEngine.ONNXRUNTIME: "model.onnx",
+    TritonEngine.PYTHON: "model.py",
+}
 DTYPE = {
     "float32": "TYPE_FP32",
     "float16": "TYPE_FP16",
@@ -61,7 +65,7 @@ PREFIX = "deltadiff_"
 
 @dataclass(frozen=True)
 class TritonRepoOptions:
-    engine: str = "onnxruntime"
+    engine: TritonEngine | str = TritonEngine.ONNXRUNTIME  # parsed by write_repository
     precision: str = "fp32"
     mode: str = "staged"
     flavour: str | None = None  # tensorrt: which engines (tensorrt | tensorrt_rtx); default: any
@@ -104,7 +108,7 @@ def _tensor(spec: TensorSpec) -> str:
 def stage_config(name: str, m: Manifest, graph: str, opts: TritonRepoOptions, kind: str) -> str:
     rec = m.graph(graph, opts.precision)
     head = f'name: "{name}"\n'
-    if opts.engine == "python":
+    if opts.engine == TritonEngine.PYTHON:
         head += 'backend: "python"\n'
     else:
         head += f'platform: "{PLATFORM[opts.engine]}"\n'
@@ -118,7 +122,7 @@ def stage_config(name: str, m: Manifest, graph: str, opts: TritonRepoOptions, ki
         + "\n]\n"
         + f"instance_group [ {{ count: {opts.instances} kind: {kind} }} ]\n"
     )
-    if opts.engine == "python":
+    if opts.engine == TritonEngine.PYTHON:
         params = {"graph": graph, "precision": opts.precision, "threads": opts.threads}
         body += (
             "parameters [\n"
@@ -159,15 +163,16 @@ def _engine_record(
 
 
 def _copy_checked(src: Path, dst: Path, sha256: str, what: str) -> None:
-    """Copy a checked file, then check the copy's sha256 too (the source may change between
-    the check and the copy)."""
+    """Copy a checked file to a temp file beside ``dst``, check the copy's sha256 too (the source
+    may change between the check and the copy), then move it onto ``dst``; a bad copy never
+    lands."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
-    if sha256_file(dst) != sha256:
-        dst.unlink()
-        raise DeltaDiffError(
-            f"{what}: {src} changed while it was copied; run dd-export triton again"
-        )
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+        if sha256_file(tmp) != sha256:
+            raise DeltaDiffError(
+                f"{what}: {src} changed while it was copied; run dd-export triton again"
+            )
 
 
 def _copy_graph(model_dir: Path, rec: GraphRecord, dst: Path, *, what: str) -> None:
@@ -182,20 +187,19 @@ def _copy_graph(model_dir: Path, rec: GraphRecord, dst: Path, *, what: str) -> N
 def write_repository(model_dir: Path, repo: Path, opts: TritonRepoOptions) -> Path:
     """Write the repository (refuses a non-empty ``repo`` unless ``overwrite``); returns it."""
     model_dir, repo = Path(model_dir), Path(repo)
-    if opts.engine not in ENGINES:
-        raise DeltaDiffError(f"--engine {opts.engine!r}: choose one of {', '.join(ENGINES)}")
+    opts = replace(opts, engine=parse(TritonEngine, opts.engine, "--engine"))
     if opts.mode not in STAGES:
         raise DeltaDiffError(f"--mode {opts.mode!r}: choose staged or unrolled")
     m = load_manifest(model_dir)  # checks every graph's sha256
     kind = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}[
-        opts.kind or ("cpu" if opts.engine == "python" else "gpu")
+        opts.kind or ("cpu" if opts.engine == TritonEngine.PYTHON else "gpu")
     ]
     graphs = STAGES[opts.mode]
     for g in graphs:
         m.graph(g, opts.precision)  # a clear error when the graph is missing
     checked = (
         {g: _engine_record(m, g, opts, model_dir) for g in graphs}
-        if opts.engine == "tensorrt"
+        if opts.engine == TritonEngine.TENSORRT
         else {}
     )
     engines = {g: e for g, (e, _) in checked.items()}
@@ -210,20 +214,20 @@ def write_repository(model_dir: Path, repo: Path, opts: TritonRepoOptions) -> Pa
         v = repo / name / "1"
         v.mkdir(parents=True)
         rec = m.graph(g, opts.precision)
-        if opts.engine == "onnxruntime":
+        if opts.engine == TritonEngine.ONNXRUNTIME:
             _copy_graph(model_dir, rec, v / "model.onnx", what=f"graph {g}")
-        elif opts.engine == "tensorrt":
+        elif opts.engine == TritonEngine.TENSORRT:
             e, real = checked[g]
             _copy_checked(real, v / "model.plan", e["sha256"], f"engine {g}")
         else:
             _copy_graph(model_dir, rec, v / rec.file, what=f"graph {g}")
-            (v / MANIFEST).write_text(manifest_text, encoding="utf-8")
-            (v / "model.py").write_text(model_source("stage"), encoding="utf-8")
+            write_text_atomic(v / MANIFEST, manifest_text)
+            write_text_atomic(v / "model.py", model_source("stage"))
         write_text_atomic(repo / name / "config.pbtxt", stage_config(name, m, g, opts, kind))
     d = repo / "deltadiff"
     (d / "1").mkdir(parents=True)
-    (d / "1" / "model.py").write_text(model_source("deltadiff"), encoding="utf-8")
-    (d / "1" / MANIFEST).write_text(manifest_text, encoding="utf-8")
+    write_text_atomic(d / "1" / "model.py", model_source("deltadiff"))
+    write_text_atomic(d / "1" / MANIFEST, manifest_text)
     params: dict[str, Any] = {
         "stages": "bls",
         "precision": opts.precision,
@@ -256,7 +260,7 @@ def _readme(
 ) -> str:
     th, tw = m.tile
     stage_list = ", ".join(f"`{PREFIX}{g}`" for g in graphs)
-    if opts.engine == "tensorrt":
+    if opts.engine == TritonEngine.TENSORRT:
         flav = sorted({(e["flavour"], e["version"]) for e in engines.values()})
         targets = sorted({t for e in engines.values() for t in e.get("targets") or []})
         gpus = sorted({e["gpu"]["name"] for e in engines.values() if e.get("gpu")})
@@ -277,7 +281,7 @@ def _readme(
                 f"{opts.precision}`, then `dd-export triton` again), or serve the TensorRT-RTX "
                 "plans through `dd-run serve --backend tensorrt`."
             )
-    elif opts.engine == "onnxruntime":
+    elif opts.engine == TritonEngine.ONNXRUNTIME:
         engine_text = (
             "The stage models are ONNX graphs for Triton's `onnxruntime` backend (in every "
             "`tritonserver` container); `instance_group` asks for GPUs (`--kind cpu` for CPUs)."
