@@ -128,3 +128,88 @@ def test_qat_fine_tune_starts_from_the_given_weights(hr_folder, tmp_path):
     bad = replace(_opts(hr_folder, tmp_path / "bad", 2), preset="demo-pixel", init=base, qat=True)
     with pytest.raises(DeltaDiffError, match="does not fit the UNet"):
         train(bad, progress=False)
+
+
+# --- LPIPS on the x0 prediction (dd-export train --lpips-weight) --------------------------------
+
+
+def _lpips_weights() -> Path:
+    from deltadiff.lpips import default_lpips_weights
+
+    w = default_lpips_weights()
+    if w is None or not w.is_file():
+        pytest.skip("needs the LPIPS AlexNet weights (DD_LPIPS_WEIGHTS)")
+    return w
+
+
+def test_torch_lpips_loss_equals_the_numpy_metric_and_has_gradients() -> None:
+    from deltadiff.lpips import LPIPS
+    from deltadiff.model.lpips_loss import LPIPSLoss
+
+    w = _lpips_weights()
+    rng = np.random.default_rng(3)
+    a = rng.random((2, 40, 36, 3))
+    b = np.clip(a + 0.1 * rng.standard_normal(a.shape), 0, 1)
+    want = [LPIPS(w, dtype=np.float64)(a[i], b[i]) for i in range(2)]
+    ta = (torch.from_numpy(a).permute(0, 3, 1, 2).float() * 2 - 1).requires_grad_(True)
+    tb = torch.from_numpy(b).permute(0, 3, 1, 2).float() * 2 - 1
+    loss = LPIPSLoss(w)
+    got = loss(ta, tb)
+    np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-4, atol=1e-6)
+    got.sum().backward()
+    assert ta.grad is not None and float(ta.grad.abs().sum()) > 0
+    assert all(p.grad is None for p in loss.parameters())  # the trunk is frozen
+    assert float(loss(tb, tb).abs().max()) == 0.0
+
+
+def test_lpips_training_logs_both_terms_records_sources_and_survives_nan(
+    hr_folder, tmp_path, monkeypatch
+):
+    import dataclasses
+    import json
+
+    from deltadiff.model import train as T
+
+    w = _lpips_weights()
+    d2 = tmp_path / "more"
+    d2.mkdir()
+    Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(d2 / "flat.png")
+    o = dataclasses.replace(
+        _opts(hr_folder, tmp_path / "run", 4),
+        data=(hr_folder, d2),
+        lpips_weight=0.5,
+        lpips_weights=w,
+    )
+    calls = {"n": 0}
+    real = T.LPIPSLoss.forward
+
+    def flaky(self, a, b):  # the second batch's LPIPS is NaN: that batch trains on MSE alone
+        calls["n"] += 1
+        out = real(self, a, b)
+        return out * float("nan") if calls["n"] == 2 else out
+
+    monkeypatch.setattr(T.LPIPSLoss, "forward", flaky)
+    train(o, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+    assert "lpips" in rows[0] and rows[0]["loss"] > rows[0]["mse"]  # MSE + 0.5 LPIPS
+    src = json.loads((tmp_path / "run" / "data-sources.json").read_text())["images"]
+    assert sorted(r["file"] for r in src) == ["flat.png", "img0.png", "img1.png", "img2.png"]
+    assert all(len(r["sha256"]) == 64 for r in src)
+    opts = json.loads((tmp_path / "run" / "options.json").read_text())
+    assert opts["lpips_weight"] == 0.5
+
+
+def test_lpips_weight_without_weights_is_a_one_line_error(hr_folder, tmp_path, monkeypatch):
+    import dataclasses
+
+    from deltadiff.errors import ConfigError
+
+    monkeypatch.setenv("DD_LPIPS_WEIGHTS", str(tmp_path / "missing.npz"))
+    o = dataclasses.replace(_opts(hr_folder, tmp_path / "r", 2), lpips_weight=1.0)
+    with pytest.raises(Exception, match="LPIPS weights not found") as e:
+        train(o, progress=False)
+    assert "\n" not in str(e.value)
+    o = dataclasses.replace(o, lpips_weight=-1.0)
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        train(o, progress=False)
