@@ -68,6 +68,24 @@ def main() -> None:
         default=REPO.parent / "shared" / "data" / "val-bicubic-x4",
         help="gt/ + lq/ set: 4 images calibrate, the rest gate the INT8 graphs",
     )
+    ap.add_argument(
+        "--gate-data",
+        type=Path,
+        help="gt/ + lq/ set for the runtime gate of the onnxruntime INT8 graphs (calibrate "
+        "--gate-data), e.g. the corpus gate split",
+    )
+    ap.add_argument(
+        "--log-name",
+        default="finetune",
+        help="a fine-tune run's log/options/data-sources are kept as log-NAME.jsonl, ...",
+    )
+    ap.add_argument(
+        "--mix-from",
+        type=Path,
+        help="weights to interpolate with the run's EMA (network interpolation, e.g. the model "
+        "the run fine-tuned); the bundle gets (1 - MIX) * these + MIX * the run's EMA",
+    )
+    ap.add_argument("--mix", type=float, default=1.0, help="the run's share with --mix-from")
     ap.add_argument("--int8-only", action="store_true", help="only (re)calibrate the INT8 graphs")
     ap.add_argument(
         "--int8-target",
@@ -128,6 +146,7 @@ def main() -> None:
             cache=args.int8_cache,
             search_from=prior if prior is not None and prior.exists() else None,
             units=args.int8_units,
+            gate_data=args.gate_data if target == "onnxruntime" else None,
         )
         res = calibrate(opts, progress=print)
         print(f"int8 {target}", res.score.line(), "PASS" if res.passed else "FAIL", res.seconds)
@@ -142,6 +161,12 @@ def bundle(args: argparse.Namespace, mdir: Path) -> None:
     wdir.mkdir(parents=True, exist_ok=True)
     if args.run is not None:
         ema = canonicalize(read_weights(args.run / "ema_ckpts" / f"ema_model_{args.iters}.pth"))
+        if args.mix_from is not None:  # network interpolation: (1 - a) * base + a * fine-tuned
+            base = canonicalize(read_weights(args.mix_from))
+            a = args.mix
+            ema = {
+                k: (1 - a) * base[k] + a * v if v.is_floating_point() else v for k, v in ema.items()
+            }
         cfg = from_upstream_yaml(args.run / "config.yaml").replace(
             step_rule=args.rule, name="demo-pixel"
         )
@@ -151,9 +176,10 @@ def bundle(args: argparse.Namespace, mdir: Path) -> None:
         )
         # a fine-tune run (--init) keeps the base run's log beside its own
         fine = json.loads((args.run / "options.json").read_text()).get("init") is not None
-        for f in ("log.jsonl", "options.json"):
-            dst = f.replace(".", "-finetune.", 1) if fine else f
-            shutil.copy(args.run / f, wdir / dst)
+        for f in ("log.jsonl", "options.json", "data-sources.json"):
+            if (args.run / f).exists():
+                dst = f.replace(".", f"-{args.log_name}.", 1) if fine else f
+                shutil.copy(args.run / f, wdir / dst)
     else:
         cfg = from_upstream_yaml(wdir / "config.yaml").replace(
             step_rule=args.rule, name="demo-pixel"

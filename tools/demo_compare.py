@@ -62,7 +62,7 @@ def quality(args: argparse.Namespace) -> None:
     names = sorted({r["name"] for r in d["images"]})
     better = [n for n in names if rows[("v2", n)]["lpips"] < rows[("v1", n)]["lpips"]]
     summary = {
-        "dataset": str(args.dataset),
+        "dataset": args.dataset.name,
         "precision": args.precision,
         "images": len(names),
         "v2_lower_lpips_than_v1": len(better),
@@ -71,7 +71,7 @@ def quality(args: argparse.Namespace) -> None:
             s["upscaler"]: {
                 k: s[k] for k in ("psnr_y", "ssim_y", "lpips", "delta_psnr_y_vs_bicubic")
             }
-            for s in d["summaries"]
+            for s in d["upscalers"]
         },
         "cpu": cpu_info().model,
         "isa": cpu_info().isa,
