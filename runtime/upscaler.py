@@ -174,9 +174,12 @@ class Upscaler:
         opts: UpscaleOptions | None = None,
         *,
         manifest: Manifest | None = None,
+        check_graphs: bool = True,
     ) -> None:
         """``manifest``: the model directory's manifest, already loaded (the runtime gate passes
-        one whose INT8 records it is judging; everything else reads ``model_dir``)."""
+        one whose INT8 records it is judging; everything else reads ``model_dir``).
+        ``check_graphs=False``: the graphs run elsewhere (a Triton BLS model whose stages are
+        other Triton models), so the folder holds only the manifest."""
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.m: Manifest = manifest or load_manifest(self.model_dir, check_hashes=False)
         opts = opts or UpscaleOptions()
@@ -232,7 +235,7 @@ class Upscaler:
             )
         if opts.blend not in ("cosine", "crop"):
             raise DeltaDiffError(f"--blend {opts.blend!r}: choose cosine or crop")
-        if opts.backend is not Backend.TENSORRT:
+        if check_graphs and opts.backend is not Backend.TENSORRT:
             self._check_graphs()  # a bad model folder fails here once, not once per image
         self.backend = open_backend(
             opts.backend,

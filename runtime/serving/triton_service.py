@@ -332,7 +332,8 @@ def build_service(params: dict[str, str], version_dir: Path, infer: InferFn | No
     elif stages == "bls":
         if infer is None:
             raise DeltaDiffError("stages=bls needs a Triton BLS infer function")
-        up = Upscaler(version_dir, opts)  # lazy backend: no graph is loaded here
+        # the stages are other Triton models: this folder holds the manifest, no graph
+        up = Upscaler(version_dir, opts, check_graphs=False)
         models = {
             g: params.get(f"model_{g}", g) for g in ("encoder", "step", "decoder", "unrolled")
         }
