@@ -146,9 +146,10 @@ def ssim_map_valid(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     b = b.astype(np.float64)
 
     def filt(x: np.ndarray) -> np.ndarray:
-        # separable 'valid' correlation: (H - 10, W - 10)
-        y = np.lib.stride_tricks.sliding_window_view(x, _SSIM_WIN, axis=0) @ g
-        return np.lib.stride_tricks.sliding_window_view(y, _SSIM_WIN, axis=1) @ g
+        # separable 'valid' correlation, one shifted slice per tap: (H - 10, W - 10)
+        h, w = x.shape[0] - _SSIM_WIN + 1, x.shape[1] - _SSIM_WIN + 1
+        y = sum(g[k] * x[k : k + h] for k in range(_SSIM_WIN))
+        return sum(g[k] * y[:, k : k + w] for k in range(_SSIM_WIN))
 
     mu1, mu2 = filt(a), filt(b)
     mu1_sq, mu2_sq, mu1_mu2 = mu1 * mu1, mu2 * mu2, mu1 * mu2

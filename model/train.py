@@ -84,11 +84,6 @@ class TrainOptions:
     lpips_weights: Path | None = None  # the npz; default: deltadiff.lpips.default_lpips_weights
 
 
-def load_hr_images(folder: Path, min_side: int) -> list[np.ndarray]:
-    """All RGB images of a folder as uint8 HWC arrays (images smaller than a crop are skipped)."""
-    return [img for _, img in _folder_images(Path(folder), min_side)]
-
-
 def _folder_images(folder: Path, min_side: int) -> list[tuple[Path, np.ndarray]]:
     from PIL import Image
 
@@ -303,10 +298,11 @@ def _start(o: TrainOptions, resume: bool) -> _Run:
         run.rng.bit_generator.state = st["numpy_rng"]
         torch.set_rng_state(st["torch_rng"])
         log.info("resumed from %s at iteration %d", run.state_path, run.start)
-    if o.lpips_weight > 0 or o.val:
-        path = _lpips_path(o) if o.lpips_weight > 0 else default_lpips_weights()
-        run.lpips = LPIPSLoss(path) if o.lpips_weight > 0 and path else None
-        run.lpips_np = LPIPS(path) if path else None
+    path = _lpips_path(o) if o.lpips_weight > 0 else o.lpips_weights or default_lpips_weights()
+    if o.lpips_weight > 0:
+        run.lpips = LPIPSLoss(path)
+    if o.val and path is not None:
+        run.lpips_np = LPIPS(path)
     if o.val:
         run.val_pairs = load_dataset(o.val)
     write_text_atomic(out / "config.yaml", _yaml_dump(to_upstream_yaml_dict(cfg)))
@@ -354,6 +350,7 @@ def _step(run: _Run, it: int, batch: _Batch) -> _Losses:
     run.opt.zero_grad(set_to_none=True)
     losses.total.backward()
     run.opt.step()
+    losses.total = losses.total.detach()  # the log window keeps values, not graphs
     with torch.no_grad():
         rate = min(run.o.ema_rate, (1 + it) / (10 + it))
         for k, v in run.net.state_dict().items():
@@ -453,7 +450,7 @@ def train(o: TrainOptions, *, resume: bool = False, progress: bool = True) -> Pa
         for it in range(run.start, run.end):
             losses = _step(run, it, _sample(run, sampler, tables))
             window.append(losses)
-            bar.update(task, advance=1, loss=float(losses.total.detach()))
+            bar.update(task, advance=1, loss=float(losses.total))
             done = it + 1
             saving = done % o.save_every == 0 or done in (o.iters, o.stop_at)
             if done % o.log_every == 0 or done == o.iters:
@@ -472,7 +469,7 @@ def _log_record(
 ) -> dict[str, float]:
     rec: dict[str, float] = {
         "iter": done,
-        "loss": float(np.mean([float(w.total.detach()) for w in window])) if window else 0.0,
+        "loss": float(np.mean([float(w.total) for w in window])) if window else 0.0,
         "mse": float(np.mean([w.mse for w in window])) if window else 0.0,
         "lr": lr_at(it, run.o),
         "elapsed_s": round(elapsed, 1),

@@ -32,7 +32,7 @@ from PIL import Image
 from deltadiff.benchmarks.quality import evaluate, write_report
 from deltadiff.cpu import cpu_info
 from deltadiff.lpips import LPIPS, default_lpips_weights
-from deltadiff.metrics import bicubic_upscaler, load_dataset, to_uint8
+from deltadiff.metrics import bicubic_upscaler, degrade_x4, load_dataset, to_uint8
 from deltadiff.runtime.upscaler import UpscaleOptions, Upscaler
 
 
@@ -85,10 +85,8 @@ def quality(args: argparse.Namespace) -> None:
 
 def _window(hr: np.ndarray, size: int = 128) -> tuple[int, int]:
     """The size x size HR window with the most detail (mean absolute gradient)."""
-    g = (
-        np.abs(np.diff(hr.astype(np.float32).mean(-1), axis=1))[:-1]
-        + np.abs(np.diff(hr.astype(np.float32).mean(-1), axis=0))[:, :-1]
-    )
+    gray = hr.astype(np.float32).mean(-1)
+    g = np.abs(np.diff(gray, axis=1))[:-1] + np.abs(np.diff(gray, axis=0))[:, :-1]
     best, where = -1.0, (0, 0)
     for y in range(0, hr.shape[0] - size + 1, size // 4):
         for x in range(0, hr.shape[1] - size + 1, size // 4):
@@ -135,8 +133,6 @@ def timing(args: argparse.Namespace) -> None:
     from skimage import data as skdata
 
     hr = skdata.astronaut()[: args.lr * 4, 64 : 64 + args.lr * 4]
-    from deltadiff.metrics import degrade_x4
-
     lr = degrade_x4(hr)
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
@@ -26,7 +27,7 @@ def start_local_cluster(ray: Any, *, num_cpus: int, num_gpus: int = 0, **kw: Any
     is first imported, so a process that imported Ray before us (a test session, a notebook)
     gets it switched off here. The nodes' addresses are checked after the start.
     """
-    constants = __import__("ray._private.ray_constants", fromlist=["ENABLE_RAY_CLUSTER"])
+    constants = importlib.import_module("ray._private.ray_constants")
     constants.ENABLE_RAY_CLUSTER = False
     # Ray starts workers at nice 15 by default; a local job should not lose the CPU to every
     # other process on the machine (dd-run upscale runs at nice 0 too).
